@@ -240,11 +240,11 @@ impl Store for EtcdStore {
             let mut resp = self
                 .bounded(async move { kv.get(key, Some(options)).await })
                 .await?;
-            if let Some(h) = resp.header() {
-                if i == 0 {
-                    listing.revision = h.revision();
-                    listing.cluster_id = h.cluster_id();
-                }
+            if let Some(h) = resp.header()
+                && i == 0
+            {
+                listing.revision = h.revision();
+                listing.cluster_id = h.cluster_id();
             }
             listing.kvs.extend(resp.take_kvs().iter().map(convert_kv));
         }

@@ -184,10 +184,10 @@ impl Store for MemStore {
         value: Vec<u8>,
         lease: Option<LeaseId>,
     ) -> Result<Revision, StoreError> {
-        if let Some(l) = lease {
-            if !self.lock().leases.contains_key(&l) {
-                return Err(StoreError::Other("requested lease not found".into()));
-            }
+        if let Some(l) = lease
+            && !self.lock().leases.contains_key(&l)
+        {
+            return Err(StoreError::Other("requested lease not found".into()));
         }
         Ok(self.apply(|s| {
             s.put(key.to_owned(), value, lease);

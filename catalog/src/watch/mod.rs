@@ -43,6 +43,9 @@ pub struct Snapshot {
 }
 
 /// One typed change.
+// `Put` is the common case and is moved once, into the consumer's table; boxing it to shrink
+// the rare `Reset` would cost an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Diff {
     /// Forget everything: this is the whole state now.
