@@ -6,4 +6,4 @@ pub mod etcd;
 pub mod wait;
 
 pub use etcd::{EtcdCluster, EtcdServer};
-pub use wait::{eventually, free_port};
+pub use wait::{eventually, free_port, workspace_bin};

@@ -29,3 +29,23 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Path of a workspace binary (`balancer`, `healthcheck`, `registrar`, `render`) built by the
+/// same `cargo test --workspace` run: it sits in the target profile directory, one level
+/// above the test executable's `deps/`. Inside the binary's own package, prefer
+/// `env!("CARGO_BIN_EXE_<name>")`.
+pub fn workspace_bin(name: &str) -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("unexpected test executable path {}", exe.display()))?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not built; run `cargo build --workspace` (cargo test --workspace builds it)",
+            path.display()
+        );
+    }
+    Ok(path)
+}

@@ -1,0 +1,1 @@
+//! Probes every instance and writes health marks to etcd.

@@ -1,0 +1,1 @@
+//! Bundled container runtime and node agent that registers what it runs in etcd.

@@ -1,0 +1,1 @@
+//! confd replacement: Tera templates rendered from the etcd catalog.
