@@ -355,3 +355,36 @@ async fn staleness_grows_while_etcd_is_down() -> Result<()> {
     drop(w);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_a_catalog_larger_than_one_page_and_one_grpc_message() -> Result<()> {
+    use catalog::store::Op;
+    // 12,000 instances of ~500 bytes: more than two list pages and, at ~6 MB, more than
+    // gRPC's default 4 MiB message limit if it were fetched in one response.
+    let etcd = EtcdServer::start()?;
+    let store = etcd.store().await?;
+    let padding = "x".repeat(300);
+    for chunk in (0..12_000u32).collect::<Vec<_>>().chunks(128) {
+        let ops = chunk
+            .iter()
+            .map(|n| {
+                let id = format!("n1-c{n}-80");
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&instance_json("web", &id, 80))?;
+                v["attrs"] = serde_json::json!({ "pad": padding });
+                Ok(Op::Put {
+                    key: key("web", &id),
+                    value: v.to_string().into_bytes(),
+                    lease: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        store.txn(vec![], ops).await?;
+    }
+    let mut w = watcher_on(store);
+    let mut view = CatalogView::default();
+    view.apply(next(&mut w).await?);
+    assert_eq!(view.instances().count(), 12_000);
+    assert_eq!(w.stats().malformed(), 0);
+    Ok(())
+}

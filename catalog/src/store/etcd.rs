@@ -209,6 +209,28 @@ fn tls_options(tls: &TlsFiles) -> Result<etcd_client::TlsOptions, StoreError> {
     Ok(options)
 }
 
+/// Largest watch response accepted.
+const WATCH_MESSAGE_LIMIT: usize = 64 << 20;
+
+/// Largest list page accepted (5,000 keys of unusually large values).
+const LIST_MESSAGE_LIMIT: usize = 32 << 20;
+
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 5000;
+
+/// The exclusive end of the key range of `prefix`, as etcd's `WithPrefix` computes it.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte is 0xff: the range runs to the end of the key space.
+    vec![0]
+}
+
 fn convert_kv(kv: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: kv.key().to_vec(),
@@ -228,25 +250,46 @@ impl Store for EtcdStore {
             cluster_id: 0,
             kvs: Vec::new(),
         };
-        for (i, prefix) in prefixes.iter().enumerate() {
-            let mut options = GetOptions::new().with_prefix();
-            // The first read is linearizable and fixes the revision; the others are pinned
-            // to it so that all prefixes come from one consistent snapshot.
-            if i > 0 {
-                options = options.with_revision(listing.revision);
+        for prefix in prefixes {
+            let end = prefix_end(prefix.as_bytes());
+            let mut from = prefix.as_bytes().to_vec();
+            // Pages keep every response far below gRPC's message size limit (a catalog of
+            // 100,000 instances is tens of MB). The first read is linearizable and fixes the
+            // revision; every later page, and every other prefix, is pinned to it so that the
+            // whole listing is one consistent snapshot.
+            loop {
+                let mut options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LIST_PAGE);
+                if listing.revision > 0 {
+                    options = options.with_revision(listing.revision);
+                }
+                let mut kv = self
+                    .client
+                    .kv_client()
+                    .max_decoding_message_size(LIST_MESSAGE_LIMIT);
+                let key = from.clone();
+                let mut resp = self
+                    .bounded(async move { kv.get(key, Some(options)).await })
+                    .await?;
+                if let Some(h) = resp.header()
+                    && listing.revision == 0
+                {
+                    listing.revision = h.revision();
+                    listing.cluster_id = h.cluster_id();
+                }
+                let more = resp.more();
+                let kvs = resp.take_kvs();
+                if let Some(last) = kvs.last() {
+                    // The next page starts just after the last key: key + "\0".
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                listing.kvs.extend(kvs.iter().map(convert_kv));
+                if !more || kvs.is_empty() {
+                    break;
+                }
             }
-            let mut kv = self.client.kv_client();
-            let key = prefix.clone();
-            let mut resp = self
-                .bounded(async move { kv.get(key, Some(options)).await })
-                .await?;
-            if let Some(h) = resp.header()
-                && i == 0
-            {
-                listing.revision = h.revision();
-                listing.cluster_id = h.cluster_id();
-            }
-            listing.kvs.extend(resp.take_kvs().iter().map(convert_kv));
         }
         Ok(listing)
     }
@@ -370,7 +413,12 @@ impl Store for EtcdStore {
         let (first, _) = watches
             .first()
             .ok_or_else(|| StoreError::Config("watch needs at least one prefix".into()))?;
-        let mut client = self.client.watch_client();
+        // One revision is never split across watch responses, so a large transaction arrives
+        // as one message: allow more than gRPC's default 4 MiB.
+        let mut client = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(WATCH_MESSAGE_LIMIT);
         let first = first.clone();
         let opts = options(0);
         let mut stream = self
