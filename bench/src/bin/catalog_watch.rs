@@ -23,7 +23,7 @@ fn instance(i: usize) -> (String, Vec<u8>) {
     let id = format!("n{}-c{}-8080", i % 50, i);
     let key = ks.instance(&svc.parse().unwrap(), &id.parse().unwrap());
     let value = serde_json::json!({
-        "id": id, "service": svc, "version": if i % 10 == 0 { "v2" } else { "v1" },
+        "id": id, "service": svc, "version": if i.is_multiple_of(10) { "v2" } else { "v1" },
         "node": format!("n{}", i % 50),
         "addr": format!("127.0.{}.{}", (i >> 8) & 0xff, i & 0xff), "port": 8080,
         "weight": 100, "state": "serving", "tags": ["bench"],
