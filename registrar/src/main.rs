@@ -1,1 +1,165 @@
-fn main() {}
+//! `registrar`: the wharf node agent, its CLI, and the container runtime helper.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use registrar::runtime::{ContainerSpec, Limits, NetSpec, helper};
+
+#[derive(Parser)]
+#[command(
+    name = "registrar",
+    version,
+    about = "wharf node agent and bundled container runtime"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one container in the foreground, without an agent (exit status = the app's).
+    Oneshot(Box<OneshotArgs>),
+    /// Internal: run the container described by DIR/spec.json (started by the agent).
+    #[command(name = "__helper", hide = true)]
+    Helper { dir: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct OneshotArgs {
+    /// Image: a rootfs directory, an OCI image layout directory or a `docker save` tarball.
+    #[arg(long)]
+    image: PathBuf,
+    /// Where container and image state live.
+    #[arg(long, default_value = "/run/wharf")]
+    state_dir: PathBuf,
+    /// Container name (default: random).
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    #[arg(long, default_value = "/")]
+    workdir: String,
+    /// UID[:GID] to run the command as.
+    #[arg(long)]
+    user: Option<String>,
+    /// Memory limit, e.g. 64M.
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    cpus: Option<f64>,
+    #[arg(long)]
+    pids: Option<u64>,
+    /// host | none
+    #[arg(long, default_value = "host")]
+    network: String,
+    /// cgroup directory, relative to our own cgroup, that holds the container's cgroup.
+    #[arg(long, default_value = "wharf")]
+    cgroup_parent: String,
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        // Both runtime paths stay single-threaded: no tokio runtime is ever built here.
+        Cmd::Helper { dir } => exit(run_helper(&dir)),
+        Cmd::Oneshot(args) => exit(oneshot(*args)),
+    }
+}
+
+fn exit(r: Result<i32>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("registrar: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn run_helper(dir: &std::path::Path) -> Result<i32> {
+    let file = ContainerSpec::spec_file(dir);
+    let spec: ContainerSpec = serde_json::from_slice(
+        &std::fs::read(&file).with_context(|| format!("read {}", file.display()))?,
+    )
+    .with_context(|| format!("parse {}", file.display()))?;
+    let status = helper::run(&spec);
+    if let Some(e) = &status.error {
+        eprintln!("wharf: container {}: {e}", spec.id);
+    }
+    Ok(status.code)
+}
+
+fn oneshot(a: OneshotArgs) -> Result<i32> {
+    let name = a
+        .name
+        .unwrap_or_else(|| format!("c{:08x}", rand::random::<u32>()));
+    let store = registrar::image::Store::new(a.state_dir.join("images"));
+    let image = store.resolve(&a.image)?;
+    let dir = a.state_dir.join("oneshot").join(&name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    let (uid, gid) = parse_user(a.user.as_deref())?;
+    let spec = ContainerSpec {
+        id: name.clone(),
+        layers: image.layers,
+        dir: dir.clone(),
+        args: a.command,
+        env: parse_env(&a.env)?,
+        hostname: a.hostname.unwrap_or_else(|| name.clone()),
+        cwd: a.workdir,
+        uid,
+        gid,
+        limits: Limits {
+            memory: a
+                .memory
+                .as_deref()
+                .map(registrar::runtime::spec::parse_bytes)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            cpus: a.cpus,
+            pids: a.pids,
+        },
+        cgroup_parent: a.cgroup_parent,
+        net: match a.network.as_str() {
+            "host" => NetSpec::Host,
+            "none" => NetSpec::None,
+            other => anyhow::bail!("--network {other:?}: oneshot supports host or none"),
+        },
+    };
+    let status = helper::run(&spec);
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(e) = &status.error {
+        eprintln!("registrar: {e}");
+    }
+    Ok(status.code)
+}
+
+fn parse_env(items: &[String]) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn parse_user(user: Option<&str>) -> Result<(u32, u32)> {
+    let Some(u) = user else { return Ok((0, 0)) };
+    let (uid, gid) = u.split_once(':').unwrap_or((u, u));
+    Ok((
+        uid.parse()
+            .with_context(|| format!("--user {u:?}: numeric UID expected"))?,
+        gid.parse()
+            .with_context(|| format!("--user {u:?}: numeric GID expected"))?,
+    ))
+}
