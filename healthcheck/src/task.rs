@@ -1,0 +1,90 @@
+//! The probe loop of one instance: one lightweight tokio task per instance.
+//!
+//! The task owns the rise/fall tracker and talks to the supervisor only when something
+//! matters for the mark (a status change, or a taken-over verdict confirmed), so a steady
+//! fleet costs a timer wake-up and a probe per instance per interval, nothing else. The
+//! supervisor aborts the task when the instance goes away or changes hands; an in-flight
+//! probe is dropped with it (the connection is closed) and its result never reported.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::metrics::ServiceMetrics;
+use crate::probe::{Target, Verdict};
+use crate::rules::{Status, Step, Tracker};
+use crate::writer::Item;
+
+/// A message from a probe task.
+#[derive(Debug)]
+pub struct Report {
+    pub item: Item,
+    /// The task that sent it; reports of a replaced task are ignored.
+    pub generation: u64,
+    pub step: Step,
+    pub consecutive: u32,
+    pub output: String,
+}
+
+/// A running probe task, aborted when dropped.
+pub struct ProbeTask(JoinHandle<()>);
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Everything a probe task needs.
+pub struct ProbeJob {
+    pub item: Item,
+    pub generation: u64,
+    pub target: Arc<Target>,
+    pub initial: Status,
+    pub metrics: Arc<ServiceMetrics>,
+    pub reports: mpsc::UnboundedSender<Report>,
+}
+
+impl ProbeJob {
+    pub fn spawn(self) -> ProbeTask {
+        ProbeTask(tokio::spawn(self.run()))
+    }
+
+    async fn run(self) {
+        let target = &self.target;
+        let mut tracker = Tracker::new(self.initial, target.rise, target.fall);
+        let interval = target.interval;
+        // A random first offset spreads a fleet's probes over the whole interval, so
+        // neither the checker nor the backends see a thundering herd at start-up.
+        let first = rand::rng().random_range(Duration::ZERO..interval);
+        let mut next = Instant::now() + first;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let started = Instant::now();
+            let outcome = target.probe().await;
+            let verdict = target.judge(outcome);
+            self.metrics
+                .observe(verdict, started.elapsed().as_secs_f64());
+            let step = tracker.record(verdict == Verdict::Pass);
+            if step != Step::Unchanged {
+                let report = Report {
+                    item: self.item.clone(),
+                    generation: self.generation,
+                    step,
+                    consecutive: tracker.consecutive(),
+                    output: target.describe(outcome),
+                };
+                if self.reports.send(report).is_err() {
+                    return; // the supervisor is gone
+                }
+            }
+            // ±10 % jitter keeps probes from lining up again over time.
+            let jittered = interval.mul_f64(rand::rng().random_range(0.9..1.1));
+            next = (started + jittered).max(Instant::now());
+        }
+    }
+}
