@@ -1,1 +1,291 @@
-//! L7/L4 load balancer that hot-swaps its backends from etcd.
+//! wharf's L7 HTTP load balancer: routes requests to instances discovered in etcd (and/or
+//! listed in `lb.toml`), hot-swapping its routing table on every catalog change without a
+//! reload and without dropping a request.
+//!
+//! # Module map
+//!
+//! - [`config`]: `lb.toml` (serde + toml) with file:line:key errors.
+//! - [`builder`]: catalog + config → routing table, rebuilding only what changed.
+//! - [`table`]: the immutable `RoutingTable` one request reads (one `ArcSwap` load).
+//! - [`select`]: version split, then p2c / round_robin / least_conn with weights and slow start.
+//! - [`endpoint`]: one instance: counters, outlier state, keep-alive pool.
+//! - [`proxy`]: the request path (forwarding, headers, retries, error mapping).
+//! - [`body`]: streaming request/response bodies; returns pooled connections.
+//! - [`server`]: listeners (HTTP/1.1 + h2c), admin server, connection tracking.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! [`run`] wires them: the binary binds sockets and calls it with a control channel.
+
+pub mod body;
+pub mod builder;
+pub mod config;
+pub mod endpoint;
+pub mod metrics;
+pub mod proxy;
+pub mod select;
+pub mod server;
+pub mod table;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use catalog::{Keyspace, Store, WatchConfig, Watcher};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::builder::TableBuilder;
+use crate::config::LbConfig;
+use crate::metrics::Metrics;
+use crate::proxy::Shared;
+use crate::server::{AdminState, ConnTracker, ListenerHandle};
+
+/// Binds a listening socket the way a proxy wants it (SO_REUSEADDR, large backlog).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
+}
+
+/// Messages from the binary (signals) to a running balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the configuration file (SIGHUP).
+    Reload,
+    /// Stop accepting, finish in-flight requests, return (SIGTERM).
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("listener {name} ({addr}): {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin socket: {0}")]
+    Admin(std::io::Error),
+}
+
+/// What [`run`] needs: sockets already bound, so tests can use port 0.
+pub struct RunOptions<S> {
+    pub config: Arc<LbConfig>,
+    /// Re-read on [`Control::Reload`]; without it a reload is a no-op.
+    pub config_path: Option<PathBuf>,
+    /// Bound listeners by listener name; a configured listener missing here is bound by
+    /// `run` itself.
+    pub listeners: HashMap<String, std::net::TcpListener>,
+    pub admin: std::net::TcpListener,
+    /// etcd (or any `Store`); `None` runs on static services only.
+    pub store: Option<S>,
+}
+
+fn to_tokio(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
+    l.set_nonblocking(true)?;
+    TcpListener::from_std(l)
+}
+
+/// Runs the balancer until [`Control::Shutdown`] (or the control channel closes), then
+/// drains client connections for at most `shutdown_timeout`.
+pub async fn run<S: Store>(
+    opts: RunOptions<S>,
+    mut control: mpsc::UnboundedReceiver<Control>,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(builder.table()),
+        metrics: metrics.clone(),
+    });
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tracker = Arc::new(ConnTracker::default());
+    let admin = Arc::new(AdminState {
+        shared: shared.clone(),
+        watch: ArcSwap::from_pointee(None),
+        shutting_down: shutdown_rx.clone(),
+    });
+    server::spawn_admin(
+        to_tokio(opts.admin).map_err(RunError::Admin)?,
+        admin.clone(),
+    );
+
+    // Discovery: list-then-watch; the first snapshot is awaited (bounded) so that routes
+    // to etcd services do not answer 503 just because the balancer is starting.
+    let mut updates = None;
+    if let (Some(store), Some(etcd)) = (opts.store, opts.config.discovery.etcd.as_ref()) {
+        let ks = Keyspace::new(&etcd.prefix).unwrap_or_default();
+        let watcher = Watcher::spawn(
+            store,
+            ks.clone(),
+            WatchConfig::new(vec![ks.services(), ks.checkers()]),
+        );
+        let (mut rx, stats) = watcher.into_parts();
+        admin.watch.store(Arc::new(Some(stats)));
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(u)) => {
+                builder.apply(u);
+                shared.table.store(Arc::new(builder.table()));
+            }
+            _ => tracing::warn!(
+                "etcd did not answer within 5s; serving static services until it does"
+            ),
+        }
+        updates = Some(rx);
+    }
+
+    let mut bound = opts.listeners;
+    let mut handles: Vec<ListenerHandle> = Vec::new();
+    for l in &opts.config.listeners {
+        let name = l.name.get_ref().clone();
+        let sock = match bound.remove(&name) {
+            Some(s) => s,
+            None => bind(l.bind).map_err(|source| RunError::Bind {
+                name: name.clone(),
+                addr: l.bind,
+                source,
+            })?,
+        };
+        let sock = to_tokio(sock).map_err(|source| RunError::Bind {
+            name: name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        handles.push(start_listener(sock, l, &shared, &tracker, &shutdown_rx));
+    }
+    tracing::info!(listeners = handles.len(), "balancer running");
+
+    let mut config_path = opts.config_path;
+    loop {
+        tokio::select! {
+            u = async { match updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                let Some(u) = u else { updates = None; continue };
+                builder.apply(u);
+                // Coalesce a burst into one swap.
+                while let Some(more) = updates.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                    builder.apply(more);
+                }
+                shared.table.store(Arc::new(builder.table()));
+            }
+            c = control.recv() => match c {
+                Some(Control::Reload) => {
+                    reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx);
+                }
+                Some(Control::Shutdown) | None => break,
+            },
+        }
+    }
+
+    // Graceful shutdown: stop accepting, let in-flight requests finish, close idle ones.
+    let deadline = builder.config().shutdown_timeout;
+    tracing::info!(open = tracker.open(), ?deadline, "shutting down");
+    for h in &handles {
+        let _ = h.stop.send(true);
+    }
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(deadline, tracker.wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.open(),
+            "shutdown deadline passed; closing the rest"
+        );
+    }
+    Ok(())
+}
+
+fn start_listener(
+    sock: TcpListener,
+    l: &config::ListenerConfig,
+    shared: &Arc<Shared>,
+    tracker: &Arc<ConnTracker>,
+    shutdown: &watch::Receiver<bool>,
+) -> ListenerHandle {
+    let (stop, stop_rx) = watch::channel(false);
+    let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
+    let name = l.name.get_ref().clone();
+    server::spawn_listener(
+        sock,
+        name.as_str().into(),
+        builder.clone(),
+        shared.clone(),
+        tracker.clone(),
+        stop_rx,
+        shutdown.clone(),
+    );
+    ListenerHandle {
+        name,
+        bind: l.bind,
+        builder,
+        stop,
+    }
+}
+
+/// SIGHUP: a bad file keeps everything as it is; a good one applies listeners, routes and
+/// static services. New sockets are bound before anything changes.
+fn reload(
+    path: &mut Option<PathBuf>,
+    builder: &mut TableBuilder,
+    handles: &mut Vec<ListenerHandle>,
+    shared: &Arc<Shared>,
+    tracker: &Arc<ConnTracker>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let reloads = &shared.metrics.reloads;
+    let Some(p) = path.as_ref() else {
+        tracing::warn!("reload requested but the configuration has no file");
+        return;
+    };
+    let config = match LbConfig::load(p) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; keeping the running configuration");
+            reloads.with_label_values(&["error"]).inc();
+            return;
+        }
+    };
+    let same = |h: &ListenerHandle, l: &config::ListenerConfig| {
+        h.name == *l.name.get_ref() && h.bind == l.bind
+    };
+    let mut fresh = Vec::new();
+    for l in &config.listeners {
+        if handles.iter().any(|h| same(h, l)) {
+            continue;
+        }
+        // A bind that moves to an address we hold under another name cannot be taken yet.
+        match bind(l.bind).and_then(to_tokio) {
+            Ok(s) => fresh.push((s, l.clone())),
+            Err(e) => {
+                tracing::error!(listener = %l.name.get_ref(), addr = %l.bind, error = %e,
+                    "reload failed: cannot bind; keeping the running configuration");
+                reloads.with_label_values(&["error"]).inc();
+                return;
+            }
+        }
+    }
+    builder.set_config(config.clone());
+    shared.table.store(Arc::new(builder.table()));
+    handles.retain(|h| match config.listeners.iter().find(|l| same(h, l)) {
+        Some(l) => {
+            h.builder.store(Arc::new(server::conn_builder(l)));
+            true
+        }
+        None => {
+            let _ = h.stop.send(true);
+            false
+        }
+    });
+    for (s, l) in fresh {
+        handles.push(start_listener(s, &l, shared, tracker, shutdown));
+    }
+    reloads.with_label_values(&["ok"]).inc();
+    tracing::info!("configuration reloaded");
+}

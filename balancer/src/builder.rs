@@ -1,0 +1,538 @@
+//! Builds routing tables from the configuration and the catalog, reusing everything that
+//! did not change.
+//!
+//! A catalog update names the services it touches; only those `ServiceTable`s are rebuilt,
+//! and inside them every instance that stays routable keeps its `Arc<Endpoint>` (pool,
+//! in-flight count, outlier state). The top-level table is then re-assembled from `Arc`s,
+//! which costs O(listeners + routes), not O(instances).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use catalog::{
+    CatalogView, Diff, HealthStatus, InstanceState, Protocol, ServiceName, ServiceView, Update,
+};
+
+use crate::config::LbConfig;
+use crate::endpoint::Endpoint;
+use crate::metrics::{ClassCounters, Metrics};
+use crate::table::{
+    Group, HostMatch, ListenerSettings, ListenerTable, Member, Route, RoutingTable, ServiceShared,
+    ServiceTable,
+};
+
+/// Why an instance is (not) routable; also the `state` label of `balancer_backends`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceClass {
+    Routable,
+    Draining,
+    Critical,
+    Pending,
+}
+
+impl InstanceClass {
+    pub fn label(self) -> &'static str {
+        match self {
+            InstanceClass::Routable => "routable",
+            InstanceClass::Draining => "draining",
+            InstanceClass::Critical => "critical",
+            InstanceClass::Pending => "pending",
+        }
+    }
+}
+
+/// Classifies one instance per DESIGN.md: serving + passing = routable; no mark = pending.
+pub fn classify(view: &ServiceView, id: &catalog::InstanceId) -> Option<InstanceClass> {
+    let inst = view.instances.get(id)?;
+    if inst.value.state == InstanceState::Draining || inst.value.weight == 0 {
+        return Some(InstanceClass::Draining);
+    }
+    Some(match view.health.get(id) {
+        // A mark about an earlier registration of the same id says nothing about this one.
+        Some(h) if h.value.observed_mod_rev < inst.create_revision => InstanceClass::Pending,
+        Some(h) if h.value.status == HealthStatus::Passing => InstanceClass::Routable,
+        Some(_) => InstanceClass::Critical,
+        None => InstanceClass::Pending,
+    })
+}
+
+type EpKey = (Arc<str>, Arc<str>);
+/// (listener, service, version).
+type CounterKey = (Arc<str>, Arc<str>, Arc<str>);
+
+pub struct TableBuilder {
+    config: Arc<LbConfig>,
+    metrics: Arc<Metrics>,
+    catalog: CatalogView,
+    /// Routable endpoints by (service, id), shared by successive tables.
+    endpoints: HashMap<EpKey, Arc<Endpoint>>,
+    /// Built etcd services; static ones are rebuilt only on reload.
+    etcd_services: HashMap<Arc<str>, Arc<ServiceTable>>,
+    static_services: HashMap<Arc<str>, Arc<ServiceTable>>,
+    shared: HashMap<Arc<str>, Arc<ServiceShared>>,
+    counters: HashMap<CounterKey, ClassCounters>,
+    /// Before the first catalog snapshot, new instances skip slow start (the balancer is
+    /// starting, not the instance).
+    first_catalog: bool,
+    up_labels: HashSet<EpKey>,
+    backend_states: HashSet<(Arc<str>, &'static str)>,
+}
+
+impl TableBuilder {
+    pub fn new(config: Arc<LbConfig>, metrics: Arc<Metrics>) -> Self {
+        let mut b = Self {
+            config,
+            metrics,
+            catalog: CatalogView::default(),
+            endpoints: HashMap::new(),
+            etcd_services: HashMap::new(),
+            static_services: HashMap::new(),
+            shared: HashMap::new(),
+            counters: HashMap::new(),
+            first_catalog: true,
+            up_labels: HashSet::new(),
+            backend_states: HashSet::new(),
+        };
+        b.rebuild_static(true);
+        b
+    }
+
+    pub fn config(&self) -> &Arc<LbConfig> {
+        &self.config
+    }
+
+    pub fn catalog(&self) -> &CatalogView {
+        &self.catalog
+    }
+
+    /// A new configuration (SIGHUP): static services and listeners are rebuilt, endpoints
+    /// that did not change are kept.
+    pub fn set_config(&mut self, config: Arc<LbConfig>) {
+        self.config = config;
+        self.rebuild_static(false);
+    }
+
+    /// Folds a watcher update in and rebuilds the services it touched.
+    pub fn apply(&mut self, update: Update) {
+        let mut touched: BTreeSet<ServiceName> = BTreeSet::new();
+        let mut all = false;
+        for d in &update.diffs {
+            match d {
+                Diff::Reset(_) => all = true,
+                Diff::Put(e) => match e.key.service() {
+                    Some(s) => {
+                        touched.insert(s.clone());
+                    }
+                    // A checker came or went: panic mode may flip everywhere.
+                    None => all |= matches!(e.key, catalog::Key::Checker(_)),
+                },
+                Diff::Delete(k) => match k.service() {
+                    Some(s) => {
+                        touched.insert(s.clone());
+                    }
+                    None => all |= matches!(k, catalog::Key::Checker(_)),
+                },
+            }
+        }
+        let before: HashSet<ServiceName> = self.catalog.services.keys().cloned().collect();
+        let checkers_before = self.catalog.checkers.is_empty();
+        self.catalog.apply(update);
+        all |= checkers_before != self.catalog.checkers.is_empty();
+        if all {
+            touched.extend(before);
+            touched.extend(self.catalog.services.keys().cloned());
+        }
+        for s in touched {
+            self.rebuild_etcd_service(&s);
+        }
+        self.first_catalog = false;
+    }
+
+    fn shared_for(&mut self, name: &Arc<str>) -> Arc<ServiceShared> {
+        let m = &self.metrics;
+        self.shared
+            .entry(name.clone())
+            .or_insert_with(|| {
+                Arc::new(ServiceShared::new(
+                    m.connect_errors.with_label_values(&[name]),
+                    m.retries.with_label_values(&[name, "connect"]),
+                    m.retries.with_label_values(&[name, "reset"]),
+                    m.ejections.with_label_values(&[name]),
+                ))
+            })
+            .clone()
+    }
+
+    /// Returns the endpoint for `key`, reusing the current one when address and version
+    /// are unchanged. `fresh` collects the keys in use.
+    fn endpoint(
+        &mut self,
+        key: EpKey,
+        version: &str,
+        addr: std::net::SocketAddr,
+        slow_start: std::time::Duration,
+        ramp: bool,
+    ) -> Arc<Endpoint> {
+        if let Some(ep) = self.endpoints.get(&key) {
+            if ep.addr == addr && &*ep.version == version && !ep.is_retired() {
+                return ep.clone();
+            }
+            ep.retire();
+        }
+        let up = &self.config.upstream;
+        let ep = Arc::new(Endpoint::new(
+            key.0.clone(),
+            key.1.clone(),
+            version.into(),
+            addr,
+            ramp.then_some(slow_start),
+            up.max_idle_per_endpoint,
+            up.pool_idle_timeout,
+        ));
+        self.endpoints.insert(key, ep.clone());
+        ep
+    }
+
+    /// Retires the endpoints of `service` that are not in `keep`.
+    fn retire_others(&mut self, service: &Arc<str>, keep: &HashSet<Arc<str>>) {
+        let metrics = self.metrics.clone();
+        let up_labels = &mut self.up_labels;
+        self.endpoints.retain(|(s, id), ep| {
+            if s != service || keep.contains(id) {
+                return true;
+            }
+            ep.retire();
+            if up_labels.remove(&(s.clone(), id.clone())) {
+                let _ = metrics.backend_up.remove_label_values(&[s, id]);
+            }
+            false
+        });
+    }
+
+    fn rebuild_etcd_service(&mut self, name: &ServiceName) {
+        let sname: Arc<str> = name.as_str().into();
+        if self.static_services.contains_key(&sname) {
+            tracing::warn!(service = %name, "service is defined in lb.toml and in etcd; using lb.toml");
+            return;
+        }
+        let Some(view) = self.catalog.services.get(name).cloned() else {
+            self.etcd_services.remove(&sname);
+            self.retire_others(&sname, &HashSet::new());
+            self.set_state_gauges(&sname, &[]);
+            return;
+        };
+        let config = view
+            .config
+            .as_ref()
+            .map(|c| c.value.clone())
+            .unwrap_or_default();
+        let no_checker = self.catalog.checkers.is_empty();
+        let mut classes = Vec::new();
+        let mut routable = Vec::new();
+        let mut serving = Vec::new();
+        for (id, inst) in &view.instances {
+            if inst.value.protocol != Protocol::Http {
+                continue;
+            }
+            let Some(class) = classify(&view, id) else {
+                continue;
+            };
+            classes.push(class);
+            if class == InstanceClass::Routable {
+                routable.push(&inst.value);
+            }
+            if class != InstanceClass::Draining {
+                serving.push(&inst.value);
+            }
+        }
+        let panic = !serving.is_empty() && (no_checker || routable.is_empty());
+        if panic {
+            tracing::warn!(service = %name, no_checker, "panic mode: routing to every serving instance");
+            routable = serving;
+        }
+        let ramp = !self.first_catalog;
+        let mut keep = HashSet::new();
+        let mut members = Vec::new();
+        for inst in routable {
+            let key: EpKey = (sname.clone(), inst.id.as_str().into());
+            keep.insert(key.1.clone());
+            let ep = self.endpoint(
+                key,
+                inst.version.as_str(),
+                inst.socket_addr(),
+                config.slow_start,
+                ramp,
+            );
+            members.push((ep, inst.weight, inst.version.as_str().to_owned()));
+        }
+        self.retire_others(&sname, &keep);
+        let split: Vec<(String, u32)> = config
+            .split
+            .iter()
+            .map(|(v, s)| (v.as_str().to_owned(), *s))
+            .collect();
+        let table = self.assemble(sname.clone(), config.algorithm, &split, members, panic);
+        self.set_state_gauges(&sname, &classes);
+        self.etcd_services.insert(sname, Arc::new(table));
+    }
+
+    fn rebuild_static(&mut self, first: bool) {
+        let config = self.config.clone();
+        let mut names = HashSet::new();
+        for s in &config.services {
+            let sname: Arc<str> = s.name.get_ref().as_str().into();
+            names.insert(sname.clone());
+            let mut keep = HashSet::new();
+            let mut members = Vec::new();
+            for e in &s.endpoints {
+                let addr = *e.addr.get_ref();
+                let key: EpKey = (sname.clone(), addr.to_string().into());
+                keep.insert(key.1.clone());
+                let ep = self.endpoint(key, e.version.as_str(), addr, s.slow_start, !first);
+                if e.weight > 0 {
+                    members.push((ep, e.weight, e.version.as_str().to_owned()));
+                }
+            }
+            self.retire_others(&sname, &keep);
+            let split: Vec<(String, u32)> = s
+                .split
+                .iter()
+                .map(|(v, w)| (v.as_str().to_owned(), *w))
+                .collect();
+            let classes = vec![InstanceClass::Routable; members.len()];
+            let table = self.assemble(sname.clone(), s.algorithm, &split, members, false);
+            self.set_state_gauges(&sname, &classes);
+            self.static_services.insert(sname, Arc::new(table));
+        }
+        let gone: Vec<Arc<str>> = self
+            .static_services
+            .keys()
+            .filter(|n| !names.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            self.static_services.remove(&n);
+            self.retire_others(&n, &HashSet::new());
+            self.set_state_gauges(&n, &[]);
+            // An etcd service of the same name may now take over.
+            if let Ok(svc) = n.parse::<ServiceName>() {
+                self.rebuild_etcd_service(&svc);
+            }
+        }
+    }
+
+    /// Groups members by the split and precomputes the selection structures.
+    fn assemble(
+        &mut self,
+        name: Arc<str>,
+        algorithm: catalog::Algorithm,
+        split: &[(String, u32)],
+        members: Vec<(Arc<Endpoint>, u32, String)>,
+        panic: bool,
+    ) -> ServiceTable {
+        let shared = self.shared_for(&name);
+        let mut versions: Vec<Arc<str>> = Vec::new();
+        let mut version_of = |v: &str| -> usize {
+            match versions.iter().position(|x| &**x == v) {
+                Some(i) => i,
+                None => {
+                    versions.push(v.into());
+                    versions.len() - 1
+                }
+            }
+        };
+        for (ep, _, _) in &members {
+            self.up_labels.insert((name.clone(), ep.id.clone()));
+            self.metrics
+                .backend_up
+                .with_label_values(&[&name, &ep.id])
+                .set(1);
+        }
+        let members: Vec<Member> = members
+            .into_iter()
+            .filter(|(_, w, _)| *w > 0)
+            .map(|(ep, weight, v)| Member {
+                ep,
+                weight,
+                version: version_of(&v),
+            })
+            .collect();
+        let mut groups = Vec::new();
+        let mut shares = Vec::new();
+        let listed: Vec<&(String, u32)> = split
+            .iter()
+            .filter(|(v, s)| *s > 0 && members.iter().any(|m| &*versions[m.version] == v))
+            .collect();
+        if split.is_empty() || listed.is_empty() {
+            // No split, or no listed version has an instance: everyone competes by weight.
+            if !members.is_empty() {
+                groups.push(Group::new(members));
+            }
+        } else {
+            let mut total = 0u64;
+            let mut by_version: Vec<Vec<Member>> = listed.iter().map(|_| Vec::new()).collect();
+            for m in members {
+                if let Some(i) = listed.iter().position(|(v, _)| &*versions[m.version] == v) {
+                    by_version[i].push(m);
+                }
+            }
+            for ((_, share), ms) in listed.iter().zip(by_version) {
+                total += *share as u64;
+                shares.push(total);
+                groups.push(Group::new(ms));
+            }
+            if groups.len() == 1 {
+                shares.clear();
+            }
+        }
+        ServiceTable {
+            name,
+            algorithm,
+            versions,
+            groups,
+            shares,
+            panic,
+            shared,
+        }
+    }
+
+    fn set_state_gauges(&mut self, service: &Arc<str>, classes: &[InstanceClass]) {
+        for class in [
+            InstanceClass::Routable,
+            InstanceClass::Draining,
+            InstanceClass::Critical,
+            InstanceClass::Pending,
+        ] {
+            let n = classes.iter().filter(|c| **c == class).count() as i64;
+            let key = (service.clone(), class.label());
+            if n == 0 && !self.backend_states.contains(&key) {
+                continue;
+            }
+            self.backend_states.insert(key);
+            self.metrics
+                .backends
+                .with_label_values(&[service, class.label()])
+                .set(n);
+        }
+    }
+
+    fn class_counters(
+        &mut self,
+        listener: &Arc<str>,
+        service: &Arc<str>,
+        version: &Arc<str>,
+    ) -> ClassCounters {
+        let m = &self.metrics;
+        self.counters
+            .entry((listener.clone(), service.clone(), version.clone()))
+            .or_insert_with(|| m.classes(listener, service, version))
+            .clone()
+    }
+
+    /// Assembles the table every request reads.
+    pub fn table(&mut self) -> RoutingTable {
+        let config = self.config.clone();
+        let none: Arc<str> = "none".into();
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let lname: Arc<str> = l.name.get_ref().as_str().into();
+            let up = &config.upstream;
+            let settings = ListenerSettings {
+                response_timeout: l.response_timeout.unwrap_or(up.response_timeout),
+                connect_timeout: up.connect_timeout,
+                max_body_bytes: l.max_body_bytes,
+                retries: up.retries,
+                access_log: config.access_log,
+                outlier_failures: up.outlier.consecutive_failures,
+                base_ejection: up.outlier.base_ejection,
+                max_ejection_percent: up.outlier.max_ejection_percent,
+            };
+            let mut routes = Vec::new();
+            for r in &l.routes {
+                let sname: Arc<str> = r.service.get_ref().as_str().into();
+                let service = self
+                    .static_services
+                    .get(&sname)
+                    .or_else(|| self.etcd_services.get(&sname))
+                    .cloned();
+                let by_version = service
+                    .as_ref()
+                    .map(|s| {
+                        s.versions
+                            .iter()
+                            .map(|v| self.class_counters(&lname, &sname, v))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                routes.push(Route {
+                    host: HostMatch::parse(r.host.as_deref()),
+                    path_prefix: r.path_prefix.as_str().into(),
+                    histogram: self.metrics.histogram(&lname, &sname),
+                    unpicked: self.class_counters(&lname, &sname, &none),
+                    service_name: sname,
+                    service,
+                    by_version,
+                });
+            }
+            let unrouted = self.class_counters(&lname, &none, &none);
+            listeners.push(ListenerTable {
+                name: lname,
+                settings,
+                routes,
+                unrouted,
+            });
+        }
+        self.metrics.table_builds.inc();
+        RoutingTable {
+            listeners,
+            revision: self.catalog.revision,
+        }
+    }
+
+    /// Human summary of what would be routed, for `--check`.
+    pub fn describe(&mut self) -> String {
+        let table = self.table();
+        let mut out = String::new();
+        for l in &table.listeners {
+            for r in &l.routes {
+                let host = match &r.host {
+                    HostMatch::Any => "*".to_owned(),
+                    HostMatch::Exact(h) => h.clone(),
+                    HostMatch::Suffix(s) => format!("*{s}"),
+                };
+                out.push_str(&format!(
+                    "listener {} host {} path {} -> service {}",
+                    l.name, host, r.path_prefix, r.service_name
+                ));
+                match &r.service {
+                    None => out.push_str(": UNKNOWN SERVICE (no instances; requests get 503)\n"),
+                    Some(s) => {
+                        out.push_str(&format!(
+                            ": {} routable instance(s){}\n",
+                            s.member_count(),
+                            if s.panic { " [panic mode]" } else { "" }
+                        ));
+                        for (gi, g) in s.groups.iter().enumerate() {
+                            for m in &g.members {
+                                out.push_str(&format!(
+                                    "    {} {} version {} weight {}{}\n",
+                                    m.ep.id,
+                                    m.ep.addr,
+                                    s.versions[m.version],
+                                    m.weight,
+                                    if s.shares.is_empty() {
+                                        String::new()
+                                    } else {
+                                        let prev = if gi == 0 { 0 } else { s.shares[gi - 1] };
+                                        format!(" (split share {})", s.shares[gi] - prev)
+                                    }
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,531 @@
+//! `lb.toml`: the balancer's configuration file, parsed with serde + toml.
+//!
+//! Every error names the file, the line and the key. Syntax and type errors come with
+//! toml's own span; semantic checks (duplicates, unknown services) use `Spanned` fields so
+//! they can point at the offending line too.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use catalog::{Algorithm, EtcdConfig, ServiceName, Version};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error, already formatted as `file:line:column: key: message`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The whole `lb.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LbConfig {
+    /// Tokio worker threads; 1 runs everything on one thread (the benchmark setting).
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
+    /// Log one line per request at target `access`.
+    #[serde(default)]
+    pub access_log: bool,
+    /// On SIGTERM: how long in-flight requests may take before the process exits anyway.
+    #[serde(default = "d_shutdown", with = "catalog::model::duration_str")]
+    pub shutdown_timeout: Duration,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub discovery: DiscoveryConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default, rename = "service")]
+    pub services: Vec<StaticService>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `/metrics` and `/healthz`. Loopback by default: metrics are not for the world.
+    #[serde(default = "d_admin")]
+    pub bind: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { bind: d_admin() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Absent: static services only, no etcd at all.
+    #[serde(default)]
+    pub etcd: Option<EtcdDiscovery>,
+}
+
+/// `[discovery.etcd]`: how to reach etcd, plus the key prefix.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EtcdDiscovery {
+    #[serde(default = "d_prefix")]
+    pub prefix: String,
+    #[serde(flatten)]
+    pub etcd: EtcdConfig,
+}
+
+/// `[upstream]`: how the balancer talks to backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    #[serde(default = "d_connect", with = "catalog::model::duration_str")]
+    pub connect_timeout: Duration,
+    /// Time until the upstream's response headers arrive (504 after).
+    #[serde(default = "d_response", with = "catalog::model::duration_str")]
+    pub response_timeout: Duration,
+    /// Idle pooled connections older than this are not reused.
+    #[serde(default = "d_pool_idle", with = "catalog::model::duration_str")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "d_max_idle")]
+    pub max_idle_per_endpoint: usize,
+    /// Extra attempts on another instance after a connect failure or an early reset.
+    #[serde(default = "d_retries")]
+    pub retries: u32,
+    /// Retries allowed as a percentage of requests (plus a small floor), so a sick
+    /// service is not hit with a retry storm.
+    #[serde(default = "d_budget")]
+    pub retry_budget_percent: u32,
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+/// Passive outlier ejection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive connect errors or 5xx answers that eject an instance (0 = never).
+    #[serde(default = "d_consecutive")]
+    pub consecutive_failures: u32,
+    /// First ejection length; the n-th ejection lasts n times as long (capped at 10×).
+    #[serde(default = "d_ejection", with = "catalog::model::duration_str")]
+    pub base_ejection: Duration,
+    /// Never eject more than this share of a service's routable instances.
+    #[serde(default = "d_max_eject")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and h2c (prior knowledge) on the same port.
+    Http,
+}
+
+/// `[[listener]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: Spanned<String>,
+    pub bind: SocketAddr,
+    #[serde(default = "d_protocol")]
+    pub protocol: ListenerProtocol,
+    /// Time a client has to send a request head (also closes idle keep-alive connections).
+    #[serde(default = "d_header_timeout", with = "catalog::model::duration_str")]
+    pub header_read_timeout: Duration,
+    /// Overrides `upstream.response_timeout` for this listener.
+    #[serde(default, with = "catalog::model::opt_duration_str")]
+    pub response_timeout: Option<Duration>,
+    /// Request head larger than this → 431.
+    #[serde(default = "d_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// More header lines than this → 431.
+    #[serde(default = "d_max_headers")]
+    pub max_headers: usize,
+    /// Request body larger than this → 413.
+    #[serde(default = "d_max_body")]
+    pub max_body_bytes: u64,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[[listener.route]]`: first match wins, in file order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Exact host (`api.example.com`) or suffix wildcard (`*.example.com`); absent = any.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "d_prefix_path")]
+    pub path_prefix: String,
+    pub service: Spanned<ServiceName>,
+}
+
+/// `[[service]]`: a service defined in the file, usable with no etcd at all.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticService {
+    pub name: Spanned<ServiceName>,
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    #[serde(default = "d_zero", with = "catalog::model::duration_str")]
+    pub slow_start: Duration,
+    #[serde(default)]
+    pub split: BTreeMap<Version, u32>,
+    #[serde(default, rename = "endpoint")]
+    pub endpoints: Vec<StaticEndpoint>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticEndpoint {
+    pub addr: Spanned<SocketAddr>,
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+    #[serde(default = "d_version")]
+    pub version: Version,
+}
+
+fn d_shutdown() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9100))
+}
+fn d_prefix() -> String {
+    catalog::defaults::PREFIX.to_owned()
+}
+fn d_connect() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_response() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_pool_idle() -> Duration {
+    Duration::from_secs(50)
+}
+fn d_max_idle() -> usize {
+    256
+}
+fn d_retries() -> u32 {
+    2
+}
+fn d_budget() -> u32 {
+    20
+}
+fn d_consecutive() -> u32 {
+    5
+}
+fn d_ejection() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_max_eject() -> u32 {
+    50
+}
+fn d_protocol() -> ListenerProtocol {
+    ListenerProtocol::Http
+}
+fn d_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn d_max_headers() -> usize {
+    100
+}
+fn d_max_body() -> u64 {
+    64 * 1024 * 1024
+}
+fn d_prefix_path() -> String {
+    "/".to_owned()
+}
+fn d_zero() -> Duration {
+    Duration::ZERO
+}
+fn d_weight() -> u32 {
+    catalog::defaults::WEIGHT
+}
+fn d_version() -> Version {
+    Version::new("v1").expect("valid version")
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+impl LbConfig {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: LbConfig = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let (l, c) = line_col(text, s.start);
+                    let key = text
+                        .lines()
+                        .nth(l - 1)
+                        .and_then(|line| line.split('=').next())
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(|k| format!(" (at `{k}`)"))
+                        .unwrap_or_default();
+                    format!("{origin}:{l}:{c}{key}")
+                })
+                .unwrap_or_else(|| origin.to_owned());
+            ConfigError::Invalid(format!("{at}: {}", e.message().trim()))
+        })?;
+        config.validate(text, origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let err = |span: std::ops::Range<usize>, key: &str, msg: String| {
+            let (l, c) = line_col(text, span.start);
+            ConfigError::Invalid(format!("{origin}:{l}:{c}: {key}: {msg}"))
+        };
+        let mut services = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let key = format!("service[{i}].name");
+            if !services.insert(s.name.get_ref().clone()) {
+                return Err(err(
+                    s.name.span(),
+                    &key,
+                    format!("service {} is defined twice", s.name.get_ref()),
+                ));
+            }
+            if s.endpoints.is_empty() {
+                return Err(err(
+                    s.name.span(),
+                    &key,
+                    format!("service {} has no [[service.endpoint]]", s.name.get_ref()),
+                ));
+            }
+            if !s.split.is_empty() && s.split.values().all(|v| *v == 0) {
+                return Err(err(
+                    s.name.span(),
+                    &format!("service[{i}].split"),
+                    "every version has share 0; nothing could be routed".into(),
+                ));
+            }
+            let mut addrs = HashSet::new();
+            for (j, e) in s.endpoints.iter().enumerate() {
+                if !addrs.insert(*e.addr.get_ref()) {
+                    return Err(err(
+                        e.addr.span(),
+                        &format!("service[{i}].endpoint[{j}].addr"),
+                        format!("endpoint {} is listed twice", e.addr.get_ref()),
+                    ));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = format!("listener[{i}].name");
+            let name = l.name.get_ref();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(
+                    l.name.span(),
+                    &key,
+                    format!("listener name {name:?} must be letters, digits, - or _"),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(err(
+                    l.name.span(),
+                    &key,
+                    format!("listener {name} is defined twice"),
+                ));
+            }
+            if !binds.insert(l.bind) {
+                return Err(err(
+                    l.name.span(),
+                    &format!("listener[{i}].bind"),
+                    format!("{} is used by two listeners", l.bind),
+                ));
+            }
+            if l.max_header_bytes < 8192 {
+                return Err(err(
+                    l.name.span(),
+                    &format!("listener[{i}].max_header_bytes"),
+                    "must be at least 8192".into(),
+                ));
+            }
+            for (j, r) in l.routes.iter().enumerate() {
+                if !r.path_prefix.starts_with('/') {
+                    return Err(err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].path_prefix"),
+                        format!("{:?} must start with /", r.path_prefix),
+                    ));
+                }
+                // Without etcd, a route can only lead to a service of this file.
+                if self.discovery.etcd.is_none() && !services.contains(r.service.get_ref()) {
+                    return Err(err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].service"),
+                        format!(
+                            "no [[service]] named {} and no [discovery.etcd] to find it in",
+                            r.service.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(etcd) = &self.discovery.etcd {
+            // `EtcdConfig` is flattened, which defeats its deny_unknown_fields: check here.
+            const KNOWN: [&str; 7] = [
+                "prefix",
+                "endpoints",
+                "username",
+                "password",
+                "tls",
+                "dial_timeout",
+                "request_timeout",
+            ];
+            let doc: toml::Table = toml::from_str(text).unwrap_or_default();
+            let keys = doc
+                .get("discovery")
+                .and_then(|d| d.get("etcd"))
+                .and_then(|e| e.as_table());
+            for key in keys.into_iter().flat_map(|t| t.keys()) {
+                if !KNOWN.contains(&key.as_str()) {
+                    let section = text.find("[discovery.etcd]").unwrap_or(0);
+                    let at = text[section..]
+                        .find(key.as_str())
+                        .map_or(section, |i| section + i);
+                    return Err(err(
+                        at..at,
+                        &format!("discovery.etcd.{key}"),
+                        format!("unknown field, expected one of {}", KNOWN.join(", ")),
+                    ));
+                }
+            }
+            catalog::Keyspace::new(&etcd.prefix).map_err(|e| {
+                ConfigError::Invalid(format!("{origin}: discovery.etcd.prefix: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[admin]
+bind = "127.0.0.1:9200"
+
+[[listener]]
+name = "web"
+bind = "127.0.0.1:8080"
+  [[listener.route]]
+  host = "*.example.com"
+  path_prefix = "/api"
+  service = "api"
+
+[[service]]
+name = "api"
+split = { v1 = 90, v2 = 10 }
+  [[service.endpoint]]
+  addr = "127.0.0.1:8081"
+  weight = 7
+  version = "v2"
+"#;
+
+    #[test]
+    fn parses_a_full_file_with_defaults() {
+        let c = LbConfig::parse(GOOD, "lb.toml").unwrap();
+        assert_eq!(c.admin.bind.port(), 9200);
+        assert_eq!(c.listeners[0].routes[0].path_prefix, "/api");
+        assert_eq!(c.services[0].endpoints[0].weight, 7);
+        assert_eq!(c.upstream.retries, 2);
+        assert_eq!(c.listeners[0].max_headers, 100);
+    }
+
+    #[test]
+    fn type_errors_name_file_line_and_key() {
+        let bad = GOOD.replace("weight = 7", "weight = \"heavy\"");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:18:"), "{e}");
+        assert!(e.contains("weight"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let bad = GOOD.replace("path_prefix", "path_prefx");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:10:"), "{e}");
+        assert!(e.contains("path_prefx"), "{e}");
+    }
+
+    #[test]
+    fn route_to_unknown_service_without_etcd_is_an_error() {
+        let bad = GOOD.replace("service = \"api\"", "service = \"nope\"");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:11:"), "{e}");
+        assert!(e.contains("listener[0].route[0].service"), "{e}");
+    }
+
+    #[test]
+    fn etcd_section_takes_prefix_and_etcd_fields() {
+        let text = format!(
+            "{GOOD}\n[discovery.etcd]\nendpoints = [\"http://127.0.0.1:1\"]\nprefix = \"/x\"\ndial_timeout = \"2s\"\n"
+        );
+        let c = LbConfig::parse(&text, "lb.toml").unwrap();
+        let e = c.discovery.etcd.unwrap();
+        assert_eq!(e.prefix, "/x");
+        assert_eq!(e.etcd.dial_timeout, Duration::from_secs(2));
+        let bad = text.replace("dial_timeout", "dial_timeuot");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("lb.toml:24:1: discovery.etcd.dial_timeuot"),
+            "{e}"
+        );
+        assert!(e.contains("dial_timeuot"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_listener_is_an_error() {
+        let text = format!("{GOOD}\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8081\"\n");
+        let e = LbConfig::parse(&text, "lb.toml").unwrap_err().to_string();
+        assert!(e.contains("defined twice"), "{e}");
+    }
+}

@@ -1,0 +1,185 @@
+//! One upstream instance: its address, live counters and keep-alive connection pool.
+//!
+//! An `Endpoint` outlives routing tables: the table builder hands the same `Arc` to every
+//! table in which the instance stays routable, so a change elsewhere never resets its pool,
+//! in-flight count or outlier state. When it stops being routable it is `retire`d: idle
+//! connections are closed at once, busy ones close when their request finishes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use hyper::client::conn::http1::SendRequest;
+
+use crate::body::ReqBody;
+
+/// Milliseconds since the process started: the clock of ejection deadlines.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// A sender on an idle upstream connection.
+pub type Sender = SendRequest<ReqBody>;
+
+pub struct Endpoint {
+    pub service: Arc<str>,
+    pub id: Arc<str>,
+    pub version: Arc<str>,
+    pub addr: SocketAddr,
+    in_flight: AtomicU32,
+    failures: AtomicU32,
+    /// `now_ms()` deadline of the current ejection; 0 when not ejected.
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+    /// Slow start: when the ramp began and how long it lasts.
+    ramp: Option<(Instant, Duration)>,
+    retired: AtomicBool,
+    /// Idle connections, most recently used last. The mutex is held for a push or a pop
+    /// only (never across an await), like hyper-util's pool; on one worker thread it is
+    /// never contended.
+    idle: Mutex<Vec<(Sender, Instant)>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+impl Endpoint {
+    pub fn new(
+        service: Arc<str>,
+        id: Arc<str>,
+        version: Arc<str>,
+        addr: SocketAddr,
+        slow_start: Option<Duration>,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            service,
+            id,
+            version,
+            addr,
+            in_flight: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            ramp: slow_start
+                .filter(|d| !d.is_zero())
+                .map(|d| (Instant::now(), d)),
+            retired: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request until the guard drops.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// When the slow-start ramp ends, if it has not yet.
+    pub fn ramp_end(&self) -> Option<Instant> {
+        self.ramp.map(|(start, len)| start + len)
+    }
+
+    /// Weight × 1024 after slow start: grows linearly from 10 % to 100 % over the ramp.
+    /// (Scaled so that small weights still ramp smoothly.)
+    pub fn effective_weight(&self, weight: u32, now: Instant) -> u64 {
+        let w = weight as u64 * 1024;
+        match self.ramp {
+            Some((start, len)) => {
+                let f = (now.saturating_duration_since(start).as_secs_f64() / len.as_secs_f64())
+                    .clamp(0.1, 1.0);
+                ((w as f64 * f) as u64).max(1)
+            }
+            None => w,
+        }
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms < until
+    }
+
+    pub fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Ordering::Relaxed)
+    }
+
+    /// A connect error or 5xx. Returns the failure streak.
+    pub fn record_failure(&self) -> u32 {
+        self.failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Ejects for `base` × (number of ejections so far + 1), at most 10 × `base`.
+    pub fn eject(&self, base: Duration) {
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let len = base.saturating_mul(n.min(10));
+        self.ejected_until
+            .store(now_ms() + len.as_millis() as u64, Ordering::Relaxed);
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// No new requests will come: close idle connections now, busy ones on return.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(idle);
+    }
+
+    /// An idle connection that is still open, if any.
+    pub fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((tx, since)) = idle.pop() {
+            if !tx.is_closed() && since.elapsed() < self.idle_timeout {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response is complete.
+    pub fn checkin(&self, tx: Sender) {
+        if self.is_retired() || tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push((tx, Instant::now()));
+        }
+    }
+
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// An in-flight request on an endpoint; decrements the count when dropped.
+pub struct InFlight(Arc<Endpoint>);
+
+impl InFlight {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

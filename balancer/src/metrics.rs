@@ -1,0 +1,245 @@
+//! Prometheus metrics. Label sets are bounded: listener, service, version, code class,
+//! instance id (bounded by the catalog); never paths or client addresses.
+//!
+//! The request path never looks a label set up: the routing table resolves the handles it
+//! needs (`ClassCounters`, histograms) when it is built, so a request only bumps atomics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric of one balancer process.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub connect_errors: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub ejections: IntCounterVec,
+    pub active_connections: IntGaugeVec,
+    pub backends: IntGaugeVec,
+    pub backend_up: IntGaugeVec,
+    pub discovery_events: IntCounter,
+    pub discovery_malformed: IntCounter,
+    pub discovery_resets: IntCounter,
+    pub discovery_staleness: prometheus::Gauge,
+    pub discovery_revision: IntGauge,
+    pub table_builds: IntCounter,
+    pub reloads: IntCounterVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+    r.register(Box::new(m.clone()))
+        .expect("metric names are unique");
+    m
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let requests = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_requests_total",
+                    "Client requests answered, by listener, service, version and status class.",
+                ),
+                &["listener", "service", "version", "code"],
+            )
+            .unwrap(),
+        );
+        let duration = reg(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "balancer_request_duration_seconds",
+                    "Time from request head to response head.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0,
+                ]),
+                &["listener", "service"],
+            )
+            .unwrap(),
+        );
+        let connect_errors = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_upstream_connect_errors_total",
+                    "Failed connection attempts to upstream instances.",
+                ),
+                &["service"],
+            )
+            .unwrap(),
+        );
+        let retries = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_retries_total",
+                    "Requests sent again to another instance.",
+                ),
+                &["service", "reason"],
+            )
+            .unwrap(),
+        );
+        let ejections = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_outlier_ejections_total",
+                    "Instances ejected by passive outlier detection.",
+                ),
+                &["service"],
+            )
+            .unwrap(),
+        );
+        let active_connections = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "balancer_active_connections",
+                    "Open client connections per listener.",
+                ),
+                &["listener"],
+            )
+            .unwrap(),
+        );
+        let backends = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "balancer_backends",
+                    "Instances per service and state (routable, draining, critical, pending).",
+                ),
+                &["service", "state"],
+            )
+            .unwrap(),
+        );
+        let backend_up = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("balancer_backend_up", "1 when the instance is routable."),
+                &["service", "instance"],
+            )
+            .unwrap(),
+        );
+        let discovery_events = reg(
+            &r,
+            IntCounter::new(
+                "balancer_discovery_events_total",
+                "Catalog changes applied from etcd.",
+            )
+            .unwrap(),
+        );
+        let discovery_malformed = reg(
+            &r,
+            IntCounter::new(
+                "balancer_discovery_malformed_total",
+                "Catalog entries skipped because they could not be decoded.",
+            )
+            .unwrap(),
+        );
+        let discovery_resets = reg(
+            &r,
+            IntCounter::new(
+                "balancer_discovery_resets_total",
+                "Full relists of the catalog.",
+            )
+            .unwrap(),
+        );
+        let discovery_staleness = reg(
+            &r,
+            prometheus::Gauge::new(
+                "balancer_discovery_staleness_seconds",
+                "Seconds since etcd last confirmed the catalog is current (-1 before the first list).",
+            )
+            .unwrap(),
+        );
+        let discovery_revision = reg(
+            &r,
+            IntGauge::new(
+                "balancer_discovery_revision",
+                "etcd revision of the routing table.",
+            )
+            .unwrap(),
+        );
+        let table_builds = reg(
+            &r,
+            IntCounter::new(
+                "balancer_routing_table_swaps_total",
+                "Routing tables published.",
+            )
+            .unwrap(),
+        );
+        let reloads = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_config_reloads_total",
+                    "Configuration reloads (SIGHUP) by result.",
+                ),
+                &["result"],
+            )
+            .unwrap(),
+        );
+        Self {
+            registry: r,
+            requests,
+            duration,
+            connect_errors,
+            retries,
+            ejections,
+            active_connections,
+            backends,
+            backend_up,
+            discovery_events,
+            discovery_malformed,
+            discovery_resets,
+            discovery_staleness,
+            discovery_revision,
+            table_builds,
+            reloads,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    /// Counters of one listener × service × version, one per status class.
+    pub fn classes(&self, listener: &str, service: &str, version: &str) -> ClassCounters {
+        let c = |code| {
+            self.requests
+                .with_label_values(&[listener, service, version, code])
+        };
+        ClassCounters([c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")])
+    }
+
+    pub fn histogram(&self, listener: &str, service: &str) -> Histogram {
+        self.duration.with_label_values(&[listener, service])
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Pre-resolved request counters by status class.
+#[derive(Clone)]
+pub struct ClassCounters([IntCounter; 5]);
+
+impl ClassCounters {
+    pub fn inc(&self, status: u16) {
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.0[i].inc();
+    }
+}

@@ -1,0 +1,300 @@
+//! The routing table: everything a request needs, immutable, swapped as one `Arc`.
+//!
+//! A request does one `ArcSwap::load`, then only reads this structure and bumps atomics in
+//! the endpoints and metric handles it points to. Listener settings, routes, services,
+//! endpoints, weights and metric handles all live here and change together.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use catalog::Algorithm;
+use prometheus::{Histogram, IntCounter};
+
+use crate::endpoint::Endpoint;
+use crate::metrics::ClassCounters;
+
+#[derive(Default)]
+pub struct RoutingTable {
+    pub listeners: Vec<ListenerTable>,
+    /// etcd revision the table reflects (0 without etcd).
+    pub revision: i64,
+}
+
+impl RoutingTable {
+    pub fn listener(&self, name: &str) -> Option<&ListenerTable> {
+        self.listeners.iter().find(|l| &*l.name == name)
+    }
+}
+
+/// Per-listener settings that may change on reload without rebinding.
+#[derive(Clone)]
+pub struct ListenerSettings {
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_body_bytes: u64,
+    pub retries: u32,
+    pub access_log: bool,
+    pub outlier_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+pub struct ListenerTable {
+    pub name: Arc<str>,
+    pub settings: ListenerSettings,
+    pub routes: Vec<Route>,
+    /// Answers of requests that matched no route.
+    pub unrouted: ClassCounters,
+}
+
+impl ListenerTable {
+    /// First route matching `host` (port stripped, lowercase) and `path`.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.host.matches(host) && path.starts_with(&*r.path_prefix))
+    }
+}
+
+pub enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn parse(host: Option<&str>) -> Self {
+        match host {
+            None | Some("*") | Some("") => HostMatch::Any,
+            Some(h) => match h.strip_prefix('*') {
+                Some(suffix) => HostMatch::Suffix(suffix.to_ascii_lowercase()),
+                None => HostMatch::Exact(h.to_ascii_lowercase()),
+            },
+        }
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len()
+                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
+        }
+    }
+}
+
+pub struct Route {
+    pub host: HostMatch,
+    pub path_prefix: Box<str>,
+    pub service_name: Arc<str>,
+    /// `None` while the service is unknown (not static, not in etcd): 503.
+    pub service: Option<Arc<ServiceTable>>,
+    pub histogram: Histogram,
+    /// Indexed like `service.versions`.
+    pub by_version: Vec<ClassCounters>,
+    /// Answers that reached no instance.
+    pub unpicked: ClassCounters,
+}
+
+/// State of a service that survives table swaps.
+pub struct ServiceShared {
+    /// Retry tokens in tenths: each request adds `budget_percent / 10` tenths, each retry
+    /// costs 10; capped so an idle service cannot save up a storm.
+    retry_tokens: AtomicI64,
+    pub connect_errors: IntCounter,
+    pub retries_connect: IntCounter,
+    pub retries_reset: IntCounter,
+    pub ejections: IntCounter,
+}
+
+const TOKEN_CAP: i64 = 1000;
+
+impl ServiceShared {
+    pub fn new(
+        connect_errors: IntCounter,
+        retries_connect: IntCounter,
+        retries_reset: IntCounter,
+        ejections: IntCounter,
+    ) -> Self {
+        Self {
+            // A floor of 10 retries so a quiet service can still retry.
+            retry_tokens: AtomicI64::new(100),
+            connect_errors,
+            retries_connect,
+            retries_reset,
+            ejections,
+        }
+    }
+
+    pub fn deposit(&self, percent: u32) {
+        let add = percent as i64 / 10;
+        if add > 0 && self.retry_tokens.load(Ordering::Relaxed) < TOKEN_CAP {
+            self.retry_tokens.fetch_add(add, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes one retry from the budget.
+    pub fn withdraw(&self) -> bool {
+        self.retry_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t >= 10).then_some(t - 10)
+            })
+            .is_ok()
+    }
+}
+
+pub struct Member {
+    pub ep: Arc<Endpoint>,
+    pub weight: u32,
+    /// Index into `ServiceTable::versions`.
+    pub version: usize,
+}
+
+/// Instances that compete by weight: one version of a split, or the whole service.
+pub struct Group {
+    pub members: Vec<Member>,
+    /// Running sums of static weights, for weighted random draws.
+    pub cumulative: Vec<u64>,
+    pub total: u64,
+    /// Smooth weighted round-robin order (member indices), walked by `cursor`.
+    pub rr_order: Vec<u32>,
+    pub cursor: AtomicUsize,
+    /// Until then some member is in slow start and weights are computed per pick.
+    pub ramp_until: Option<Instant>,
+}
+
+pub struct ServiceTable {
+    pub name: Arc<str>,
+    pub algorithm: Algorithm,
+    pub versions: Vec<Arc<str>>,
+    pub groups: Vec<Group>,
+    /// Running sums of the groups' split shares; empty when there is one group.
+    pub shares: Vec<u64>,
+    /// Routing to all serving instances because none passed (or no checker is alive).
+    pub panic: bool,
+    pub shared: Arc<ServiceShared>,
+}
+
+impl ServiceTable {
+    pub fn member_count(&self) -> usize {
+        self.groups.iter().map(|g| g.members.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+impl Group {
+    pub fn new(members: Vec<Member>) -> Self {
+        let mut cumulative = Vec::with_capacity(members.len());
+        let mut total = 0u64;
+        for m in &members {
+            total += m.weight as u64;
+            cumulative.push(total);
+        }
+        let rr_order = smooth_wrr_order(&members.iter().map(|m| m.weight).collect::<Vec<_>>());
+        let ramp_until = members.iter().filter_map(|m| m.ep.ramp_end()).max();
+        Self {
+            members,
+            cumulative,
+            total,
+            rr_order,
+            cursor: AtomicUsize::new(0),
+            ramp_until,
+        }
+    }
+}
+
+/// nginx's smooth weighted round robin, unrolled once into a fixed order. Weights are
+/// divided by their gcd and the order is capped at 4096 picks (weights are scaled down
+/// proportionally beyond that), so building stays cheap.
+pub fn smooth_wrr_order(weights: &[u32]) -> Vec<u32> {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    let g = weights
+        .iter()
+        .filter(|w| **w > 0)
+        .fold(0u64, |g, w| gcd(g, *w as u64));
+    if g == 0 {
+        return Vec::new();
+    }
+    let mut w: Vec<u64> = weights.iter().map(|x| *x as u64 / g).collect();
+    let mut total: u64 = w.iter().sum();
+    if total > 4096 {
+        w = w
+            .iter()
+            .map(|x| {
+                if *x == 0 {
+                    0
+                } else {
+                    (x * 4096 / total).max(1)
+                }
+            })
+            .collect();
+        total = w.iter().sum();
+    }
+    let mut current = vec![0i64; w.len()];
+    let mut order = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        order.push(best as u32);
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrr_order_is_smooth_and_proportional() {
+        let order = smooth_wrr_order(&[5, 1, 1]);
+        assert_eq!(order, vec![0, 0, 1, 0, 2, 0, 0]);
+        let order = smooth_wrr_order(&[100, 200, 700]);
+        assert_eq!(order.len(), 10);
+        assert_eq!(order.iter().filter(|i| **i == 2).count(), 7);
+        assert!(smooth_wrr_order(&[0, 0]).is_empty());
+    }
+
+    #[test]
+    fn host_matching() {
+        assert!(HostMatch::parse(Some("*.ex.com")).matches("a.EX.com"));
+        assert!(!HostMatch::parse(Some("*.ex.com")).matches("ex.com"));
+        assert!(HostMatch::parse(Some("Ex.com")).matches("ex.com"));
+        assert!(HostMatch::parse(None).matches("anything"));
+    }
+
+    #[test]
+    fn retry_budget_is_bounded() {
+        let c = || IntCounter::new("x", "x").unwrap();
+        let s = ServiceShared::new(c(), c(), c(), c());
+        let mut granted = 0;
+        while s.withdraw() {
+            granted += 1;
+        }
+        assert_eq!(granted, 10);
+        for _ in 0..50 {
+            s.deposit(20);
+        }
+        // 50 requests at 20 % earn 10 retries.
+        assert!(s.withdraw());
+        let mut more = 0;
+        while s.withdraw() {
+            more += 1;
+        }
+        assert_eq!(more, 9);
+    }
+}
