@@ -73,6 +73,8 @@ pub struct Supervisor {
     reports_tx: mpsc::UnboundedSender<Report>,
     writes: mpsc::UnboundedSender<WriteRequest>,
     lease: Option<LeaseInfo>,
+    /// Marks of vanished instances whose deletion was asked for.
+    cleanups: std::collections::HashSet<Item>,
     next_generation: u64,
     next_ticket: u64,
 }
@@ -93,6 +95,7 @@ impl Supervisor {
             reports_tx,
             writes,
             lease: None,
+            cleanups: std::collections::HashSet::new(),
             next_generation: 0,
             next_ticket: 0,
         };
@@ -149,6 +152,7 @@ impl Supervisor {
                 .instances
                 .keys()
                 .chain(self.slots.keys())
+                .chain(self.view.marks.keys())
                 .cloned()
                 .collect();
             for item in items {
@@ -172,18 +176,24 @@ impl Supervisor {
             self.evaluate(&item, &live);
         }
         for item in changes.marks {
-            self.mark_changed(&item);
+            if self.view.instances.contains_key(&item) {
+                self.mark_changed(&item);
+            } else {
+                self.evaluate(&item, &live);
+            }
         }
     }
 
     /// Starts, restarts or stops the probing of one instance.
     fn evaluate(&mut self, item: &Item, live: &BTreeSet<CheckerId>) {
+        let name = format!("{}/{}", item.0, item.1);
+        let mine = shard::owner(&name, live) == Some(&self.config.me);
         let Some(rec) = self.view.instances.get(item) else {
             self.drop_slot(item);
+            self.clean_up(item, mine);
             return;
         };
-        let name = format!("{}/{}", item.0, item.1);
-        if shard::owner(&name, live) != Some(&self.config.me) {
+        if !mine {
             self.drop_slot(item);
             return;
         }
@@ -238,6 +248,25 @@ impl Supervisor {
             }
         }
         self.reconcile(item);
+    }
+
+    /// Deletes the mark of an instance that is gone (only the owner does, and only while the
+    /// instance key stays absent), so marks do not pile up after instances.
+    fn clean_up(&mut self, item: &Item, mine: bool) {
+        if !self.view.marks.contains_key(item) {
+            self.cleanups.remove(item);
+            return;
+        }
+        if !mine || !self.cleanups.insert(item.clone()) {
+            return;
+        }
+        self.next_ticket += 1;
+        let _ = self.writes.send(WriteRequest {
+            item: item.clone(),
+            ticket: self.next_ticket,
+            guard: 0,
+            kind: WriteKind::Unmark,
+        });
     }
 
     /// The current or last mark of this registration, if any: taken over rather than
@@ -323,6 +352,10 @@ impl Supervisor {
     }
 
     fn on_done(&mut self, done: WriteDone) {
+        if !self.view.instances.contains_key(&done.item) {
+            // A clean-up that ran (or found the instance back): allow another later.
+            self.cleanups.remove(&done.item);
+        }
         let Some(slot) = self.slots.get_mut(&done.item) else {
             return;
         };

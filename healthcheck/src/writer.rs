@@ -34,7 +34,8 @@ pub struct LeaseInfo {
 pub enum WriteKind {
     /// Put the health mark under the checker's lease.
     Mark(Health),
-    /// Delete a health mark left by an earlier registration of the instance.
+    /// Delete a health mark left by an earlier registration of the instance, or by an
+    /// instance that is gone (guard 0).
     Unmark,
     /// Delete the instance's registration (and its mark): `deregister_after` ran out.
     Deregister,
@@ -56,7 +57,7 @@ pub struct WriteRequest {
     pub item: Item,
     /// Identifies the wish, so the supervisor can match the answer with what it still wants.
     pub ticket: u64,
-    /// `mod_revision` the instance key must still have.
+    /// `mod_revision` the instance key must still have; 0: the instance key must be absent.
     pub guard: i64,
     pub kind: WriteKind,
 }
@@ -196,7 +197,11 @@ async fn attempt<S: Store>(
     let (svc, id) = &req.item;
     let instance_key = keyspace.instance(svc, id);
     let health_key = keyspace.health(svc, id);
-    let compares = vec![Compare::ModRevision(instance_key.clone(), req.guard)];
+    let compares = if req.guard == 0 {
+        vec![Compare::CreateRevision(instance_key.clone(), 0)]
+    } else {
+        vec![Compare::ModRevision(instance_key.clone(), req.guard)]
+    };
     let (ops, lease_generation) = match &req.kind {
         WriteKind::Mark(health) => {
             let lease = lease.ok_or_else(|| StoreError::Other("no checker lease".into()))?;
