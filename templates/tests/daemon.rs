@@ -38,7 +38,10 @@ async fn renders_from_real_etcd_and_follows_changes() -> Result<()> {
     })
     .await?;
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(setup.out("list.txt"))?.permissions().mode() & 0o7777;
+    let mode = std::fs::metadata(setup.out("list.txt"))?
+        .permissions()
+        .mode()
+        & 0o7777;
     ensure(mode == 0o640, || format!("mode {mode:o}"))?;
 
     cat.health("web", "b", "passing").await?;
@@ -65,9 +68,13 @@ async fn renders_from_real_etcd_and_follows_changes() -> Result<()> {
     ensure(strays(&setup.path("out"), &["list.txt"]).is_empty(), || {
         "temp files left".into()
     })?;
-    ensure(render.metric("wharf_render_writes_total{resource=\"list\"}").await? >= 4.0, || {
-        "writes metric".into()
-    })?;
+    ensure(
+        render
+            .metric("wharf_render_writes_total{resource=\"list\"}")
+            .await?
+            >= 4.0,
+        || "writes metric".into(),
+    )?;
     ensure(
         render
             .metric("wharf_render_last_success_timestamp_seconds{resource=\"list\"}")
@@ -94,7 +101,10 @@ async fn debounce_coalesces_a_burst_of_100_changes_into_one_render() -> Result<(
         ),
     )?;
     let render = setup.spawn()?;
-    until("first render", || setup.read_out("kv.txt").filter(|s| s == "keys=0\n")).await?;
+    until("first render", || {
+        setup.read_out("kv.txt").filter(|s| s == "keys=0\n")
+    })
+    .await?;
     let reloads = || {
         std::fs::read_to_string(setup.path("reloads.log"))
             .map(|s| s.lines().count())
@@ -102,7 +112,9 @@ async fn debounce_coalesces_a_burst_of_100_changes_into_one_render() -> Result<(
     };
     until("first reload", || (reloads() == 1).then_some(())).await?;
     let renders = "wharf_render_renders_total{resource=\"kv\"}";
-    ensure(render.metric(renders).await? == 1.0, || "one render at start".into())?;
+    ensure(render.metric(renders).await? == 1.0, || {
+        "one render at start".into()
+    })?;
 
     for n in 0..100 {
         cat.raw(&format!("/app/key-{n:03}"), "x").await?;
@@ -136,26 +148,37 @@ async fn check_failure_leaves_the_destination_untouched() -> Result<()> {
         ),
     )?;
     let render = setup.spawn()?;
-    until("first render", || setup.read_out("v.txt").filter(|s| s == "mode=good\n")).await?;
+    until("first render", || {
+        setup.read_out("v.txt").filter(|s| s == "mode=good\n")
+    })
+    .await?;
     cat.raw("/app/mode", "BROKEN").await?;
     let failures = "wharf_render_failures_total{resource=\"v\",stage=\"check\"}";
     wharf_tests::eventually("check failure counted", WAIT, || async {
         (render.metric(failures).await.ok()? >= 1.0).then_some(())
     })
     .await?;
-    ensure(setup.read_out("v.txt").as_deref() == Some("mode=good\n"), || {
-        "destination changed after a failed check".into()
-    })?;
+    ensure(
+        setup.read_out("v.txt").as_deref() == Some("mode=good\n"),
+        || "destination changed after a failed check".into(),
+    )?;
     ensure(strays(&setup.path("out"), &["v.txt"]).is_empty(), || {
-        format!("staged file left: {:?}", strays(&setup.path("out"), &["v.txt"]))
+        format!(
+            "staged file left: {:?}",
+            strays(&setup.path("out"), &["v.txt"])
+        )
     })?;
     let reloads = std::fs::read_to_string(setup.path("reloads.log"))?;
-    ensure(reloads.lines().count() == 1, || "reloaded after a failed check".into())?;
+    ensure(reloads.lines().count() == 1, || {
+        "reloaded after a failed check".into()
+    })?;
     ensure(render.log().contains("stage=\"check\""), || render.log())?;
     // A good value goes through again.
     cat.raw("/app/mode", "fixed").await?;
-    until("fixed value rendered", || setup.read_out("v.txt").filter(|s| s == "mode=fixed\n"))
-        .await?;
+    until("fixed value rendered", || {
+        setup.read_out("v.txt").filter(|s| s == "mode=fixed\n")
+    })
+    .await?;
     Ok(())
 }
 
@@ -177,7 +200,10 @@ async fn reload_failure_restores_the_previous_file_and_reloads_it() -> Result<()
         ),
     )?;
     let render = setup.spawn()?;
-    until("first render", || setup.read_out("v.txt").filter(|s| s == "mode=good\n")).await?;
+    until("first render", || {
+        setup.read_out("v.txt").filter(|s| s == "mode=good\n")
+    })
+    .await?;
     cat.raw("/app/mode", "BROKEN").await?;
     let rollbacks = "wharf_render_rollbacks_total{resource=\"v\"}";
     wharf_tests::eventually("rollback", WAIT, || async {
@@ -190,16 +216,22 @@ async fn reload_failure_restores_the_previous_file_and_reloads_it() -> Result<()
             .filter(|s| s == "mode=good\nmode=BROKEN\nmode=good\n")
     };
     until("reload of the restored file", log_has_reload_again).await?;
-    ensure(setup.read_out("v.txt").as_deref() == Some("mode=good\n"), || {
-        "previous file not restored".into()
-    })?;
-    ensure(setup.read_out("v.txt.bak").as_deref() == Some("mode=good\n"), || {
-        "backup missing".into()
-    })?;
+    ensure(
+        setup.read_out("v.txt").as_deref() == Some("mode=good\n"),
+        || "previous file not restored".into(),
+    )?;
+    ensure(
+        setup.read_out("v.txt.bak").as_deref() == Some("mode=good\n"),
+        || "backup missing".into(),
+    )?;
     let f = "wharf_render_failures_total{resource=\"v\",stage=\"reload\"}";
-    ensure(render.metric(f).await? == 1.0, || "reload failure metric".into())?;
+    ensure(render.metric(f).await? == 1.0, || {
+        "reload failure metric".into()
+    })?;
     let f = "wharf_render_failures_total{resource=\"v\",stage=\"rollback\"}";
-    ensure(render.metric(f).await? == 0.0, || "rollback failure metric".into())?;
+    ensure(render.metric(f).await? == 0.0, || {
+        "rollback failure metric".into()
+    })?;
     Ok(())
 }
 
@@ -215,7 +247,10 @@ async fn sighup_picks_up_new_resources_and_keeps_the_set_on_a_bad_one() -> Resul
     let render = setup.spawn()?;
     until("first render", || setup.read_out("list.txt")).await?;
 
-    setup.template("ids.tera", "{% for i in services.web.all %}{{ i.id }}:{{ i.health }} {% endfor %}\n")?;
+    setup.template(
+        "ids.tera",
+        "{% for i in services.web.all %}{{ i.id }}:{{ i.health }} {% endfor %}\n",
+    )?;
     setup.resource(
         "ids",
         &format!(
@@ -244,7 +279,9 @@ async fn sighup_picks_up_new_resources_and_keeps_the_set_on_a_bad_one() -> Resul
     ensure(render.log().contains("bad.toml"), || render.log())?;
     cat.up("web", "b", "v1", 8002).await?;
     until("old set still follows changes", || {
-        setup.read_out("ids.txt").filter(|s| s == "a:passing b:passing \n")
+        setup
+            .read_out("ids.txt")
+            .filter(|s| s == "a:passing b:passing \n")
     })
     .await?;
     Ok(())
@@ -268,9 +305,10 @@ async fn etcd_outage_keeps_the_file_and_catches_up_afterwards() -> Result<()> {
         (render.metric(f).await.ok()? >= 2.0).then_some(())
     })
     .await?;
-    ensure(setup.read_out("list.txt").as_deref() == Some(first.as_str()), || {
-        "file changed while etcd was down".into()
-    })?;
+    ensure(
+        setup.read_out("list.txt").as_deref() == Some(first.as_str()),
+        || "file changed while etcd was down".into(),
+    )?;
 
     etcd.start_again()?;
     etcd.wait_healthy(WAIT)?;
@@ -292,7 +330,9 @@ async fn onetime_and_check_report_failures_with_exit_status() -> Result<()> {
     setup.template("list.tera", LIST)?;
     setup.resource("list", &resource(&setup, ""))?;
     let out = setup.onetime(&[])?;
-    ensure(out.status.success(), || String::from_utf8_lossy(&out.stderr).into())?;
+    ensure(out.status.success(), || {
+        String::from_utf8_lossy(&out.stderr).into()
+    })?;
     ensure(
         setup.read_out("list.txt").as_deref() == Some("a=127.0.0.1:8001/100\ncount=1\n"),
         || format!("{:?}", setup.read_out("list.txt")),
@@ -301,20 +341,26 @@ async fn onetime_and_check_report_failures_with_exit_status() -> Result<()> {
     // --noop writes nothing.
     cat.up("web", "b", "v1", 8002).await?;
     let out = setup.onetime(&["--noop"])?;
-    ensure(out.status.success(), || String::from_utf8_lossy(&out.stderr).into())?;
-    ensure(setup.read_out("list.txt").unwrap().contains("count=1"), || {
-        "--noop wrote the destination".into()
+    ensure(out.status.success(), || {
+        String::from_utf8_lossy(&out.stderr).into()
     })?;
+    ensure(
+        setup.read_out("list.txt").unwrap().contains("count=1"),
+        || "--noop wrote the destination".into(),
+    )?;
 
     // An undefined variable fails the run, naming the template and position.
     setup.template("list.tera", "ok\n{{ services.web.nope }}\n")?;
     let out = setup.onetime(&[])?;
     let err = String::from_utf8_lossy(&out.stderr);
-    ensure(!out.status.success(), || "undefined variable exited 0".into())?;
-    ensure(err.contains("template list.tera:2:4"), || err.to_string())?;
-    ensure(setup.read_out("list.txt").unwrap().contains("count=1"), || {
-        "failed render touched the destination".into()
+    ensure(!out.status.success(), || {
+        "undefined variable exited 0".into()
     })?;
+    ensure(err.contains("template list.tera:2:4"), || err.to_string())?;
+    ensure(
+        setup.read_out("list.txt").unwrap().contains("count=1"),
+        || "failed render touched the destination".into(),
+    )?;
 
     // --check catches it too, without etcd.
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_render"))
@@ -323,10 +369,16 @@ async fn onetime_and_check_report_failures_with_exit_status() -> Result<()> {
         .arg("--check")
         .output()?;
     let err = String::from_utf8_lossy(&check.stderr);
-    ensure(!check.status.success() && err.contains("list.tera:2:4"), || err.to_string())?;
+    ensure(
+        !check.status.success() && err.contains("list.tera:2:4"),
+        || err.to_string(),
+    )?;
     // A bad resource names file, line and key.
     setup.template("list.tera", LIST)?;
-    setup.resource("bad", "[template]\nsrc = \"list.tera\"\ndest = \"/tmp/x\"\nmode = \"9z\"\n")?;
+    setup.resource(
+        "bad",
+        "[template]\nsrc = \"list.tera\"\ndest = \"/tmp/x\"\nmode = \"9z\"\n",
+    )?;
     let check = std::process::Command::new(env!("CARGO_BIN_EXE_render"))
         .arg("--config")
         .arg(setup.config())
@@ -343,8 +395,9 @@ async fn onetime_and_check_report_failures_with_exit_status() -> Result<()> {
     drop(etcd);
     let out = setup.onetime(&[])?;
     ensure(!out.status.success(), || "etcd down exited 0".into())?;
-    ensure(setup.read_out("list.txt").unwrap().contains("count=1"), || {
-        "file lost".into()
-    })?;
+    ensure(
+        setup.read_out("list.txt").unwrap().contains("count=1"),
+        || "file lost".into(),
+    )?;
     Ok(())
 }

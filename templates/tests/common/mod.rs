@@ -39,7 +39,9 @@ impl Catalog {
     pub async fn checker(&self, id: &str) -> Result<()> {
         let key = self.ks.checker(&id.parse().unwrap());
         let v = json!({"version": "test", "started": 1});
-        self.store.put(&key, v.to_string().into_bytes(), None).await?;
+        self.store
+            .put(&key, v.to_string().into_bytes(), None)
+            .await?;
         Ok(())
     }
 
@@ -56,7 +58,11 @@ impl Catalog {
                        "addr": "127.0.0.1", "port": port, "weight": weight,
                        "protocol": protocol});
         self.store
-            .put(&self.instance_key(svc, id), v.to_string().into_bytes(), None)
+            .put(
+                &self.instance_key(svc, id),
+                v.to_string().into_bytes(),
+                None,
+            )
             .await?;
         Ok(())
     }
@@ -71,7 +77,9 @@ impl Catalog {
         let key = self.ks.health(&svc.parse().unwrap(), &id.parse().unwrap());
         let v = json!({"status": status, "since": 1, "checker": "c1",
                        "observed_mod_rev": inst.mod_revision});
-        self.store.put(&key, v.to_string().into_bytes(), None).await?;
+        self.store
+            .put(&key, v.to_string().into_bytes(), None)
+            .await?;
         Ok(())
     }
 
