@@ -1,0 +1,418 @@
+//! Shared pieces of the balancer's end-to-end tests: real HTTP backends (hyper), the real
+//! `balancer` binary in a guard that kills it on drop, an HTTP client and a load loop.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A real HTTP/1.1 backend. Paths: `/slow/<ms>` answers after a delay, `/headers` echoes
+/// the request head, `/upgrade` switches to a byte echo, `/status/<code>` answers that code,
+/// anything else answers the backend's name. Every answer carries `x-backend`.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    kill: watch::Sender<bool>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Result<Self> {
+        Self::start_on(name, "127.0.0.1:0".parse()?).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicU64::new(0));
+        let (kill, kill_rx) = watch::channel(false);
+        let (n, h) = (name.to_owned(), hits.clone());
+        let mut accept_kill = kill_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = accept_kill.wait_for(|k| *k) => return,
+                };
+                let (n, h) = (n.clone(), h.clone());
+                let mut conn_kill = kill_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| answer(req, n.clone(), h.clone()));
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades();
+                    // Killed: the connection is dropped mid-flight, like a crashed process.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn_kill.wait_for(|k| *k) => {}
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            addr,
+            hits,
+            kill,
+        })
+    }
+
+    /// Stops accepting and drops every connection at once.
+    pub fn kill(&self) {
+        let _ = self.kill.send(true);
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    name: String,
+    hits: Arc<AtomicU64>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    hits.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_owned();
+    let mut resp = if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        Response::new(Full::new(Bytes::from(name.clone())))
+    } else if path == "/headers" {
+        let mut text = String::new();
+        for (k, v) in req.headers() {
+            text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        Response::new(Full::new(Bytes::from(text)))
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(Full::new(Bytes::from(name.clone())));
+        *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+        r
+    } else if path == "/upgrade" {
+        let mut req = req;
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert("upgrade", "echo".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        r
+    } else if path == "/echo" {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        match body {
+            Ok(b) => Response::new(Full::new(Bytes::from(format!("{}", b.len())))),
+            Err(_) => {
+                let mut r = Response::new(Full::new(Bytes::from("bad body")));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                r
+            }
+        }
+    } else {
+        Response::new(Full::new(Bytes::from(name.clone())))
+    };
+    resp.headers_mut()
+        .insert("x-backend", name.parse().unwrap());
+    Ok(resp)
+}
+
+/// The real `balancer` binary, killed (SIGKILL) and reaped when dropped.
+pub struct Lb {
+    child: Option<Child>,
+    pub port: u16,
+    pub admin: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Lb {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("lb.toml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("balancer.log")
+    }
+
+    /// Writes `config` (with `@PORT@` and `@ADMIN@` filled in) and starts the balancer.
+    pub async fn start(config: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("wharf-lb-").tempdir()?;
+        let port = wharf_tests::free_port()?;
+        let admin = wharf_tests::free_port()?;
+        let mut lb = Self {
+            child: None,
+            port,
+            admin,
+            dir,
+        };
+        lb.write_config(config)?;
+        let log = std::fs::File::create(lb.log_path())?;
+        let child = Command::new(env!("CARGO_BIN_EXE_balancer"))
+            .arg("--config")
+            .arg(lb.config_path())
+            .args(["--threads", "1"])
+            .env("RUST_LOG", "info,balancer=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        lb.child = Some(child);
+        lb.wait_ready().await?;
+        Ok(lb)
+    }
+
+    pub fn write_config(&self, config: &str) -> Result<()> {
+        let text = config
+            .replace("@PORT@", &self.port.to_string())
+            .replace("@ADMIN@", &self.admin.to_string());
+        std::fs::write(self.config_path(), text)?;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Waits for the process to exit; its status code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("not running")?;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st.code());
+            }
+            if Instant::now() > deadline {
+                bail!("balancer did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let url = format!("http://127.0.0.1:{}/healthz", self.admin);
+        let client = client();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                bail!("balancer exited with {st}:\n{}", self.log());
+            }
+            if let Ok((StatusCode::OK, _)) = get_with(&client, &url).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("balancer not ready:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        let (_, body) = get_with(
+            &client(),
+            &format!("http://127.0.0.1:{}/metrics", self.admin),
+        )
+        .await?;
+        Ok(body)
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http()
+}
+
+pub async fn get_with(client: &HttpClient, url: &str) -> Result<(StatusCode, String)> {
+    let resp = tokio::time::timeout(WAIT, client.get(url.parse()?))
+        .await
+        .context("request timed out")??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Counts answers by backend name while `concurrency` loops send GETs.
+#[derive(Default)]
+pub struct LoadStats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub by_backend: Mutex<HashMap<String, u64>>,
+    /// When each backend answered last.
+    pub last_seen: Mutex<HashMap<String, Instant>>,
+    pub first_seen: Mutex<HashMap<String, Instant>>,
+    pub errors: Mutex<Vec<String>>,
+}
+
+impl LoadStats {
+    pub fn count(&self, name: &str) -> u64 {
+        self.by_backend
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+pub struct Load {
+    pub stats: Arc<LoadStats>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(url: String, concurrency: usize) -> Self {
+        let stats = Arc::new(LoadStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = client();
+        let tasks = (0..concurrency)
+            .map(|_| {
+                let (stats, stop, client, url) =
+                    (stats.clone(), stop.clone(), client.clone(), url.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get_with(&client, &url).await {
+                            Ok((StatusCode::OK, body)) => {
+                                stats.ok.fetch_add(1, Ordering::Relaxed);
+                                let now = Instant::now();
+                                *stats
+                                    .by_backend
+                                    .lock()
+                                    .unwrap()
+                                    .entry(body.clone())
+                                    .or_default() += 1;
+                                stats.last_seen.lock().unwrap().insert(body.clone(), now);
+                                stats.first_seen.lock().unwrap().entry(body).or_insert(now);
+                            }
+                            Ok((code, body)) => {
+                                stats.failed.fetch_add(1, Ordering::Relaxed);
+                                stats.errors.lock().unwrap().push(format!("{code}: {body}"));
+                            }
+                            Err(e) => {
+                                stats.failed.fetch_add(1, Ordering::Relaxed);
+                                stats.errors.lock().unwrap().push(format!("{e:#}"));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { stats, stop, tasks }
+    }
+
+    pub async fn stop(self) -> Arc<LoadStats> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.stats
+    }
+}
+
+/// Sends `n` GETs with `concurrency` in flight; answers per backend name.
+pub async fn spread(url: &str, n: usize, concurrency: usize) -> Result<HashMap<String, u64>> {
+    let client = client();
+    let counts = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, counts, next, url) =
+            (client.clone(), counts.clone(), next.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < n as u64 {
+                let (code, body) = get_with(&client, &url).await?;
+                if code != StatusCode::OK {
+                    bail!("{code}: {body}");
+                }
+                *counts.lock().unwrap().entry(body).or_default() += 1;
+            }
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let c = counts.lock().unwrap().clone();
+    Ok(c)
+}
+
+/// Every sample line of a Prometheus text exposition parses as `name{labels} number`.
+pub fn check_prometheus_text(text: &str) -> Result<usize> {
+    let mut samples = 0;
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').context("no value")?;
+        value
+            .parse::<f64>()
+            .with_context(|| format!("bad value in {line:?}"))?;
+        let name = series.split('{').next().unwrap_or("");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+        {
+            bail!("bad metric name in {line:?}");
+        }
+        if series.contains('{') && !series.ends_with('}') {
+            bail!("bad labels in {line:?}");
+        }
+        samples += 1;
+    }
+    Ok(samples)
+}
+
+/// Value of one sample, found by its full series text (`name{a="b"}`).
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
