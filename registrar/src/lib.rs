@@ -5,5 +5,9 @@
 //! - [`image`]: rootfs directories, OCI layouts and `docker save` tarballs, unpacked once
 //!   into a local store.
 
+pub mod agent;
+pub mod api;
 pub mod image;
+pub mod operator;
+pub mod restart;
 pub mod runtime;

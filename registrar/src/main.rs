@@ -7,19 +7,118 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use registrar::runtime::{ContainerSpec, Limits, NetSpec, helper};
 
+mod agent_cmd;
+mod cli;
+
 #[derive(Parser)]
 #[command(
     name = "registrar",
     version,
-    about = "wharf node agent and bundled container runtime"
+    about = "wharf node agent, its CLI, and the bundled container runtime"
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(clap::Args, Clone)]
+struct AgentAddr {
+    /// The agent's state directory (its API socket is <state-dir>/agent.sock).
+    #[arg(long, env = "WHARF_STATE_DIR", default_value = "/run/wharf")]
+    state_dir: PathBuf,
+}
+
+#[derive(clap::Args, Clone)]
+struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "WHARF_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, env = "WHARF_PREFIX", default_value = catalog::defaults::PREFIX)]
+    prefix: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the node agent (one per host).
+    Agent(Box<agent_cmd::AgentArgs>),
+    /// Start containers of a service version through the agent.
+    Run(Box<cli::RunArgs>),
+    /// List the agent's containers.
+    Ps {
+        #[command(flatten)]
+        at: AgentAddr,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a container's output.
+    Logs {
+        #[command(flatten)]
+        at: AgentAddr,
+        name: String,
+    },
+    /// Drain, then stop a container, or every container of a service (version).
+    Stop {
+        #[command(flatten)]
+        at: AgentAddr,
+        /// Container name or service name.
+        name: String,
+        #[arg(long)]
+        version: Option<String>,
+        /// Time between SIGTERM and SIGKILL.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+    },
+    /// Remove a stopped container and its logs.
+    Rm {
+        #[command(flatten)]
+        at: AgentAddr,
+        name: String,
+    },
+    /// Register a process wharf did not start, under this node's lease.
+    Register {
+        #[command(flatten)]
+        at: AgentAddr,
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value = "v1")]
+        version: String,
+        /// ADDR:PORT the process listens on.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value = "http")]
+        protocol: String,
+    },
+    /// Remove a registration made with `register`.
+    Deregister {
+        #[command(flatten)]
+        at: AgentAddr,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// Operator: change a service's settings (health check, algorithm, drain timeout, …).
+    Service {
+        #[command(subcommand)]
+        cmd: cli::ServiceCmd,
+    },
+    /// Operator: set the traffic split between versions, e.g. `split web v1=90 v2=10`.
+    Split {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+        service: String,
+        /// VERSION=SHARE pairs; `--clear` removes the split.
+        shares: Vec<String>,
+        #[arg(long, conflicts_with = "shares")]
+        clear: bool,
+    },
     /// Run one container in the foreground, without an agent (exit status = the app's).
     Oneshot(Box<OneshotArgs>),
     /// Internal: run the container described by DIR/spec.json (started by the agent).
@@ -68,9 +167,11 @@ struct OneshotArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        // Both runtime paths stay single-threaded: no tokio runtime is ever built here.
+        // Both runtime paths stay single-threaded: no tokio runtime is ever built for them.
         Cmd::Helper { dir } => exit(run_helper(&dir)),
         Cmd::Oneshot(args) => exit(oneshot(*args)),
+        Cmd::Agent(args) => exit(agent_cmd::main(*args)),
+        other => exit(cli::main(other)),
     }
 }
 
@@ -141,7 +242,7 @@ fn oneshot(a: OneshotArgs) -> Result<i32> {
     Ok(status.code)
 }
 
-fn parse_env(items: &[String]) -> Result<Vec<(String, String)>> {
+pub(crate) fn parse_env(items: &[String]) -> Result<Vec<(String, String)>> {
     items
         .iter()
         .map(|kv| {

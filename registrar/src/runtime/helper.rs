@@ -191,3 +191,12 @@ pub fn write_atomic(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> 
     fs::write(&tmp, data)?;
     fs::rename(&tmp, path)
 }
+
+/// Removes what a run of `spec` may have left behind when its helper died (the agent calls
+/// this on start for containers whose helper is gone). Mounts need no cleanup: they lived
+/// in the container's mount namespace, which died with its last process.
+pub fn cleanup_leftovers(spec: &ContainerSpec) -> Result<()> {
+    let layout = Layout::detect()?;
+    let cg = Cgroup::locate(&layout, &spec.cgroup_parent, &spec.id)?;
+    cleanup(spec, Some(&cg))
+}

@@ -12,6 +12,7 @@ pub mod error;
 pub mod helper;
 mod init;
 mod net;
+pub mod process;
 mod rootfs;
 pub mod spec;
 

@@ -1,0 +1,318 @@
+//! The CLI commands that talk to the agent's socket or, for operator commands, to etcd.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use catalog::{EtcdConfig, EtcdStore, Keyspace, ServiceName, StatusRange};
+use registrar::api::{self, Network, Request, Response, RunRequest};
+use registrar::runtime::Limits;
+
+use crate::{AgentAddr, Cmd, EtcdArgs};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    at: AgentAddr,
+    #[arg(long)]
+    service: String,
+    #[arg(long)]
+    version: String,
+    /// Image on the agent's host: rootfs dir, OCI layout dir or docker-save tarball.
+    #[arg(long)]
+    image: String,
+    /// Port of the first replica (passed as $PORT).
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value_t = 1)]
+    replicas: u16,
+    #[arg(long)]
+    memory: Option<String>,
+    #[arg(long)]
+    cpus: Option<f64>,
+    #[arg(long)]
+    pids: Option<u64>,
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// host | bridge
+    #[arg(long, default_value = "host")]
+    network: String,
+    /// no | on-failure[:N] | always
+    #[arg(long, default_value = "no")]
+    restart: registrar::restart::RestartPolicy,
+    /// http | tcp
+    #[arg(long, default_value = "http")]
+    protocol: String,
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ServiceCmd {
+    /// Change settings of a service; unspecified ones keep their value.
+    Set(Box<ServiceSetArgs>),
+}
+
+#[derive(clap::Args)]
+pub struct ServiceSetArgs {
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    service: String,
+    /// HTTP health check path (a TCP connect check when never set).
+    #[arg(long)]
+    check_path: Option<String>,
+    /// Use a TCP connect check instead of HTTP.
+    #[arg(long, conflicts_with = "check_path")]
+    tcp_check: bool,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    #[arg(long)]
+    rise: Option<u32>,
+    #[arg(long)]
+    fall: Option<u32>,
+    /// Accepted status codes, e.g. 200-299 (repeatable).
+    #[arg(long)]
+    expect: Vec<StatusRange>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    slow_start: Option<Duration>,
+    /// p2c | round_robin | least_conn
+    #[arg(long)]
+    algorithm: Option<String>,
+}
+
+pub fn main(cmd: Cmd) -> Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(run(cmd))
+}
+
+async fn call(at: &AgentAddr, req: Request) -> Result<Response> {
+    let sock = registrar::agent::StateDir::new(&at.state_dir).socket();
+    Ok(api::call(&sock, &req).await?)
+}
+
+/// Prints an answer; an error answer becomes exit status 1.
+fn print(resp: Response) -> Result<i32> {
+    match resp {
+        Response::Ok { message } => {
+            if !message.is_empty() {
+                println!("{message}");
+            }
+            Ok(0)
+        }
+        Response::Logs { text } => {
+            print!("{text}");
+            Ok(0)
+        }
+        Response::Containers { containers } => {
+            println!(
+                "{:<24} {:<12} {:<8} {:<10} {:<22} {:>5} {:>8}",
+                "NAME", "SERVICE", "VERSION", "STATE", "ADDRESS", "EXIT", "RESTARTS"
+            );
+            for c in containers {
+                println!(
+                    "{:<24} {:<12} {:<8} {:<10} {:<22} {:>5} {:>8}",
+                    c.name,
+                    c.service,
+                    c.version,
+                    c.state,
+                    format!("{}:{}", c.addr, c.port),
+                    c.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                    c.restarts
+                );
+            }
+            Ok(0)
+        }
+        Response::Error { message } => {
+            eprintln!("registrar: {message}");
+            Ok(1)
+        }
+    }
+}
+
+fn protocol(s: &str) -> Result<catalog::Protocol> {
+    match s {
+        "http" => Ok(catalog::Protocol::Http),
+        "tcp" => Ok(catalog::Protocol::Tcp),
+        _ => bail!("--protocol {s:?}: expected http or tcp"),
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<i32> {
+    match cmd {
+        Cmd::Run(a) => {
+            let a = *a;
+            let network = match a.network.as_str() {
+                "host" => Network::Host,
+                "bridge" => Network::Bridge,
+                o => bail!("--network {o:?}: expected host or bridge"),
+            };
+            let req = RunRequest {
+                service: a.service,
+                version: a.version,
+                image: std::path::absolute(&a.image)?
+                    .to_string_lossy()
+                    .into_owned(),
+                port: a.port,
+                replicas: a.replicas,
+                limits: Limits {
+                    memory: a
+                        .memory
+                        .as_deref()
+                        .map(registrar::runtime::spec::parse_bytes)
+                        .transpose()
+                        .map_err(anyhow::Error::msg)?,
+                    cpus: a.cpus,
+                    pids: a.pids,
+                },
+                env: crate::parse_env(&a.env)?,
+                network,
+                restart: a.restart,
+                protocol: protocol(&a.protocol)?,
+                command: a.command,
+            };
+            print(call(&a.at, Request::Run(req)).await?)
+        }
+        Cmd::Ps { at, json } => {
+            let resp = call(&at, Request::Ps).await?;
+            if json && let Response::Containers { containers } = &resp {
+                println!("{}", serde_json::to_string_pretty(containers)?);
+                return Ok(0);
+            }
+            print(resp)
+        }
+        Cmd::Logs { at, name } => print(call(&at, Request::Logs { name }).await?),
+        Cmd::Stop {
+            at,
+            name,
+            version,
+            grace,
+        } => print(
+            call(
+                &at,
+                Request::Stop {
+                    name,
+                    version,
+                    grace,
+                },
+            )
+            .await?,
+        ),
+        Cmd::Rm { at, name } => print(call(&at, Request::Rm { name }).await?),
+        Cmd::Register {
+            at,
+            service,
+            version,
+            addr,
+            protocol: p,
+        } => print(
+            call(
+                &at,
+                Request::Register {
+                    service,
+                    version,
+                    addr: addr.ip(),
+                    port: addr.port(),
+                    protocol: protocol(&p)?,
+                },
+            )
+            .await?,
+        ),
+        Cmd::Deregister { at, service, port } => {
+            print(call(&at, Request::Deregister { service, port }).await?)
+        }
+        Cmd::Service {
+            cmd: ServiceCmd::Set(a),
+        } => service_set(*a).await,
+        Cmd::Split {
+            etcd,
+            service,
+            shares,
+            clear,
+        } => {
+            let split = if clear {
+                Default::default()
+            } else {
+                registrar::operator::parse_split(&shares)?
+            };
+            let (store, keys, svc) = connect(&etcd, &service).await?;
+            let c = registrar::operator::update_config(&store, &keys, &svc, |c| {
+                c.split = split.clone()
+            })
+            .await?;
+            println!("{}", serde_json::to_string(&c.split)?);
+            Ok(0)
+        }
+        Cmd::Agent(_) | Cmd::Oneshot(_) | Cmd::Helper { .. } => unreachable!("handled in main"),
+    }
+}
+
+async fn connect(etcd: &EtcdArgs, service: &str) -> Result<(EtcdStore, Keyspace, ServiceName)> {
+    let svc = ServiceName::new(service).with_context(|| format!("service {service:?}"))?;
+    let keys =
+        Keyspace::new(&etcd.prefix).with_context(|| format!("--prefix {:?}", etcd.prefix))?;
+    let store = EtcdStore::connect(&EtcdConfig::new(etcd.etcd.clone())).await?;
+    Ok((store, keys, svc))
+}
+
+async fn service_set(a: ServiceSetArgs) -> Result<i32> {
+    let algorithm = a
+        .algorithm
+        .as_deref()
+        .map(|s| {
+            serde_json::from_value::<catalog::Algorithm>(serde_json::Value::String(s.into()))
+                .map_err(|_| {
+                    anyhow::anyhow!("--algorithm {s:?}: expected p2c, round_robin or least_conn")
+                })
+        })
+        .transpose()?;
+    if a.rise == Some(0) || a.fall == Some(0) {
+        bail!("--rise and --fall must be at least 1");
+    }
+    if let Some(p) = &a.check_path
+        && !p.starts_with('/')
+    {
+        bail!("--check-path {p:?} must start with '/'");
+    }
+    let (store, keys, svc) = connect(&a.etcd, &a.service).await?;
+    let c = registrar::operator::update_config(&store, &keys, &svc, |c| {
+        if let Some(p) = &a.check_path {
+            c.check.path = Some(p.clone());
+        }
+        if a.tcp_check {
+            c.check.path = None;
+        }
+        if let Some(v) = a.interval {
+            c.check.interval = v;
+        }
+        if let Some(v) = a.timeout {
+            c.check.timeout = v;
+        }
+        if let Some(v) = a.rise {
+            c.check.rise = v;
+        }
+        if let Some(v) = a.fall {
+            c.check.fall = v;
+        }
+        if !a.expect.is_empty() {
+            c.check.expect = a.expect.clone();
+        }
+        if let Some(v) = a.drain_timeout {
+            c.drain_timeout = v;
+        }
+        if let Some(v) = a.slow_start {
+            c.slow_start = v;
+        }
+        if let Some(v) = algorithm {
+            c.algorithm = v;
+        }
+    })
+    .await?;
+    println!("{}", serde_json::to_string(&c)?);
+    Ok(0)
+}
