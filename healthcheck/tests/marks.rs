@@ -23,7 +23,7 @@ async fn flips_after_exactly_fall_then_rise_probes() -> Result<()> {
     let etcd = EtcdServer::start()?;
     let store = etcd.store().await?;
     let backend = Backend::start(200).await?;
-    put_check(&store, "web", serde_json::json!({"path": "/healthz", "interval": "150ms", "timeout": "1s", "rise": 2, "fall": 3})).await?;
+    put_check(&store, "web", serde_json::json!({"path": "/healthz", "interval": "250ms", "timeout": "1s", "rise": 2, "fall": 3})).await?;
     let id = "n1-web-0-80";
     let rev = put_instance(&store, "web", id, backend.port()).await?;
     let checker = Checker::start(store.clone(), settings("hc-1", Duration::from_secs(3))).await?;
@@ -114,7 +114,7 @@ async fn pending_is_never_passing_before_rise_passes_in_a_row() -> Result<()> {
     put_check(
         &store,
         "web",
-        serde_json::json!({"path": "/", "interval": "150ms", "rise": 3, "fall": 3}),
+        serde_json::json!({"path": "/", "interval": "250ms", "rise": 3, "fall": 3}),
     )
     .await?;
     let id = "n1-web-0-81";
