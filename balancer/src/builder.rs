@@ -442,6 +442,7 @@ impl TableBuilder {
                 connect_timeout: up.connect_timeout,
                 max_body_bytes: l.max_body_bytes,
                 retries: up.retries,
+                retry_budget_percent: up.retry_budget_percent,
                 access_log: config.access_log,
                 outlier_failures: up.outlier.consecutive_failures,
                 base_ejection: up.outlier.base_ejection,

@@ -523,6 +523,13 @@ split = { v1 = 90, v2 = 10 }
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let c = LbConfig::parse(include_str!("../lb.example.toml"), "lb.example.toml").unwrap();
+        assert_eq!(c.listeners[0].routes.len(), 2);
+        assert!(c.discovery.etcd.is_some());
+    }
+
+    #[test]
     fn duplicate_listener_is_an_error() {
         let text = format!("{GOOD}\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:8081\"\n");
         let e = LbConfig::parse(&text, "lb.toml").unwrap_err().to_string();

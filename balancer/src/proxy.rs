@@ -268,7 +268,7 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
             ),
         );
     };
-    svc.shared.deposit(20);
+    svc.shared.deposit(s.retry_budget_percent);
     // Body limit: a declared length is checked now; a chunked body is cut off while it
     // streams (see `ReqBody`).
     if let Some(len) = req

@@ -34,6 +34,7 @@ pub struct ListenerSettings {
     pub connect_timeout: Duration,
     pub max_body_bytes: u64,
     pub retries: u32,
+    pub retry_budget_percent: u32,
     pub access_log: bool,
     pub outlier_failures: u32,
     pub base_ejection: Duration,

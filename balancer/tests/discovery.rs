@@ -40,10 +40,20 @@ struct Catalog {
 
 impl Catalog {
     async fn new(etcd: &EtcdServer) -> Result<Self> {
-        let c = Self {
+        let c = Self::without_checker(etcd).await?;
+        c.add_checker().await?;
+        Ok(c)
+    }
+
+    async fn without_checker(etcd: &EtcdServer) -> Result<Self> {
+        Ok(Self {
             store: etcd.store().await?,
             ks: Keyspace::default(),
-        };
+        })
+    }
+
+    async fn add_checker(&self) -> Result<()> {
+        let c = self;
         // A live checker: instances without a mark are pending, not in panic mode.
         c.store
             .put(
@@ -52,7 +62,7 @@ impl Catalog {
                 None,
             )
             .await?;
-        Ok(c)
+        Ok(())
     }
 
     /// Registers an instance; returns the revision of the write.
@@ -303,5 +313,27 @@ async fn check_flag_does_a_dry_run_against_live_etcd() -> Result<()> {
     );
     assert!(stdout.contains("-> service web: 1 routable"), "{stdout}");
     assert!(stdout.contains(&format!("n1-a-80 {}", a.addr)), "{stdout}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_mode_routes_unchecked_instances_until_a_checker_speaks() -> Result<()> {
+    let etcd = EtcdServer::start()?;
+    let cat = Catalog::without_checker(&etcd).await?;
+    let (a, b) = (Backend::start("a").await?, Backend::start("b").await?);
+    let rev_a = cat.register("n1-a-80", &a, "serving").await?;
+    cat.register("n1-b-80", &b, "serving").await?;
+    let lb = Lb::start(&lb_config(&etcd)).await?;
+    // No checker alive: both unmarked instances serve rather than none.
+    let counts = spread(&lb.url("/"), 200, 4).await?;
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    // A checker appears and passes only a: b is pending.
+    cat.add_checker().await?;
+    cat.health("n1-a-80", "passing", rev_a).await?;
+    eventually("only a serves", WAIT, || async {
+        let c = spread(&lb.url("/"), 50, 2).await.ok()?;
+        (c.len() == 1 && c.contains_key("a")).then_some(())
+    })
+    .await?;
     Ok(())
 }

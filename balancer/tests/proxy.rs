@@ -353,9 +353,11 @@ async fn upgrade_and_h2c_pass_through() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_good_file_and_keeps_serving_on_a_bad_one() -> Result<()> {
     let (a, b) = (Backend::start("a").await?, Backend::start("b").await?);
-    let lb = Lb::start(&config("", &endpoints(&[(&a, 1, "v1")]))).await?;
+    let with_log = |eps: String| format!("access_log = true\n{}", config("", &eps));
+    let lb = Lb::start(&with_log(endpoints(&[(&a, 1, "v1")]))).await?;
     let client = client();
     assert_eq!(get_with(&client, &lb.url("/")).await?.1, "a");
+    assert!(lb.log().contains("access"), "access log line missing");
 
     lb.write_config("[[listener]\nthis is not toml")?;
     lb.signal(Signal::SIGHUP);
@@ -371,7 +373,7 @@ async fn sighup_applies_a_good_file_and_keeps_serving_on_a_bad_one() -> Result<(
     );
     assert!(lb.log().contains("reload failed"), "{}", lb.log());
 
-    lb.write_config(&config("", &endpoints(&[(&b, 1, "v1")])))?;
+    lb.write_config(&with_log(endpoints(&[(&b, 1, "v1")])))?;
     lb.signal(Signal::SIGHUP);
     wharf_tests::eventually("new backend after reload", WAIT, || async {
         (get_with(&client, &lb.url("/")).await.ok()?.1 == "b").then_some(())
@@ -463,5 +465,36 @@ fn check_flag_rejects_a_bad_file_with_file_line_and_key() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("-> service web: 1 routable"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_answering_5xx_is_ejected() -> Result<()> {
+    let (a, bad) = (Backend::start("a").await?, Backend::start("fail1").await?);
+    let text = config("", &endpoints(&[(&a, 1, "v1"), (&bad, 1, "v1")])).replace(
+        "[upstream]",
+        "[upstream.outlier]\nconsecutive_failures = 3\nbase_ejection = \"60s\"\n[upstream]",
+    );
+    let lb = Lb::start(&text).await?;
+    let client = client();
+    let mut errors = 0;
+    for _ in 0..200 {
+        if get_with(&client, &lb.url("/")).await?.0 != 200 {
+            errors += 1;
+        }
+    }
+    assert_eq!(errors, 3, "a streak of 3 ejects the instance");
+    let m = lb.metrics().await?;
+    assert_eq!(
+        sample(&m, r#"balancer_outlier_ejections_total{service="web"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"balancer_requests_total{code="5xx",listener="web",service="web",version="v1"}"#
+        ),
+        Some(3.0)
+    );
     Ok(())
 }

@@ -27,7 +27,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// A real HTTP/1.1 backend. Paths: `/slow/<ms>` answers after a delay, `/headers` echoes
 /// the request head, `/upgrade` switches to a byte echo, `/status/<code>` answers that code,
-/// anything else answers the backend's name. Every answer carries `x-backend`.
+/// anything else answers the backend's name; a backend named `fail*` answers 500 to all. Every answer carries `x-backend`.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
@@ -95,7 +95,12 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     hits.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
-    let mut resp = if let Some(ms) = path.strip_prefix("/slow/") {
+    // Backends named `fail*` answer 500 to everything.
+    let mut resp = if name.starts_with("fail") {
+        let mut r = Response::new(Full::new(Bytes::from(name.clone())));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    } else if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
         Response::new(Full::new(Bytes::from(name.clone())))
     } else if path == "/headers" {

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# balancer-lb.sh - the wharf balancer side by side with HAProxy and nginx, using the shared
+# harness /work/shared/bench/lb-bench.sh (see its header for every knob: DURATION, ROUNDS,
+# CONNS, BACKENDS, CPU pinning). The balancer runs as the harness's "extra" proxy: a release
+# build, pinned to the proxy core like the others, single-threaded (--threads 1), with the
+# harness's backends as one static service (round_robin, like HAProxy's config).
+#
+# Usage: bench/balancer-lb.sh                 (defaults of lb-bench.sh: 3 rounds of 10 s)
+#        DURATION=5 ROUNDS=1 bench/balancer-lb.sh
+# Needs: haproxy nginx wrk curl (Debian packages), a Rust toolchain.
+#
+# After the harness's table it prints the balancer's ratios to HAProxy: req/s (target
+# >= 1.15), proxy CPU us per request (target <= 0.8) and p99 (target <= 1.0).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+HARNESS=${HARNESS:-$ROOT/../shared/bench/lb-bench.sh}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
+BIN=$CARGO_TARGET_DIR/release/balancer
+
+# Called by the harness (inside EXTRA_CMD): write lb.toml from its variables, run.
+if [[ ${1:-} == --serve ]]; then
+    : "${LB_PORT:?}" "${LB_BACKENDS:?}" "${LB_WORKDIR:?}"
+    {
+        echo '[admin]'
+        echo 'bind = "127.0.0.1:0"'
+        echo '[[listener]]'
+        echo 'name = "bench"'
+        echo "bind = \"127.0.0.1:$LB_PORT\""
+        echo '  [[listener.route]]'
+        echo '  service = "bench"'
+        echo '[[service]]'
+        echo 'name = "bench"'
+        echo 'algorithm = "round_robin"'
+        IFS=, read -ra eps <<<"$LB_BACKENDS"
+        for ep in "${eps[@]}"; do
+            echo '  [[service.endpoint]]'
+            echo "  addr = \"$ep\""
+        done
+    } >"$LB_WORKDIR/lb.toml"
+    RUST_LOG=warn exec "$2" --config "$LB_WORKDIR/lb.toml" --threads 1
+fi
+
+[[ -x $HARNESS ]] || [[ -f $HARNESS ]] || { echo "balancer-lb: harness $HARNESS not found" >&2; exit 1; }
+echo "# building the balancer (release) in $CARGO_TARGET_DIR" >&2
+(cd "$ROOT" && cargo build --release -q -p wharf-balancer)
+
+OUT=$(mktemp)
+trap 'rm -f "$OUT"' EXIT
+EXTRA_NAME=balancer EXTRA_PORT=${EXTRA_PORT:-18003} \
+    EXTRA_CMD="exec bash '$HERE/balancer-lb.sh' --serve '$BIN'" \
+    bash "$HARNESS" | tee "$OUT"
+
+# Ratios to HAProxy from the harness's median table.
+awk '
+    /^## median/ { on = 1; next }
+    on && $1 == "haproxy"  { hr = $2; h50 = $4; h99 = $5; hus = $11 }
+    on && $1 == "balancer" { br = $2; b50 = $4; b99 = $5; bus = $11 }
+    END {
+        if (hr == "" || br == "") { print "balancer-lb: no haproxy/balancer rows to compare"; exit 1 }
+        print ""
+        print "## balancer vs haproxy (median)"
+        printf "%-14s %10s %10s %8s %s\n", "metric", "balancer", "haproxy", "ratio", "target"
+        printf "%-14s %10s %10s %8.3f %s\n", "req/s", br, hr, br / hr, ">= 1.15"
+        printf "%-14s %10s %10s %8.3f %s\n", "us CPU/req", bus, hus, (hus > 0 ? bus / hus : 0), "<= 0.80"
+        printf "%-14s %10s %10s %8.3f %s\n", "p50 ms", b50, h50, (h50 > 0 ? b50 / h50 : 0), "-"
+        printf "%-14s %10s %10s %8.3f %s\n", "p99 ms", b99, h99, (h99 > 0 ? b99 / h99 : 0), "<= 1.00"
+    }' "$OUT"
