@@ -2,6 +2,8 @@
 //! guards, and checks that a container left nothing behind.
 #![allow(dead_code)]
 
+pub mod agent;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
