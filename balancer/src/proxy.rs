@@ -34,7 +34,22 @@ pub struct Shared {
 pub struct ConnInfo {
     pub listener: Arc<str>,
     pub peer: SocketAddr,
+    /// The peer's IP as a header value, made once per connection for X-Forwarded-For.
+    pub peer_ip: HeaderValue,
     pub shared: Arc<Shared>,
+}
+
+impl ConnInfo {
+    pub fn new(listener: Arc<str>, peer: SocketAddr, shared: Arc<Shared>) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            listener,
+            peer,
+            peer_ip,
+            shared,
+        }
+    }
 }
 
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -299,12 +314,11 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let h = &mut parts.headers;
-    let ip = conn.peer.ip().to_string();
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
+        None => Some(conn.peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));

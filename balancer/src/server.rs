@@ -112,11 +112,7 @@ pub fn spawn_listener(
                 _ = until_true(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
-            let info = Arc::new(ConnInfo {
-                listener: name.clone(),
-                peer,
-                shared: shared.clone(),
-            });
+            let info = Arc::new(ConnInfo::new(name.clone(), peer, shared.clone()));
             let builder = builder.load_full();
             let guard = tracker.enter();
             let active = active.clone();

@@ -196,6 +196,11 @@ async fn add_drain_remove_under_load_fail_nothing_and_apply_within_100ms() -> Re
         last_b.saturating_duration_since(t_drain)
     );
     assert!(b.hits.load(Ordering::Relaxed) <= hits_b + 8);
+    // Its idle pooled connections were closed.
+    eventually("b's pooled connections closed", WAIT, || async {
+        (b.open.load(Ordering::Relaxed) == 0).then_some(())
+    })
+    .await?;
 
     // Remove: same for a deleted key.
     let t_rm = Instant::now();
@@ -244,6 +249,13 @@ async fn a_long_request_on_a_draining_instance_completes() -> Result<()> {
     .await?;
     let (code, body) = long.await??;
     assert_eq!((code.as_u16(), body.as_str()), (200, "b"));
+    // Its keep-alive connection is not pooled again: b ends up with no connection.
+    eventually(
+        "no connection left to the drained instance",
+        WAIT,
+        || async { (b.open.load(Ordering::Relaxed) == 0).then_some(()) },
+    )
+    .await?;
     let m = lb.metrics().await?;
     assert_eq!(
         sample(&m, r#"balancer_backends{service="web",state="draining"}"#),

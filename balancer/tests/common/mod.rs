@@ -32,6 +32,8 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Connections currently open to this backend.
+    pub open: Arc<AtomicU64>,
     kill: watch::Sender<bool>,
 }
 
@@ -44,6 +46,8 @@ impl Backend {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let hits = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicU64::new(0));
+        let open_in = open.clone();
         let (kill, kill_rx) = watch::channel(false);
         let (n, h) = (name.to_owned(), hits.clone());
         let mut accept_kill = kill_rx.clone();
@@ -55,6 +59,8 @@ impl Backend {
                 };
                 let (n, h) = (n.clone(), h.clone());
                 let mut conn_kill = kill_rx.clone();
+                let open = open_in.clone();
+                open.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| answer(req, n.clone(), h.clone()));
                     let conn = hyper::server::conn::http1::Builder::new()
@@ -65,6 +71,7 @@ impl Backend {
                         _ = conn => {}
                         _ = conn_kill.wait_for(|k| *k) => {}
                     }
+                    open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
@@ -72,6 +79,7 @@ impl Backend {
             name: name.to_owned(),
             addr,
             hits,
+            open,
             kill,
         })
     }
