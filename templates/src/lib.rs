@@ -10,6 +10,7 @@
 //! - [`apply`]: one run of one resource (render, check, install, reload, rollback).
 //! - [`trigger`]: the etcd watch that wakes resources on changes.
 //! - [`runner`]: the daemon loop (debounce, SIGHUP re-read, `--onetime`).
+//! - [`haproxy`]: a synchronous HAProxy reload through its master CLI.
 //! - [`metrics`]: Prometheus metrics and the admin server.
 
 pub mod apply;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod context;
 pub mod engine;
 pub mod files;
+pub mod haproxy;
 pub mod metrics;
 pub mod runner;
 pub mod trigger;

@@ -33,6 +33,20 @@ struct Cli {
     check: bool,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// Reload HAProxy through its master CLI (`haproxy -W -S <socket>`) and wait until the new
+    /// worker runs; exits non-zero if HAProxy rejected the reload. Meant for `reload_cmd`.
+    HaproxyReload {
+        #[arg(long)]
+        master_socket: PathBuf,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -43,6 +57,22 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Sub::HaproxyReload {
+        master_socket,
+        timeout,
+    }) = &cli.command
+    {
+        return match templates::haproxy::reload(master_socket, *timeout) {
+            Ok(procs) => {
+                println!("haproxy reloaded: workers {:?}", procs.workers);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("render haproxy-reload: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
