@@ -276,20 +276,23 @@ async fn render_drives_haproxy_and_no_request_fails_on_backend_changes() -> Resu
         w.await?;
     }
 
-    let l = load.lock().unwrap();
-    let total: u64 = l.ok.values().sum();
-    ensure(l.failures.is_empty(), || {
+    let (ok, failures, retries) = {
+        let l = load.lock().unwrap();
+        (l.ok.clone(), l.failures.clone(), l.retries)
+    };
+    let total: u64 = ok.values().sum();
+    ensure(failures.is_empty(), || {
         format!(
             "{} of {} requests failed: {:?}",
-            l.failures.len(),
-            total + l.failures.len() as u64,
-            &l.failures[..l.failures.len().min(5)]
+            failures.len(),
+            total + failures.len() as u64,
+            &failures[..failures.len().min(5)]
         )
     })?;
     ensure(total >= 300, || format!("only {total} requests"))?;
     ensure(
-        l.ok.get("A").is_some_and(|n| *n > 0) && l.ok.get("B").is_some_and(|n| *n > 0),
-        || format!("{:?}", l.ok),
+        ok.get("A").is_some_and(|n| *n > 0) && ok.get("B").is_some_and(|n| *n > 0),
+        || format!("{ok:?}"),
     )?;
     // Reloaded in place (same master), once per change.
     ensure(haproxy.alive(), || "haproxy master exited".into())?;
@@ -303,7 +306,7 @@ async fn render_drives_haproxy_and_no_request_fails_on_backend_changes() -> Resu
     ensure(reloads >= 3.0, || format!("{reloads} reloads"))?;
     eprintln!(
         "requests: {:?}, keep-alive races retried: {}, reloads: {reloads}",
-        l.ok, l.retries
+        ok, retries
     );
     Ok(())
 }

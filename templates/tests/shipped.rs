@@ -71,7 +71,7 @@ async fn shipped_templates_pass_haproxy_and_nginx_checks() -> Result<()> {
              check_cmd = \"nginx -t -q {args} -c {{{{src}}}}\"\n\
              [template.vars]\nlisten = \"127.0.0.1:18081\"\ntemp_dir = \"{t}/nginx-tmp\"\n",
             dest = setup.out("nginx.conf").display(),
-            args = nginx_args(&tmp).replace('\'', "'").replace('"', "\\\""),
+            args = nginx_args(&tmp).replace('"', "\\\""),
             t = tmp.display()
         ),
     )?;
