@@ -167,6 +167,33 @@ mod tests {
     }
 
     #[test]
+    fn owner_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.cfg");
+        // Our own ids: allowed without privileges, and still a real fchown.
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let meta = FileMeta {
+            mode: Some(0o600),
+            owner: Some(Owner {
+                uid: Some(uid),
+                gid: Some(gid),
+            }),
+        };
+        write_atomic(&dest, b"x", meta).unwrap();
+        let m = fs::metadata(&dest).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, gid, 0o600));
+        assert!(meta_matches(&dest, meta).unwrap());
+        let other = FileMeta {
+            mode: Some(0o644),
+            owner: None,
+        };
+        assert!(!meta_matches(&dest, other).unwrap());
+    }
+
+    #[test]
     fn dropped_stage_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join("out.cfg");

@@ -102,6 +102,19 @@ async fn backend(name: &'static str) -> Result<(u16, tokio::task::JoinHandle<()>
     Ok((port, task))
 }
 
+#[test]
+fn haproxy_reload_without_a_master_fails() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_render"))
+        .args(["haproxy-reload", "--timeout", "1s", "--master-socket"])
+        .arg(dir.path().join("none.sock"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure(!out.status.success() && err.contains("none.sock"), || {
+        err.to_string()
+    })
+}
+
 #[derive(Default)]
 struct Load {
     ok: BTreeMap<String, u64>,
