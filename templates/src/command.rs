@@ -34,12 +34,17 @@ pub enum CommandError {
 /// Keep error messages readable: the tail of the output is what explains a failure.
 const OUTPUT_LIMIT: usize = 2048;
 
-/// Replaces `{{src}}` and `{{dest}}` (with or without spaces inside the braces) by the
+/// Replaces `{{src}}` and `{{dest}}` (also `{{ src }}` and confd's `{{.src}}`) by the
 /// shell-quoted paths.
 pub fn substitute(cmd: &str, src: &str, dest: &str) -> String {
     let mut out = cmd.to_owned();
     for (name, value) in [("src", src), ("dest", dest)] {
-        for pat in [format!("{{{{{name}}}}}"), format!("{{{{ {name} }}}}")] {
+        // `{{.src}}` is confd's spelling, kept for migrated resources.
+        for pat in [
+            format!("{{{{{name}}}}}"),
+            format!("{{{{ {name} }}}}"),
+            format!("{{{{.{name}}}}}"),
+        ] {
             out = out.replace(&pat, &shell_quote(value));
         }
     }
@@ -160,8 +165,12 @@ mod tests {
     #[test]
     fn substitutes_quoted_paths() {
         assert_eq!(
-            substitute("haproxy -c -f {{src}} # {{ dest }}", "/a/.b c", "/d"),
-            "haproxy -c -f '/a/.b c' # /d"
+            substitute(
+                "haproxy -c -f {{src}} # {{ dest }} {{.src}}",
+                "/a/.b c",
+                "/d"
+            ),
+            "haproxy -c -f '/a/.b c' # /d '/a/.b c'"
         );
     }
 

@@ -35,6 +35,9 @@ pub async fn run<S: Store>(store: Arc<S>, subscribers: Vec<Subscriber>) {
         .collect();
     prefixes.sort();
     prefixes.dedup();
+    if prefixes.is_empty() {
+        return; // no resources: nothing to watch
+    }
     let wake_all = || subscribers.iter().for_each(|s| s.notify.notify_one());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     'relist: loop {
