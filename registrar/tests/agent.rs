@@ -493,3 +493,91 @@ async fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bridge_network_registers_the_container_address_and_cleans_up() {
+    let w = world();
+    let store = w.etcd.store().await.unwrap();
+    let suffix = rand::random::<u32>() & 0xffffff;
+    let bridge = format!("wt{suffix:06x}");
+    let subnet = format!("10.213.{}.0/24", suffix & 0xff);
+    let agent = TestAgent::start(
+        &w.etcd,
+        &w.node,
+        &w.state,
+        &["--bridge", &format!("{bridge}={subnet}")],
+    );
+    agent.cli_ok(&[
+        "run",
+        "--service",
+        "br",
+        "--version",
+        "v1",
+        "--image",
+        w.rootfs.to_str().unwrap(),
+        "--port",
+        "8080",
+        "--replicas",
+        "2",
+        "--network",
+        "bridge",
+        "--",
+        "sh",
+        "-c",
+        "exec httpd -f -p $PORT -h /www",
+    ]);
+    let regs = eventually("both replicas registered", WAIT, || async {
+        let i = instances(&store, "br").await;
+        (i.len() == 2).then_some(i)
+    })
+    .await
+    .unwrap();
+    let prefix = subnet.trim_end_matches("0/24");
+    for (_, inst, _, _) in &regs {
+        let addr = inst.addr.to_string();
+        assert!(
+            addr.starts_with(prefix),
+            "registered with its bridge address: {addr}"
+        );
+        assert_eq!(inst.port, 8080);
+        // Talk to the address the test's own bridge gave the container.
+        let body = http_get_addr(&format!("{addr}:8080"), "/").await;
+        assert!(body.contains("hello"), "{body}");
+    }
+    assert_ne!(regs[0].1.addr, regs[1].1.addr);
+    assert!(
+        std::path::Path::new("/sys/class/net")
+            .join(&bridge)
+            .exists()
+    );
+    agent.cli_ok(&["service", "set", "br", "--drain-timeout", "0s"]);
+    agent.cli_ok(&["stop", "br", "--grace", "2s"]);
+    assert!(instances(&store, "br").await.is_empty());
+    for n in ["br-v1-0", "br-v1-1"] {
+        assert_nothing_left(&agent.cgroup_name(n), &w.state);
+    }
+    let links: Vec<String> = fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!links.contains(&bridge), "bridge left behind: {links:?}");
+    for n in ["br-v1-0", "br-v1-1"] {
+        let spec: serde_json::Value =
+            serde_json::from_slice(&fs::read(agent.container_dir(n).join("spec.json")).unwrap())
+                .unwrap();
+        let veth = spec["net"]["host_veth"].as_str().unwrap().to_string();
+        assert!(!links.contains(&veth), "veth {veth} left behind");
+    }
+}
+
+async fn http_get_addr(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

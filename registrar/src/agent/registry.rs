@@ -20,6 +20,8 @@ struct Inner {
     owned: BTreeMap<String, Vec<u8>>,
     /// Owned keys whose last write failed.
     dirty: BTreeSet<String>,
+    /// Keys whose delete failed: retried, or they would live on under our kept-alive lease.
+    undeleted: BTreeSet<String>,
 }
 
 /// Owned keys plus the node lease they hang off.
@@ -46,6 +48,7 @@ impl<S: Store + Clone> Registry<S> {
                 lease: Some(Arc::new(lease)),
                 owned: BTreeMap::new(),
                 dirty: BTreeSet::new(),
+                undeleted: BTreeSet::new(),
             }),
             metrics,
         }))
@@ -59,6 +62,7 @@ impl<S: Store + Clone> Registry<S> {
     pub async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().await;
         inner.owned.insert(key.to_owned(), value.clone());
+        inner.undeleted.remove(key);
         let lease = inner.lease.as_ref().map(|l| l.id());
         match self.store.put(key, value, lease).await {
             Ok(_) => {
@@ -78,9 +82,17 @@ impl<S: Store + Clone> Registry<S> {
         let mut inner = self.inner.lock().await;
         inner.owned.remove(key);
         inner.dirty.remove(key);
-        self.store.delete(key).await.map(|_| ()).inspect_err(|_| {
-            self.metrics.etcd_errors.inc();
-        })
+        match self.store.delete(key).await {
+            Ok(_) => {
+                inner.undeleted.remove(key);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.etcd_errors.inc();
+                inner.undeleted.insert(key.to_owned());
+                Err(e)
+            }
+        }
     }
 
     pub async fn owns(&self, key: &str) -> bool {
@@ -138,6 +150,19 @@ impl<S: Store + Clone> Registry<S> {
 
     async fn retry_dirty(&self) {
         let mut inner = self.inner.lock().await;
+        let undeleted: Vec<String> = inner.undeleted.iter().cloned().collect();
+        for key in undeleted {
+            match self.store.delete(&key).await {
+                Ok(_) => {
+                    inner.undeleted.remove(&key);
+                }
+                Err(e) => {
+                    self.metrics.etcd_errors.inc();
+                    warn!(%key, error = %e, "delete failed; will retry");
+                    return;
+                }
+            }
+        }
         if inner.dirty.is_empty() {
             return;
         }

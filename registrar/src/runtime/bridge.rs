@@ -9,8 +9,24 @@ use std::process::{Command, Stdio};
 use super::error::{Context, Result, RuntimeError};
 use super::spec::BridgeSpec;
 
+/// Serialises bridge changes of all helpers on this host (one creating the bridge while
+/// another removes it as unused would otherwise race). Released on drop.
+fn bridge_lock() -> Result<nix::fcntl::Flock<fs::File>> {
+    let path = "/run/wharf-bridge.lock";
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .ctx(|| format!("open {path}"))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .ctx(|| format!("lock {path}"))
+}
+
 /// Wires the container whose init is `pid` to the bridge.
 pub fn attach(b: &BridgeSpec, pid: i32) -> Result<()> {
+    let _lock = bridge_lock()?;
     // Another container may be creating or removing the bridge at the same moment; one
     // retry covers that race.
     match attach_once(b, pid) {
@@ -24,7 +40,7 @@ pub fn attach(b: &BridgeSpec, pid: i32) -> Result<()> {
 
 fn attach_once(b: &BridgeSpec, pid: i32) -> Result<()> {
     ensure_bridge(b)?;
-    let netns = format!("/proc/{pid}/ns/net");
+    let netns = format!("--net=/proc/{pid}/ns/net");
     let pid_s = pid.to_string();
     ip(&[
         "link",
@@ -45,7 +61,7 @@ fn attach_once(b: &BridgeSpec, pid: i32) -> Result<()> {
         vec!["link", "set", "eth0", "up"],
         vec!["route", "add", "default", "via", gw_ip],
     ] {
-        let mut cmd = vec!["--net", netns.as_str(), "ip"];
+        let mut cmd = vec![netns.as_str(), "ip"];
         cmd.extend(args);
         run("nsenter", &cmd)?;
     }
@@ -68,6 +84,7 @@ fn ensure_bridge(b: &BridgeSpec) -> Result<()> {
 /// Removes the host veth (if the namespace's death has not already) and the bridge once no
 /// container uses it.
 pub fn detach(b: &BridgeSpec) {
+    let _lock = bridge_lock();
     if link_exists(&b.host_veth) {
         let _ = ip(&["link", "del", &b.host_veth]);
     }
