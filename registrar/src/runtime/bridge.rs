@@ -17,7 +17,7 @@ fn bridge_lock() -> Result<nix::fcntl::Flock<fs::File>> {
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
+        .open(path)
         .ctx(|| format!("open {path}"))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
