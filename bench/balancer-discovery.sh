@@ -45,7 +45,11 @@ bind = "127.0.0.1:$LBP"
   [[listener.route]]
   service = "lat"
 TOML
-ulimit -n $((CONNS * 2 + 1024)) 2>/dev/null || echo "# could not raise ulimit -n; CONNS may fail" >&2
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if (( $(ulimit -n) < CONNS + 200 )); then
+    CONNS=$(( $(ulimit -n) - 200 ))
+    echo "# open-file limit $(ulimit -n): measuring $CONNS connections" >&2
+fi
 RUST_LOG=warn "$BIN" --config "$WORK/lb.toml" --threads 1 >"$WORK/lb.log" 2>&1 &
 LB=$!
 PIDS+=($LB)

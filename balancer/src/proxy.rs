@@ -303,6 +303,8 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
         );
     }
     let upgrade = is_upgrade(&req);
+    // The answer speaks the client's protocol version, whatever the upstream spoke.
+    let client_version = req.version();
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     // Rewrite the head for the upstream hop.
@@ -489,7 +491,8 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
                 Response::from_parts(parts, RespBody::empty()),
             );
         }
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
+        parts.version = client_version;
         let body = RespBody::upstream(body, Lease { tx, in_flight });
         return ctx.finish(Some(version), Response::from_parts(parts, body));
     }

@@ -498,3 +498,44 @@ async fn a_backend_answering_5xx_is_ejected() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_upstream_does_not_break_client_keep_alive() -> Result<()> {
+    // A minimal HTTP/1.0 server: one answer per connection, then close.
+    let old = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = old.local_addr()?;
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = old.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let text = config(
+        "",
+        &format!("  [[service.endpoint]]\n  addr = \"{addr}\"\n"),
+    );
+    let lb = Lb::start(&text).await?;
+    let port = lb.port;
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(WAIT))?;
+        for _ in 0..2 {
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut got = Vec::new();
+            let mut b = [0u8; 1];
+            while !got.ends_with(b"ok") {
+                s.read_exact(&mut b)?;
+                got.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&got);
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        }
+        Ok(())
+    })
+    .await??;
+    Ok(())
+}
