@@ -317,7 +317,7 @@ impl Cgroup {
                     "cgroup still has processes after SIGKILL".into(),
                 ));
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         for (_, dir) in &self.dirs {
             rmdir_retry(dir, deadline)?;
@@ -375,7 +375,7 @@ fn rmdir_retry(dir: &Path, deadline: Instant) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(1));
             }
             Err(e) => return Err(e).ctx(|| format!("rmdir {}", dir.display())),
         }
