@@ -28,6 +28,9 @@ struct Inner {
 pub struct Registry<S> {
     store: S,
     ttl: Duration,
+    /// How often every owned key is compared with etcd and fixed if it drifted (deleted or
+    /// overwritten behind our back).
+    audit_every: Duration,
     inner: Mutex<Inner>,
     metrics: Arc<Metrics>,
 }
@@ -39,11 +42,22 @@ impl<S: Store + Clone> Registry<S> {
         ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
+        Self::start_with_audit(store, ttl, Duration::from_secs(30), metrics).await
+    }
+
+    /// [`Registry::start`] with a chosen drift-audit period.
+    pub async fn start_with_audit(
+        store: S,
+        ttl: Duration,
+        audit_every: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StoreError> {
         let lease = LeaseKeeper::grant(store.clone(), ttl).await?;
         info!(lease = lease.id(), ttl = ?lease.ttl(), "node lease granted");
         Ok(Arc::new(Self {
             store,
             ttl,
+            audit_every,
             inner: Mutex::new(Inner {
                 lease: Some(Arc::new(lease)),
                 owned: BTreeMap::new(),
@@ -104,6 +118,8 @@ impl<S: Store + Clone> Registry<S> {
     pub async fn maintain(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut resync = tokio::time::interval(Duration::from_secs(2));
+        let mut audit = tokio::time::interval(self.audit_every);
+        audit.tick().await;
         loop {
             let lease = self.inner.lock().await.lease.clone();
             let lost = async {
@@ -119,6 +135,7 @@ impl<S: Store + Clone> Registry<S> {
                     self.regrant().await;
                 }
                 _ = resync.tick() => self.retry_dirty().await,
+                _ = audit.tick() => self.audit().await,
             }
         }
     }
@@ -186,6 +203,35 @@ impl<S: Store + Clone> Registry<S> {
         }
     }
 
+    /// Compares every owned key with etcd and re-puts the ones that drifted. Writes only on
+    /// a difference, so a quiet node never wakes the watchers.
+    async fn audit(&self) {
+        let owned: Vec<(String, Vec<u8>)> = {
+            let inner = self.inner.lock().await;
+            inner
+                .owned
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let lease = self.inner.lock().await.lease.as_ref().map(|l| l.id());
+        for (key, value) in owned {
+            match self.store.get(&key).await {
+                Ok(Some(kv)) if kv.value == value && Some(kv.lease) == lease => {}
+                Ok(_) => {
+                    warn!(%key, "owned key drifted in etcd; putting it again");
+                    self.inner.lock().await.dirty.insert(key);
+                }
+                Err(e) => {
+                    self.metrics.etcd_errors.inc();
+                    warn!(error = %e, "audit read failed");
+                    return;
+                }
+            }
+        }
+        self.retry_dirty().await;
+    }
+
     /// Revokes the lease: every key of this node disappears at once.
     pub async fn revoke(&self) {
         let lease = self.inner.lock().await.lease.take();
@@ -236,6 +282,48 @@ mod tests {
             store.get("/b").await.unwrap().is_none(),
             "deleted key stays deleted"
         );
+        let _ = stop_tx.send(());
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn audit_repairs_keys_changed_behind_our_back() {
+        let store = MemStore::new();
+        let reg = Registry::start_with_audit(
+            store.clone(),
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            Arc::new(Metrics::new()),
+        )
+        .await
+        .unwrap();
+        reg.put("/a", b"1".to_vec()).await.unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(reg.clone().maintain(async {
+            let _ = stop_rx.await;
+        }));
+        store.delete("/a").await.unwrap();
+        store.put("/a-other", b"x".to_vec(), None).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while store.get("/a").await.unwrap().is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "deleted key not repaired"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store.put("/a", b"tampered".to_vec(), None).await.unwrap();
+        loop {
+            let kv = store.get("/a").await.unwrap().unwrap();
+            if kv.value == b"1" {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "overwritten key not repaired"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = stop_tx.send(());
         task.await.unwrap();
     }
