@@ -16,6 +16,15 @@ use tempfile::TempDir;
 
 use crate::wait::free_port;
 
+/// Certificate files of a TLS etcd server.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// Where the etcd binary is: `$WHARF_ETCD_BIN`, else `etcd` on the `PATH`.
 fn etcd_bin() -> String {
     std::env::var("WHARF_ETCD_BIN").unwrap_or_else(|_| "etcd".to_owned())
@@ -28,7 +37,10 @@ pub struct EtcdServer {
     log_path: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` and `/metrics`, also when clients must use TLS.
+    metrics_port: u16,
     initial_cluster: String,
+    tls: Option<ServerTls>,
     child: Option<Child>,
     /// Owns the temporary directory of a standalone server (members of a cluster share the
     /// cluster's).
@@ -38,15 +50,31 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts a single-member cluster and waits until it is healthy.
     pub fn start() -> Result<Self> {
+        Self::start_on(None)
+    }
+
+    /// Starts a single-member cluster that serves clients over TLS only.
+    pub fn start_tls(tls: ServerTls) -> Result<Self> {
+        Self::start_with(None, Some(tls))
+    }
+
+    /// Starts a new single-member cluster (fresh data dir, new cluster id) on `client_port`
+    /// if given, e.g. to replace a server a client is already pointed at.
+    pub fn start_on(client_port: Option<u16>) -> Result<Self> {
+        Self::start_with(client_port, None)
+    }
+
+    fn start_with(client_port: Option<u16>, tls: Option<ServerTls>) -> Result<Self> {
         // Free ports can be taken by someone else between probe and bind: retry a few times.
         let mut last = None;
         for _ in 0..3 {
             let dir = tempfile::Builder::new().prefix("wharf-etcd-").tempdir()?;
-            let (client, peer) = (free_port()?, free_port()?);
+            let (client, peer) = (client_port.map_or_else(free_port, Ok)?, free_port()?);
             let name = "m0".to_owned();
             let cluster = format!("{name}=http://127.0.0.1:{peer}");
-            let mut server = Self::new(dir.path(), &name, client, peer, cluster);
+            let mut server = Self::new(dir.path(), &name, client, peer, cluster)?;
             server._dir = Some(dir);
+            server.tls = tls.clone();
             match server
                 .spawn()
                 .and_then(|_| server.wait_healthy(Duration::from_secs(20)))
@@ -58,22 +86,31 @@ impl EtcdServer {
         Err(last.expect("at least one attempt"))
     }
 
-    fn new(base: &Path, name: &str, client_port: u16, peer_port: u16, cluster: String) -> Self {
-        Self {
+    fn new(
+        base: &Path,
+        name: &str,
+        client_port: u16,
+        peer_port: u16,
+        cluster: String,
+    ) -> Result<Self> {
+        Ok(Self {
             name: name.to_owned(),
             data_dir: base.join(format!("{name}.etcd")),
             log_path: base.join(format!("{name}.log")),
             client_port,
             peer_port,
+            metrics_port: free_port()?,
             initial_cluster: cluster,
+            tls: None,
             child: None,
             _dir: None,
-        }
+        })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` for a TLS server).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn client_port(&self) -> u16 {
@@ -114,9 +151,24 @@ impl EtcdServer {
             .args(["--logger", "zap", "--log-level", "warn"])
             // Frequent progress notifications exercise the watcher's resume path.
             .args(["--experimental-watch-progress-notify-interval", "1s"])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{}", self.metrics_port),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key);
+            if let Some(ca) = &tls.client_ca {
+                cmd.arg("--client-cert-auth")
+                    .arg("--trusted-ca-file")
+                    .arg(ca);
+            }
+        }
         die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
@@ -150,7 +202,7 @@ impl EtcdServer {
 
     fn healthy(&self) -> bool {
         let probe = || -> std::io::Result<String> {
-            let addr = ([127, 0, 0, 1], self.client_port).into();
+            let addr = ([127, 0, 0, 1], self.metrics_port).into();
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
             s.set_read_timeout(Some(Duration::from_secs(1)))?;
             s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
@@ -198,6 +250,52 @@ impl EtcdServer {
             self.spawn()?;
         }
         Ok(())
+    }
+
+    /// Saves a snapshot of the data (`etcdctl snapshot save`).
+    pub fn snapshot(&self, path: &Path) -> Result<()> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint(), "snapshot", "save"])
+            .arg(path)
+            .output()
+            .context("running etcdctl (apt-get install etcd-client)")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl snapshot save: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the member, replaces its data with `snapshot` (same name, peers and token, so
+    /// the same cluster id, but the snapshot's older revision), and starts it again: what an
+    /// operator's restore from backup looks like to clients.
+    pub fn restore(&mut self, snapshot: &Path) -> Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(&self.data_dir)?;
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["snapshot", "restore"])
+            .arg(snapshot)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--name", &self.name])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-token", "wharf-test"])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .output()
+            .context("running etcdctl snapshot restore")?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl snapshot restore: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.spawn()?;
+        self.wait_healthy(Duration::from_secs(20))
     }
 
     /// Compacts the history up to the current revision.
@@ -263,7 +361,7 @@ impl EtcdCluster {
                     cluster.clone(),
                 )
             })
-            .collect();
+            .collect::<Result<_>>()?;
         for m in &mut members {
             m.spawn()?;
         }

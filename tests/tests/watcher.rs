@@ -20,6 +20,7 @@ fn instance_json(svc: &str, id: &str, port: u16) -> Vec<u8> {
 }
 
 fn watcher_on(store: EtcdStore) -> Watcher {
+    wharf_tests::init_tracing();
     let ks = Keyspace::default();
     let mut config = WatchConfig::new(vec![ks.services(), ks.nodes()]);
     config.backoff_max = Duration::from_millis(500);
@@ -115,7 +116,10 @@ async fn a_thousand_rapid_puts_arrive_in_order() -> Result<()> {
     let mut last_rev = 0;
     while ports.len() < 1000 {
         let u = next(&mut w).await?;
-        assert!(u.revision > last_rev, "revisions must increase");
+        assert!(
+            u.revision > last_rev,
+            "revisions must increase: {last_rev} then {u:?}"
+        );
         last_rev = u.revision;
         for d in u.diffs {
             match d {
@@ -386,5 +390,195 @@ async fn lists_a_catalog_larger_than_one_page_and_one_grpc_message() -> Result<(
     view.apply(next(&mut w).await?);
     assert_eq!(view.instances().count(), 12_000);
     assert_eq!(w.stats().malformed(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_cluster_behind_the_same_endpoint_forces_a_relist() -> Result<()> {
+    let mut old = EtcdServer::start()?;
+    let store = old.store().await?;
+    for n in 0..30u16 {
+        let id = format!("n1-web-{n}-80");
+        store
+            .put(&key("web", &id), instance_json("web", &id, n), None)
+            .await?;
+    }
+    let mut w = watcher_on(store.clone());
+    let mut view = CatalogView::default();
+    view.apply(next(&mut w).await?);
+    assert_eq!(view.instances().count(), 30);
+
+    // Replace the cluster: same address, new data (a new cluster id, revisions start over).
+    let port = old.client_port();
+    old.kill();
+    let new = EtcdServer::start_on(Some(port))?;
+    let fresh = new.store().await?;
+    fresh
+        .put(
+            &key("api", "n2-api-0-80"),
+            instance_json("api", "n2-api-0-80", 1),
+            None,
+        )
+        .await?;
+
+    let u = loop {
+        let u = next(&mut w).await?;
+        if matches!(u.diffs.first(), Some(Diff::Reset(_))) {
+            break u;
+        }
+        view.apply(u);
+    };
+    view.apply(u);
+    // The new key may come with the relist or right after it.
+    fold_until(&mut w, &mut view, |v| {
+        v.services.contains_key(&"api".parse().unwrap())
+    })
+    .await?;
+    let ids: Vec<String> = view.instances().map(|r| r.value.id.to_string()).collect();
+    assert_eq!(
+        ids,
+        vec!["n2-api-0-80"],
+        "nothing of the old cluster survives"
+    );
+    assert_eq!(w.stats().resets(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_and_password_auth() -> Result<()> {
+    use catalog::EtcdConfig;
+    let etcd = EtcdServer::start()?;
+    let mut admin = etcd.store().await?.client();
+    admin.user_add("root", "s3cret", None).await?;
+    admin.user_grant_role("root", "root").await?;
+    admin.auth_enable().await?;
+
+    let mut config = EtcdConfig::new([etcd.endpoint()]);
+    config.username = Some("root".into());
+    config.password = Some("s3cret".into());
+    assert!(
+        !format!("{config:?}").contains("s3cret"),
+        "password never printed"
+    );
+    let store = EtcdStore::connect(&config).await?;
+    store
+        .put(
+            &key("web", "n1-web-0-80"),
+            instance_json("web", "n1-web-0-80", 1),
+            None,
+        )
+        .await?;
+    let mut w = watcher_on(store);
+    let mut view = CatalogView::default();
+    view.apply(next(&mut w).await?);
+    assert_eq!(view.instances().count(), 1);
+
+    // Without credentials the same cluster refuses.
+    let anonymous = etcd.store().await?;
+    assert!(anonymous.get("/wharf/v1/nodes/x").await.is_err());
+    config.password = Some("wrong".into());
+    assert!(EtcdStore::connect(&config).await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() -> Result<()> {
+    use catalog::EtcdConfig;
+    use catalog::store::TlsFiles;
+    use wharf_tests::{ServerTls, TestPki};
+    let pki = TestPki::generate()?;
+    let etcd = EtcdServer::start_tls(ServerTls {
+        cert: pki.path("server.crt"),
+        key: pki.path("server.key"),
+        client_ca: Some(pki.path("ca.crt")),
+    })?;
+    assert!(etcd.endpoint().starts_with("https://"));
+    let mut config = EtcdConfig::new([etcd.endpoint()]);
+    config.tls = Some(TlsFiles {
+        ca: pki.path("ca.crt"),
+        cert: Some(pki.path("client.crt")),
+        key: Some(pki.path("client.key")),
+        domain: None,
+    });
+    let store = EtcdStore::connect(&config).await?;
+    store
+        .put(
+            &key("web", "n1-web-0-80"),
+            instance_json("web", "n1-web-0-80", 1),
+            None,
+        )
+        .await?;
+    let mut w = watcher_on(store);
+    let mut view = CatalogView::default();
+    view.apply(next(&mut w).await?);
+    assert_eq!(view.instances().count(), 1);
+
+    // Without a client certificate the server refuses the handshake.
+    config.tls.as_mut().unwrap().cert = None;
+    config.tls.as_mut().unwrap().key = None;
+    let no_cert = EtcdStore::connect(&config).await?;
+    assert!(no_cert.get("/wharf/v1/nodes/x").await.is_err());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_from_backup_moves_revisions_back_and_forces_a_relist() -> Result<()> {
+    let mut etcd = EtcdServer::start()?;
+    let store = etcd.store().await?;
+    let put = |n: u16| {
+        let store = store.clone();
+        async move {
+            let id = format!("n1-web-{n}-80");
+            store
+                .put(&key("web", &id), instance_json("web", &id, n), None)
+                .await
+        }
+    };
+    for n in 0..5 {
+        put(n).await?;
+    }
+    let backup = tempfile::NamedTempFile::new()?;
+    etcd.snapshot(backup.path())?;
+    for n in 5..25 {
+        put(n).await?;
+    }
+    let mut w = watcher_on(store.clone());
+    let mut view = CatalogView::default();
+    view.apply(next(&mut w).await?);
+    assert_eq!(view.instances().count(), 25);
+
+    // Same cluster id, older revision: the 20 newer keys no longer exist.
+    etcd.restore(backup.path())?;
+    let u = loop {
+        let u = next(&mut w).await?;
+        if matches!(u.diffs.first(), Some(Diff::Reset(_))) {
+            break u;
+        }
+    };
+    view.apply(u);
+    assert_eq!(
+        view.instances().count(),
+        5,
+        "state of the backup, nothing newer"
+    );
+    assert_eq!(w.stats().resets(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_watcher_stops_even_while_etcd_is_down() -> Result<()> {
+    let mut etcd = EtcdServer::start()?;
+    let mut w = watcher_on(etcd.store().await?);
+    next(&mut w).await?;
+    etcd.kill();
+    // Let it fail a few reconnects, then drop it: its task must end, not retry forever.
+    eventually("a failed reconnect", WAIT, || {
+        let s = w.stats();
+        async move { (s.reconnects() >= 1).then_some(()) }
+    })
+    .await?;
+    tokio::time::timeout(Duration::from_secs(5), w.shutdown())
+        .await
+        .context("watcher task still running after its consumer left")?;
     Ok(())
 }

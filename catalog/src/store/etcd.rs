@@ -11,7 +11,7 @@ use etcd_client::{
 use serde::Deserialize;
 
 use super::{
-    Compare, EventKind, KeyValue, Lease, LeaseId, Listing, Op, RawEvent, Revision, Store,
+    Compare, EventKind, Head, KeyValue, Lease, LeaseId, Listing, Op, RawEvent, Revision, Store,
     StoreError, WatchMessage, WatchSession,
 };
 
@@ -163,14 +163,7 @@ impl EtcdStore {
 
     /// Current store revision (linearizable).
     pub async fn revision(&self) -> Result<Revision, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self
-            .bounded(async move {
-                kv.get(vec![0u8], Some(GetOptions::new().with_count_only()))
-                    .await
-            })
-            .await?;
-        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+        Ok(self.head().await?.revision)
     }
 
     /// Runs one request with the configured deadline. tonic's own timeout only covers the
@@ -292,6 +285,23 @@ impl Store for EtcdStore {
             }
         }
         Ok(listing)
+    }
+
+    async fn head(&self) -> Result<Head, StoreError> {
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .bounded(async move {
+                kv.get(vec![0u8], Some(GetOptions::new().with_count_only()))
+                    .await
+            })
+            .await?;
+        let h = resp
+            .header()
+            .ok_or_else(|| StoreError::Other("etcd answered without a header".into()))?;
+        Ok(Head {
+            revision: h.revision(),
+            cluster_id: h.cluster_id(),
+        })
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {

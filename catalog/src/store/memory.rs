@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{
-    Compare, EventKind, KeyValue, Lease, LeaseId, Listing, Op, RawEvent, Revision, Store,
+    Compare, EventKind, Head, KeyValue, Lease, LeaseId, Listing, Op, RawEvent, Revision, Store,
     StoreError, WatchMessage, WatchSession,
 };
 
@@ -171,6 +171,13 @@ impl Store for MemStore {
             revision: s.revision,
             cluster_id: CLUSTER_ID,
             kvs,
+        })
+    }
+
+    async fn head(&self) -> Result<Head, StoreError> {
+        Ok(Head {
+            revision: self.lock().revision,
+            cluster_id: CLUSTER_ID,
         })
     }
 

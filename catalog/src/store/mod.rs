@@ -41,6 +41,13 @@ pub struct Listing {
     pub kvs: Vec<KeyValue>,
 }
 
+/// Where the store is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub revision: Revision,
+    pub cluster_id: u64,
+}
+
 /// A condition of a guarded transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compare {
@@ -146,6 +153,9 @@ pub trait Store: Send + Sync + 'static {
     /// Linearizable read of every key under each prefix, all as of one revision.
     fn list(&self, prefixes: &[String])
     -> impl Future<Output = Result<Listing, StoreError>> + Send;
+
+    /// Linearizable read of the current revision and cluster id.
+    fn head(&self) -> impl Future<Output = Result<Head, StoreError>> + Send;
 
     /// Linearizable read of one key.
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<KeyValue>, StoreError>> + Send;

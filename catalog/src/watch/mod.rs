@@ -96,6 +96,7 @@ impl WatchConfig {
 pub struct Watcher {
     updates: mpsc::Receiver<Update>,
     stats: Arc<WatchStats>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Watcher {
@@ -114,8 +115,12 @@ impl Watcher {
             stats: stats.clone(),
             cluster_id: None,
         };
-        tokio::spawn(state.run());
-        Self { updates, stats }
+        let task = tokio::spawn(state.run());
+        Self {
+            updates,
+            stats,
+            task,
+        }
     }
 
     /// The next update; `None` only after the watcher task has stopped.
@@ -131,6 +136,13 @@ impl Watcher {
     /// Splits into the update channel and stats; the task stops when the receiver drops.
     pub fn into_parts(self) -> (mpsc::Receiver<Update>, Arc<WatchStats>) {
         (self.updates, self.stats)
+    }
+
+    /// Stops watching and waits until the background task has ended.
+    pub async fn shutdown(self) {
+        let Self { updates, task, .. } = self;
+        drop(updates);
+        let _ = task.await;
     }
 }
 
@@ -160,16 +172,34 @@ struct WatchLoop<S> {
 impl<S: Store> WatchLoop<S> {
     async fn run(mut self) {
         let mut need_list = true;
-        loop {
+        // Every path that waits checks for a departed consumer, so that a watcher whose
+        // receiver is dropped while etcd is down stops instead of retrying forever.
+        while !self.tx.is_closed() {
             if need_list {
                 match self.relist().await {
                     Ok(true) => need_list = false,
                     Ok(false) => return,
                     Err(()) => {
-                        self.pause().await;
+                        if !self.pause().await {
+                            return;
+                        }
                         continue;
                     }
                 }
+            } else if let Some(exit) = self.check_head().await {
+                match exit {
+                    Exit::Relist(reason) => {
+                        info!(reason, "relisting the catalog");
+                        need_list = true;
+                    }
+                    _ => {
+                        self.stats.add_reconnect();
+                        if !self.pause().await {
+                            return;
+                        }
+                    }
+                }
+                continue;
             }
             match self.follow().await {
                 Exit::Stop => return,
@@ -179,17 +209,41 @@ impl<S: Store> WatchLoop<S> {
                 }
                 Exit::Reconnect => {
                     self.stats.add_reconnect();
-                    self.pause().await;
+                    if !self.pause().await {
+                        return;
+                    }
                 }
             }
         }
     }
 
-    async fn pause(&mut self) {
+    /// Waits out the backoff; `false` when the consumer went away meanwhile.
+    async fn pause(&mut self) -> bool {
         let delay = self.backoff.next_delay();
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = self.tx.closed() => {}
+            _ = tokio::time::sleep(delay) => true,
+            _ = self.tx.closed() => false,
+        }
+    }
+
+    /// Before resuming a watch: is the store still the one our state came from? A linearizable
+    /// read (unlike the header of a watch response, which on etcd 3.4 can lag behind events
+    /// already delivered, or behind the log while a restarted member replays it) is the
+    /// reliable witness of a restore from backup or of another cluster behind the endpoint.
+    async fn check_head(&mut self) -> Option<Exit> {
+        match self.store.head().await {
+            Ok(head) if !self.same_cluster(head.cluster_id) => {
+                Some(Exit::Relist("etcd cluster id changed"))
+            }
+            Ok(head) if head.revision < self.max_cursor() => {
+                warn!(revision = head.revision, cursors = ?self.cursors, "etcd is behind our state");
+                Some(Exit::Relist("etcd revision went backwards"))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                warn!(error = %e, "etcd unreachable; will retry");
+                Some(Exit::Reconnect)
+            }
         }
     }
 
@@ -306,11 +360,7 @@ impl<S: Store> WatchLoop<S> {
                 if !self.same_cluster(cluster_id) {
                     return Some(Exit::Relist("etcd cluster id changed"));
                 }
-                // A store whose head is older than what we already saw was restored from a
-                // backup: our state may hold keys that no longer exist.
-                if revision < self.max_cursor() {
-                    return Some(Exit::Relist("etcd revision went backwards"));
-                }
+                debug!(revision, "watch created");
                 self.backoff.reset();
                 self.stats.synced(self.max_cursor());
                 None
@@ -326,18 +376,12 @@ impl<S: Store> WatchLoop<S> {
                 match watch_id.and_then(|i| usize::try_from(i).ok()) {
                     // Sent by etcd only to a watch that is caught up: safe to resume after.
                     Some(i) if i < self.cursors.len() => {
-                        if revision < self.cursors[i] {
-                            return Some(Exit::Relist("etcd revision went backwards"));
-                        }
-                        self.cursors[i] = revision;
+                        self.cursors[i] = self.cursors[i].max(revision);
                     }
-                    // An answer to our progress request proves the stream is alive but, on
-                    // etcd 3.4, not that every watch is caught up; do not move the cursors.
-                    _ => {
-                        if revision < self.max_cursor() {
-                            return Some(Exit::Relist("etcd revision went backwards"));
-                        }
-                    }
+                    // An answer to our progress request proves the stream is alive, nothing
+                    // more: on etcd 3.4 its revision may be behind or ahead of the events
+                    // delivered so far, so it never moves a cursor.
+                    _ => debug!(revision, "stream progress"),
                 }
                 self.stats.synced(self.max_cursor());
                 None
