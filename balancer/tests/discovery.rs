@@ -349,3 +349,28 @@ async fn panic_mode_routes_unchecked_instances_until_a_checker_speaks() -> Resul
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_and_etcd_services_coexist() -> Result<()> {
+    let etcd = EtcdServer::start()?;
+    let cat = Catalog::new(&etcd).await?;
+    let (dynamic, fixed) = (
+        Backend::start("dynamic").await?,
+        Backend::start("fixed").await?,
+    );
+    cat.add("n1-dynamic-80", &dynamic).await?;
+    let text = lb_config(&etcd).replace(
+        "  [[listener.route]]\n  service = \"web\"",
+        &format!(
+            "  [[listener.route]]\n  path_prefix = \"/fixed\"\n  service = \"fixed\"\n  \
+             [[listener.route]]\n  service = \"web\"\n\
+             [[service]]\nname = \"fixed\"\n  [[service.endpoint]]\n  addr = \"{}\"\n",
+            fixed.addr
+        ),
+    );
+    let lb = Lb::start(&text).await?;
+    let client = client();
+    assert_eq!(get_with(&client, &lb.url("/fixed/x")).await?.1, "fixed");
+    assert_eq!(get_with(&client, &lb.url("/other")).await?.1, "dynamic");
+    Ok(())
+}
