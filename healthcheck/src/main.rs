@@ -43,6 +43,10 @@ struct Cli {
     lease_ttl: Option<Duration>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Runtime threads: 1 runs everything on one thread (cheapest per probe), more spread
+    /// the probes over several cores [default: one per core].
+    #[arg(long)]
+    threads: Option<usize>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,

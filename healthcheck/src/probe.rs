@@ -214,7 +214,6 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     };
     // Close with RST: no TIME_WAIT on either side for a connection used once.
     socket.set_zero_linger()?;
-    socket.set_nodelay(true)?;
     socket.connect(addr).await
 }
 
