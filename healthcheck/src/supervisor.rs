@@ -39,8 +39,12 @@ pub struct SupervisorConfig {
 struct Wish {
     status: Status,
     guard: i64,
+    /// The lease generation the write was applied under, once `done`.
     lease_generation: u64,
     ticket: u64,
+    /// Applied. Until then the writer puts the mark under whatever lease is current, so a
+    /// new lease alone is no reason to ask again.
+    done: bool,
 }
 
 /// One owned instance.
@@ -372,12 +376,20 @@ impl Supervisor {
                     slot.sent = None;
                 }
             }
-            (_, WriteResult::Applied { .. }) => {
-                if slot.sent.is_some_and(|w| w.ticket == done.ticket)
-                    && let Some(every) = self.config.mark_refresh
-                {
+            (_, WriteResult::Applied { lease_generation }) => {
+                let Some(wish) = slot.sent.as_mut().filter(|w| w.ticket == done.ticket) else {
+                    return;
+                };
+                wish.done = true;
+                wish.lease_generation = lease_generation;
+                if let Some(every) = self.config.mark_refresh {
                     let spread = rand::rng().random_range(0.75..1.25);
                     slot.refresh_at = Instant::now() + every.mul_f64(spread);
+                }
+                let current = self.lease.map_or(0, |l| l.generation);
+                if done.kind == "mark" && lease_generation != current {
+                    // Applied under a lease that has since been replaced.
+                    self.reconcile(&done.item);
                 }
             }
         }
@@ -452,7 +464,9 @@ impl Supervisor {
             0
         };
         let same = slot.sent.is_some_and(|w| {
-            w.status == slot.status && w.guard == guard && w.lease_generation == lease_generation
+            w.status == slot.status
+                && w.guard == guard
+                && (!w.done || w.lease_generation == lease_generation)
         });
         if same && !slot.dirty {
             return;
@@ -464,6 +478,7 @@ impl Supervisor {
             guard,
             lease_generation,
             ticket,
+            done: false,
         });
         slot.dirty = false;
         let _ = self.writes.send(WriteRequest {
