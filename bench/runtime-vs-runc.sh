@@ -12,9 +12,12 @@ for p in runc busybox-static jq; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$p" >/dev/null
 done
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-registrar}
-cargo build --release -q -p wharf-registrar
-registrar=$CARGO_TARGET_DIR/release/registrar
+# REGISTRAR=path/to/registrar skips the build.
+if [[ -z ${REGISTRAR:-} ]]; then
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-registrar}
+    cargo build --release -q -p wharf-registrar
+fi
+registrar=${REGISTRAR:-$CARGO_TARGET_DIR/release/registrar}
 
 work=$(mktemp -d /tmp/wharf-bench-runtime.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -30,20 +33,23 @@ mv "$work/c.json" "$work/bundle/config.json"
 
 now_ns() { date +%s%N; }
 
-bench() { # name command...
+bench() { # name command... -> "mean_us median_us"
     local name=$1; shift
     "$@" >/dev/null 2>&1 || { echo "$name: warm-up run failed: $*" >&2; "$@"; exit 1; }
-    local start end
-    start=$(now_ns)
-    for ((i = 0; i < runs; i++)); do "$@" >/dev/null 2>&1; done
-    end=$(now_ns)
-    echo $(( (end - start) / runs / 1000 ))   # microseconds per run
+    local t0 t1 times=()
+    for ((i = 0; i < runs; i++)); do
+        t0=$(now_ns); "$@" >/dev/null 2>&1; t1=$(now_ns)
+        times+=($(( (t1 - t0) / 1000 )))
+    done
+    printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1; s+=$1} END {printf "%d %d\n", s/NR, a[int((NR+1)/2)]}'
 }
 
-runc_us=$(bench runc runc --root "$work/runc-state" run --bundle "$work/bundle" "wharf-bench-$$")
-wharf_us=$(bench wharf "$registrar" oneshot --image "$rootfs" --state-dir "$work/wharf-state" --name bench -- /bin/true)
+read -r runc_mean runc_med < <(bench runc runc --root "$work/runc-state" run --bundle "$work/bundle" "wharf-bench-$$")
+read -r wharf_mean wharf_med < <(bench wharf "$registrar" oneshot --image "$rootfs" --state-dir "$work/wharf-state" --name bench -- /bin/true)
 
-printf 'runs per runtime:   %d\n' "$runs"
-printf 'runc  (debian %s): %6.2f ms per run\n' "$(runc --version | awk 'NR==1{print $3}')" "$(echo "$runc_us / 1000" | bc -l)"
-printf 'wharf oneshot:       %6.2f ms per run\n' "$(echo "$wharf_us / 1000" | bc -l)"
-printf 'ratio wharf/runc:    %6.2f (target <= 0.50)\n' "$(echo "$wharf_us / $runc_us" | bc -l)"
+ms() { echo "scale=2; $1 / 1000" | bc; }
+printf 'runs per runtime: %d   (load average: %s)\n' "$runs" "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-28s mean %7s ms   median %7s ms\n' "runc $(runc --version | awk 'NR==1{print $3}'):" "$(ms "$runc_mean")" "$(ms "$runc_med")"
+printf '%-28s mean %7s ms   median %7s ms\n' "wharf (registrar oneshot):" "$(ms "$wharf_mean")" "$(ms "$wharf_med")"
+printf 'ratio wharf/runc: mean %.2f   median %.2f   (target <= 0.50)\n' \
+    "$(echo "$wharf_mean / $runc_mean" | bc -l)" "$(echo "$wharf_med / $runc_med" | bc -l)"

@@ -138,12 +138,23 @@ impl Cgroup {
 
     /// Creates the cgroup and applies `limits`. A limit whose controller the host lacks is
     /// an error, never silently ignored.
+    ///
+    /// On v1 only the hierarchies of requested limits are used: every attach to a v1
+    /// hierarchy costs an RCU grace period, and a container needs no cgroup to be cleaned
+    /// up (its pid namespace dies with its init). On v2 there is always one cgroup (one
+    /// attach), which also gives `cgroup.kill`.
     pub fn create(layout: &Layout, parent: &str, id: &str, limits: &Limits) -> Result<Self> {
-        let cg = Self::locate(layout, parent, id)?;
-        if let Some(root) = &cg.v2_root {
-            cg.create_v2(root, limits)?;
+        let mut cg = Self::locate(layout, parent, id)?;
+        if let Some(root) = cg.v2_root.clone() {
+            cg.create_v2(&root, limits)?;
         } else {
             cg.create_v1(limits)?;
+            cg.dirs.retain(|(ctrl, _)| match ctrl.as_str() {
+                "memory" => limits.memory.is_some(),
+                "cpu" => limits.cpus.is_some(),
+                "pids" => limits.pids.is_some(),
+                _ => false,
+            });
         }
         Ok(cg)
     }
@@ -216,6 +227,15 @@ impl Cgroup {
             }
         }
         for (ctrl, dir) in &self.dirs {
+            let wanted = match ctrl.as_str() {
+                "memory" => limits.memory.is_some(),
+                "cpu" => limits.cpus.is_some(),
+                "pids" => limits.pids.is_some(),
+                _ => false,
+            };
+            if !wanted {
+                continue;
+            }
             mkdir(dir)?;
             match ctrl.as_str() {
                 "memory" => {
