@@ -33,19 +33,21 @@ mv "$work/c.json" "$work/bundle/config.json"
 
 now_ns() { date +%s%N; }
 
-bench() { # name command... -> "mean_us median_us"
-    local name=$1; shift
-    "$@" >/dev/null 2>&1 || { echo "$name: warm-up run failed: $*" >&2; "$@"; exit 1; }
-    local t0 t1 times=()
-    for ((i = 0; i < runs; i++)); do
-        t0=$(now_ns); "$@" >/dev/null 2>&1; t1=$(now_ns)
-        times+=($(( (t1 - t0) / 1000 )))
-    done
-    printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1; s+=$1} END {printf "%d %d\n", s/NR, a[int((NR+1)/2)]}'
-}
-
-read -r runc_mean runc_med < <(bench runc runc --root "$work/runc-state" run --bundle "$work/bundle" "wharf-bench-$$")
-read -r wharf_mean wharf_med < <(bench wharf "$registrar" oneshot --image "$rootfs" --state-dir "$work/wharf-state" --name bench -- /bin/true)
+# The two runtimes alternate run by run, so that a load change on this shared machine hits
+# both alike.
+runc_cmd=(runc --root "$work/runc-state" run --bundle "$work/bundle" "wharf-bench-$$")
+wharf_cmd=("$registrar" oneshot --image "$rootfs" --state-dir "$work/wharf-state" --name bench -- /bin/true)
+"${runc_cmd[@]}" >/dev/null 2>&1 || { echo "runc warm-up failed" >&2; "${runc_cmd[@]}"; exit 1; }
+"${wharf_cmd[@]}" >/dev/null 2>&1 || { echo "wharf warm-up failed" >&2; "${wharf_cmd[@]}"; exit 1; }
+runc_t=() wharf_t=()
+for ((i = 0; i < runs; i++)); do
+    t0=$(now_ns); "${runc_cmd[@]}" >/dev/null 2>&1; t1=$(now_ns)
+    "${wharf_cmd[@]}" >/dev/null 2>&1; t2=$(now_ns)
+    runc_t+=($(( (t1 - t0) / 1000 ))) wharf_t+=($(( (t2 - t1) / 1000 )))
+done
+stats() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1; s+=$1} END {printf "%d %d\n", s/NR, a[int((NR+1)/2)]}'; }
+read -r runc_mean runc_med < <(stats "${runc_t[@]}")
+read -r wharf_mean wharf_med < <(stats "${wharf_t[@]}")
 
 ms() { echo "scale=2; $1 / 1000" | bc; }
 printf 'runs per runtime: %d   (load average: %s)\n' "$runs" "$(cut -d' ' -f1-3 /proc/loadavg)"
