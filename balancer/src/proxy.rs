@@ -68,29 +68,64 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Tokens of a `Connection` header that name no extra header to remove: the usual
+/// `keep-alive` / `close`, and `upgrade` (handled by the caller).
+fn names_no_extra_header(v: &HeaderValue) -> bool {
+    v.to_str().unwrap_or("").split(',').all(|t| {
+        let t = t.trim();
+        t.is_empty()
+            || t.eq_ignore_ascii_case("keep-alive")
+            || t.eq_ignore_ascii_case("close")
+            || t.eq_ignore_ascii_case("upgrade")
+    })
+}
+
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+///
+/// Hot path (every request and every response): one scan over the names finds which
+/// hop-by-hop headers are present, and only those are removed; nothing is allocated
+/// unless `Connection` names extra headers.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    if let Some(conn) = h.get(header::CONNECTION) {
-        // Rare: the header names extra hop-by-hop headers.
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-            .collect();
-        for n in named {
-            h.remove(n);
+    // Bit i: HOP_BY_HOP[i] present; bit 7: keep-alive; bit 8: proxy-connection.
+    let mut present = 0u16;
+    for n in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == n) {
+            present |= 1 << i;
+        } else if n == KEEP_ALIVE {
+            present |= 1 << 7;
+        } else if n == PROXY_CONNECTION {
+            present |= 1 << 8;
         }
     }
-    for n in &HOP_BY_HOP {
-        if keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION) {
+    if present & 1 != 0 {
+        let conn = h.get_all(header::CONNECTION);
+        if !conn.iter().all(names_no_extra_header) {
+            // Rare: the header names extra hop-by-hop headers.
+            let named: Vec<HeaderName> = conn
+                .iter()
+                .flat_map(|v| v.to_str().unwrap_or("").split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+                .collect();
+            for n in named {
+                h.remove(n);
+            }
+        }
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0
+            || (keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION))
+        {
             continue;
         }
         h.remove(n);
     }
-    h.remove(&KEEP_ALIVE);
-    h.remove(&PROXY_CONNECTION);
+    if present & (1 << 7) != 0 {
+        h.remove(&KEEP_ALIVE);
+    }
+    if present & (1 << 8) != 0 {
+        h.remove(&PROXY_CONNECTION);
+    }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
@@ -134,6 +169,16 @@ fn host_of(req: &Request<Incoming>) -> &str {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => raw,
     }
+}
+
+/// The head of an upstream request, to resend it without its (empty) body.
+fn head_copy(r: &Request<ReqBody>) -> http::request::Parts {
+    let mut c = Request::new(());
+    *c.method_mut() = r.method().clone();
+    *c.uri_mut() = r.uri().clone();
+    *c.version_mut() = r.version();
+    *c.headers_mut() = r.headers().clone();
+    c.into_parts().0
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -350,9 +395,11 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
             limit: s.max_body_bytes,
         }
     };
-    // A copy to resend when an idempotent, body-less request is reset before any answer.
-    let resend = (matches!(body, ReqBody::Empty) && idempotent(&parts.method) && !upgrade)
-        .then(|| parts.clone());
+    // An idempotent, body-less request reset on a reused keep-alive connection before any
+    // answer (the upstream closed it as we wrote) is resent: `resend` then holds a copy of
+    // the head, made only when the request goes out on a reused connection.
+    let may_resend = matches!(body, ReqBody::Empty) && idempotent(&parts.method) && !upgrade;
+    let mut resend: Option<http::request::Parts> = None;
     let mut pending = Some(Request::from_parts(parts, body));
 
     let mut tried: Vec<usize> = Vec::new();
@@ -375,7 +422,9 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
         }
         let mut tx = match tx {
             Some(tx) => tx,
-            None => match connect(&ep, s.connect_timeout).await {
+            // Boxed: a new connection is the rare path, and its large future would
+            // otherwise sit in every idle client connection's request slot (RSS).
+            None => match Box::pin(connect(&ep, s.connect_timeout)).await {
                 Ok(tx) => tx,
                 Err(e) => {
                     svc.shared.connect_errors.inc();
@@ -404,6 +453,9 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
                 None => break,
             },
         };
+        if reused && may_resend && resend.is_none() {
+            resend = Some(head_copy(&request));
+        }
         let sent = tokio::time::timeout(s.response_timeout, tx.try_send_request(request)).await;
         let mut resp = match sent {
             Err(_) => {

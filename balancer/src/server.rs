@@ -57,15 +57,22 @@ impl Drop for TrackGuard {
     }
 }
 
+/// hyper's default (and cheapest) HTTP/1 header-count limit.
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// The hyper server settings of a listener.
 pub fn conn_builder(l: &ListenerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(l.header_read_timeout)
-        .max_headers(l.max_headers)
         .max_buf_size(l.max_header_bytes)
         .keep_alive(true);
+    // hyper's own limit is 100 headers, parsed into an uninitialised stack array; setting
+    // any limit makes it fill a fresh array per request instead, so only set other values.
+    if l.max_headers != HYPER_MAX_HEADERS {
+        b.http1().max_headers(l.max_headers);
+    }
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(l.max_header_bytes as u32)
