@@ -196,6 +196,7 @@ async fn connect(ep: &Endpoint, timeout: Duration) -> Result<Sender, ConnectErro
         .map_err(ConnectError::Io)?;
     let _ = stream.set_nodelay(true);
     let (tx, conn) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(ConnectError::Handshake)?;

@@ -67,6 +67,9 @@ pub fn conn_builder(l: &ListenerConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(l.header_read_timeout)
         .max_buf_size(l.max_header_bytes)
+        // One contiguous write per response (head + small body copied together) instead
+        // of a writev over a queue of buffers.
+        .writev(false)
         .keep_alive(true);
     // hyper's own limit is 100 headers, parsed into an uninitialised stack array; setting
     // any limit makes it fill a fresh array per request instead, so only set other values.
