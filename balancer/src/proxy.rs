@@ -562,3 +562,60 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
     };
     ctx.finish(None, resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_headers_named_by_every_connection_line() {
+        let mut h = map(&[
+            ("host", "a"),
+            ("connection", "keep-alive"),
+            ("connection", "X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|n| n.as_str().to_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn plain_keep_alive_response_loses_only_its_hop_headers() {
+        let mut h = map(&[
+            ("server", "nginx"),
+            ("content-length", "100"),
+            ("connection", "keep-alive"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2);
+        assert!(h.contains_key("content-length") && h.contains_key("server"));
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_and_says_connection_upgrade() {
+        let mut h = map(&[
+            ("connection", "Upgrade, x-drop"),
+            ("upgrade", "websocket"),
+            ("x-drop", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert!(!h.contains_key("x-drop"));
+    }
+}
