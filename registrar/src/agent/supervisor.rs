@@ -71,7 +71,12 @@ pub async fn supervise<S: Store + Clone>(
         let key = sh.instance_key(&meta);
         let mut instance = sh.instance(&meta);
         let mut registered = false;
-        let port_ready = wait_port(meta.addr, meta.port);
+        // A bridge container is probed through the bridge only: if its route were missing,
+        // an unbound probe would leave through the default route, and whatever answers out
+        // there must never make the container look ready.
+        let device =
+            matches!(meta.network, crate::api::Network::Bridge).then(|| sh.cfg.bridge.name.clone());
+        let port_ready = wait_port(meta.addr, meta.port, device);
         tokio::pin!(port_ready);
         let outcome = loop {
             tokio::select! {
@@ -213,16 +218,22 @@ async fn drain_timeout<S: Store + Clone>(sh: &Arc<Shared<S>>, instance: &Instanc
     }
 }
 
-/// Resolves once `addr:port` accepts a TCP connection.
-async fn wait_port(addr: std::net::IpAddr, port: u16) {
+/// Resolves once `addr:port` accepts a TCP connection, made through `device` when given.
+async fn wait_port(addr: std::net::IpAddr, port: u16, device: Option<String>) {
     let target = std::net::SocketAddr::new(addr, port);
+    let connect = || async {
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(dev) = &device {
+            socket.bind_device(Some(dev.as_bytes()))?;
+        }
+        socket.connect(target).await
+    };
     loop {
-        if let Ok(Ok(_)) = tokio::time::timeout(
-            Duration::from_millis(300),
-            tokio::net::TcpStream::connect(target),
-        )
-        .await
-        {
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), connect()).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
