@@ -18,6 +18,7 @@
 
 pub mod body;
 pub mod builder;
+pub mod chunked;
 pub mod config;
 pub mod endpoint;
 pub mod metrics;
@@ -25,6 +26,7 @@ pub mod proxy;
 pub mod select;
 pub mod server;
 pub mod table;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
