@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::endpoint::InFlight;
 use crate::upstream::{Framing, UpConn};
@@ -29,9 +30,33 @@ impl Lease {
     }
 }
 
+/// An upstream connection that answered 101 to an `Upgrade` request from the
+/// balancer's own HTTP/1 server: the server writes the 101 and then runs the tunnel.
+pub struct Tunnel {
+    pub conn: UpConn,
+    pub in_flight: InFlight,
+}
+
+impl Tunnel {
+    /// Bytes both ways until either side closes; `early` = client bytes already read.
+    pub async fn run<IO: AsyncRead + AsyncWrite + Unpin>(self, client: &mut IO, early: Bytes) {
+        let _in_flight = self.in_flight;
+        let (mut up, up_early) = self.conn.into_parts();
+        if !early.is_empty() && up.write_all(&early).await.is_err() {
+            return;
+        }
+        if !up_early.is_empty() && client.write_all(&up_early).await.is_err() {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(client, &mut up).await;
+    }
+}
+
 /// Body of a response sent to the client.
 pub enum RespBody {
     Upstream(Option<Lease>),
+    /// The answer is a 101 whose tunnel the HTTP/1 server runs; no body.
+    Tunnel(Option<Tunnel>),
     /// A response the balancer wrote itself (errors, admin).
     Full(Option<Bytes>),
 }
@@ -59,6 +84,7 @@ impl RespBody {
     pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
         match self {
             RespBody::Full(b) => Poll::Ready(b.take().map(Ok)),
+            RespBody::Tunnel(_) => Poll::Ready(None),
             RespBody::Upstream(slot) => {
                 let Some(lease) = slot else {
                     return Poll::Ready(None);
@@ -97,13 +123,16 @@ impl Body for RespBody {
         match self {
             RespBody::Full(b) => b.is_none(),
             RespBody::Upstream(l) => l.is_none(),
+            RespBody::Tunnel(_) => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            RespBody::Full(None) | RespBody::Upstream(None) => SizeHint::with_exact(0),
+            RespBody::Full(None) | RespBody::Upstream(None) | RespBody::Tunnel(_) => {
+                SizeHint::with_exact(0)
+            }
             RespBody::Upstream(Some(l)) => match l.framing {
                 Framing::Length(n) => SizeHint::with_exact(n),
                 _ => SizeHint::default(),

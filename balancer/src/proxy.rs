@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,10 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
+use tokio::time::Sleep;
 
-use crate::body::{Lease, RespBody};
+use crate::body::{Lease, RespBody, Tunnel};
+use crate::deadline;
 use crate::endpoint::{Endpoint, InFlight, now_ms};
 use crate::metrics::Metrics;
 use crate::select;
@@ -134,7 +137,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req.headers().get_all(header::CONNECTION).iter().any(|v| {
@@ -305,22 +308,53 @@ impl Ctx<'_> {
     }
 }
 
+/// How the client side takes over the connection after a 101.
+pub enum ClientUpgrade {
+    /// Not an upgrade request.
+    No,
+    /// hyper's server hands the connection over through this.
+    Hyper(OnUpgrade),
+    /// The caller (the own HTTP/1 server) runs the tunnel: it gets a `RespBody::Tunnel`.
+    Inline,
+}
+
+/// hyper's service entry (HTTP/2 connections).
 pub async fn handle(
     mut req: Request<Incoming>,
     conn: Arc<ConnInfo>,
 ) -> Result<Response<RespBody>, Infallible> {
+    let upgrade = if is_upgrade(&req) {
+        ClientUpgrade::Hyper(hyper::upgrade::on(&mut req))
+    } else {
+        ClientUpgrade::No
+    };
+    Ok(serve_request(req, upgrade, &conn, None).await)
+}
+
+/// Routes, forwards and accounts for one request. `timer`: the connection's reusable
+/// timer for the response deadline (else a tokio timer per request).
+pub async fn serve_request<B>(
+    req: Request<B>,
+    upgrade: ClientUpgrade,
+    conn: &ConnInfo,
+    timer: Option<Pin<&mut Sleep>>,
+) -> Response<RespBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let start = Instant::now();
     let table = conn.shared.table.load_full();
     let Some(listener) = table.listener(&conn.listener) else {
-        return Ok(plain(
+        return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "listener is closing\n",
             true,
-        ));
+        );
     };
     let Some(route) = listener.route(host_of(&req), req.uri().path()) else {
         listener.unrouted.inc(404);
-        return Ok(plain(StatusCode::NOT_FOUND, "no route\n", false));
+        return plain(StatusCode::NOT_FOUND, "no route\n", false);
     };
     let ctx = Ctx {
         route,
@@ -335,8 +369,7 @@ pub async fn handle(
     } else {
         (None, None)
     };
-    let client_upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-    let resp = forward(req, client_upgrade, &conn, &ctx).await;
+    let resp = forward(req, upgrade, conn, &ctx, timer).await;
     if let (Some(m), Some(p)) = (method, path) {
         tracing::info!(
             target: "access",
@@ -349,16 +382,17 @@ pub async fn handle(
             micros = start.elapsed().as_micros() as u64,
         );
     }
-    Ok(resp)
+    resp
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn forward<B>(
     req: Request<B>,
-    client_upgrade: Option<OnUpgrade>,
+    client_upgrade: ClientUpgrade,
     conn: &ConnInfo,
     ctx: &Ctx<'_>,
+    mut timer: Option<Pin<&mut Sleep>>,
 ) -> Response<RespBody>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -394,7 +428,7 @@ where
             ),
         );
     }
-    let upgrade = client_upgrade.is_some();
+    let upgrade = !matches!(client_upgrade, ClientUpgrade::No);
     // The answer speaks the client's protocol version, whatever the upstream spoke.
     let client_version = req.version();
 
@@ -479,18 +513,22 @@ where
             },
         };
 
-        let sent = tokio::time::timeout(
-            s.response_timeout,
-            exchange(
-                &mut up,
-                &head,
-                &mut body,
-                chunked,
-                s.max_body_bytes,
-                &parts.method,
-            ),
-        )
-        .await;
+        let exchanged = exchange(
+            &mut up,
+            &head,
+            &mut body,
+            chunked,
+            s.max_body_bytes,
+            &parts.method,
+        );
+        let sent = match timer.as_mut() {
+            Some(t) => deadline::within(t.as_mut(), s.response_timeout, exchanged)
+                .await
+                .map_err(|_| ()),
+            None => tokio::time::timeout(s.response_timeout, exchanged)
+                .await
+                .map_err(|_| ()),
+        };
         let resp = match sent {
             Err(_) => {
                 failed(&ep, svc, s);
@@ -562,14 +600,23 @@ where
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(&mut headers, switching);
         if switching {
-            let Some(client) = client_upgrade else {
-                // Switched without being asked: nothing sane to pass on.
-                failed(&ep, svc, s);
-                last = StatusCode::BAD_GATEWAY;
-                break;
+            let body = match client_upgrade {
+                ClientUpgrade::Hyper(client) => {
+                    tokio::spawn(tunnel(client, up, in_flight));
+                    RespBody::empty()
+                }
+                ClientUpgrade::Inline => RespBody::Tunnel(Some(Tunnel {
+                    conn: up,
+                    in_flight,
+                })),
+                ClientUpgrade::No => {
+                    // Switched without being asked: nothing sane to pass on.
+                    failed(&ep, svc, s);
+                    last = StatusCode::BAD_GATEWAY;
+                    break;
+                }
             };
-            tokio::spawn(tunnel(client, up, in_flight));
-            let mut r = Response::new(RespBody::empty());
+            let mut r = Response::new(body);
             *r.status_mut() = status;
             *r.headers_mut() = headers;
             return ctx.finish(Some(version), r);
