@@ -19,7 +19,7 @@ HARNESS=${HARNESS:-$ROOT/../shared/bench/lb-bench.sh}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
 # PROFILE=bench-fast: a quicker build for iterating (thin LTO); figures to report: release.
 PROFILE=${PROFILE:-release}
-BIN=$CARGO_TARGET_DIR/$PROFILE/balancer
+BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/$PROFILE/balancer}
 
 # Called by the harness (inside EXTRA_CMD): write lb.toml from its variables, run.
 if [[ ${1:-} == --serve ]]; then
@@ -46,7 +46,8 @@ fi
 
 [[ -x $HARNESS ]] || [[ -f $HARNESS ]] || { echo "balancer-lb: harness $HARNESS not found" >&2; exit 1; }
 echo "# building the balancer ($PROFILE) in $CARGO_TARGET_DIR" >&2
-(cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer)
+# BALANCER_BIN=path: measure that binary as it is (no build).
+[[ -n ${BALANCER_BIN:-} ]] || (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer)
 
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
