@@ -59,6 +59,7 @@ fn start_and_wait(
         return Err(RuntimeError::Setup("no command given".into()));
     }
     let _ = fs::remove_file(ContainerSpec::exit_file(&spec.dir));
+    let _ = fs::remove_file(ContainerSpec::net_ready_file(&spec.dir));
     for dir in [spec.upper_dir(), spec.work_dir(), spec.root_dir()] {
         remove_tree(&dir)?;
         fs::create_dir_all(&dir).ctx(|| format!("mkdir {}", dir.display()))?;
@@ -98,6 +99,7 @@ fn start_and_wait(
         cg.add(init_pid.as_raw())?;
         if let NetSpec::Bridge(b) = &spec.net {
             bridge::attach(b, init_pid.as_raw())?;
+            let _ = fs::write(ContainerSpec::net_ready_file(&spec.dir), b"");
         }
         pipe_write_all(&to_init, &[init::MSG_GO]).ctx(|| "start init".into())
     })();
@@ -166,6 +168,7 @@ fn cleanup(spec: &ContainerSpec, cgroup: Option<&Cgroup>) -> Result<()> {
         first_err.get_or_insert(e);
     }
     if let NetSpec::Bridge(b) = &spec.net {
+        let _ = fs::remove_file(ContainerSpec::net_ready_file(&spec.dir));
         bridge::detach(b);
     }
     for dir in [spec.upper_dir(), spec.work_dir(), spec.root_dir()] {

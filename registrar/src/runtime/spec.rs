@@ -101,6 +101,11 @@ impl ContainerSpec {
     pub fn init_pid_file(dir: &Path) -> PathBuf {
         dir.join("init.pid")
     }
+    /// Present while the container's bridge network is wired (veth on the bridge, address
+    /// and route inside): nothing should try to reach the container's address before.
+    pub fn net_ready_file(dir: &Path) -> PathBuf {
+        dir.join("net.ready")
+    }
 
     /// The environment passed to the app: the spec's, with a default PATH and HOSTNAME.
     pub fn full_env(&self) -> Vec<(String, String)> {
