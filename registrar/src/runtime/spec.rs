@@ -89,7 +89,12 @@ impl ContainerSpec {
     pub fn work_dir(&self) -> PathBuf {
         self.dir.join("work")
     }
-    pub fn root_dir(&self) -> PathBuf {
+    /// Where the container's root filesystem is mounted inside its own mount namespace.
+    pub fn rootfs_mountpoint(&self) -> PathBuf {
+        self.dir.clone()
+    }
+    /// The mountpoint directory of earlier versions; only removed if a crash left it.
+    pub fn legacy_root_dir(&self) -> PathBuf {
         self.dir.join("root")
     }
     pub fn spec_file(dir: &Path) -> PathBuf {
