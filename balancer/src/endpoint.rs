@@ -37,6 +37,8 @@ pub struct Endpoint {
     idle: Mutex<Vec<(UpConn, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Answers, errors and latencies for the status page (relaxed atomics only).
+    pub stats: crate::status::RequestStats,
 }
 
 impl Endpoint {
@@ -65,6 +67,7 @@ impl Endpoint {
             idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
+            stats: Default::default(),
         }
     }
 

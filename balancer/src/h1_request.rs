@@ -120,8 +120,7 @@ pub fn parse(
             } else if version == Version::HTTP_10 && has_token(&raw, "keep-alive") {
                 close = false;
             }
-        } else if name == header::EXPECT && raw.trim_ascii().eq_ignore_ascii_case(b"100-continue")
-        {
+        } else if name == header::EXPECT && raw.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
             expect_continue = true;
             continue;
         }
@@ -131,9 +130,7 @@ pub fn parse(
     }
     let body = match (te, length) {
         (Some(_), Some(_)) => {
-            return Err(HeadError::Bad(
-                "both transfer-encoding and content-length",
-            ));
+            return Err(HeadError::Bad("both transfer-encoding and content-length"));
         }
         (Some(_), None) if version == Version::HTTP_10 => {
             return Err(HeadError::Bad("transfer-encoding in an HTTP/1.0 request"));
@@ -168,7 +165,8 @@ mod tests {
 
     #[test]
     fn parses_a_simple_get_and_leaves_the_rest() {
-        let mut buf = BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nGET /next"[..]);
+        let mut buf =
+            BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nGET /next"[..]);
         let p = parse(&mut buf, 100, 8192).unwrap().unwrap();
         assert_eq!(p.request.method(), Method::GET);
         assert_eq!(p.request.uri().path_and_query().unwrap().as_str(), "/a?b");
@@ -220,9 +218,10 @@ mod tests {
             .unwrap();
         assert_eq!(p.body, BodyKind::Length(5));
         assert!(p.expect_continue && !p.request.headers().contains_key("expect"));
-        let p = one("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let p =
+            one("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(p.body, BodyKind::Chunked);
         assert!(!p.keep_alive);
         let p = one("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();

@@ -38,7 +38,9 @@ const MORE_READ: usize = 8 * 1024;
 /// Response bytes gathered before a write.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// What ended the wait for a request head.
+/// What ended the wait for a request head. Lives for one step on the stack; boxing the
+/// request would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Request(Parsed),
     H2,
@@ -110,7 +112,12 @@ pub async fn serve<IO>(
         } else {
             ClientUpgrade::No
         };
-        if expect_continue && io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+        if expect_continue
+            && io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
             return;
         }
         let mut state = match kind {
@@ -123,13 +130,9 @@ pub async fn serve<IO>(
             buf: &mut buf,
             state: &mut state,
         };
-        let resp = proxy::serve_request(
-            request.map(|()| body),
-            upgrade,
-            &info,
-            Some(timer.as_mut()),
-        )
-        .await;
+        let resp =
+            proxy::serve_request(request.map(|()| body), upgrade, &info, Some(timer.as_mut()))
+                .await;
         // A body the upstream did not take leaves the stream mid-message: close after.
         if state != BodyState::Done || *shutdown.borrow() {
             keep_alive = false;
@@ -188,7 +191,11 @@ where
             }
         }
         if buf.capacity() - buf.len() < 256 {
-            buf.reserve(if buf.is_empty() { FIRST_READ } else { MORE_READ });
+            buf.reserve(if buf.is_empty() {
+                FIRST_READ
+            } else {
+                MORE_READ
+            });
         }
         let idle = buf.is_empty();
         let read = deadline::within(
@@ -347,10 +354,7 @@ async fn write_response<IO: AsyncWrite + Unpin>(
     let known = match &body {
         RespBody::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
         RespBody::Upstream(None) | RespBody::Tunnel(_) => Some(0),
-        RespBody::Upstream(Some(_)) => match body.size_hint().exact() {
-            Some(n) => Some(n),
-            None => None,
-        },
+        RespBody::Upstream(Some(_)) => body.size_hint().exact(),
     };
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
     out.extend_from_slice(if version == Version::HTTP_10 {

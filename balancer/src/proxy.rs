@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -495,6 +495,7 @@ where
                 Ok(up) => up,
                 Err(e) => {
                     svc.shared.connect_errors.inc();
+                    ep.stats.record_failure();
                     failed(&ep, svc, s);
                     tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
                     last = if matches!(e, ConnectError::Timeout) {
@@ -531,6 +532,7 @@ where
         };
         let resp = match sent {
             Err(_) => {
+                ep.stats.record_failure();
                 failed(&ep, svc, s);
                 return ctx.finish(
                     Some(version),
@@ -572,6 +574,7 @@ where
                 if stale {
                     ep.clear_idle();
                 } else {
+                    ep.stats.record_failure();
                     failed(&ep, svc, s);
                     tried.push(Arc::as_ptr(&ep) as usize);
                 }
@@ -591,6 +594,7 @@ where
         };
 
         let status = resp.status;
+        ep.stats.record_answer(status.as_u16(), ctx.start.elapsed());
         if status.is_server_error() {
             failed(&ep, svc, s);
         } else {
