@@ -110,7 +110,7 @@ async fn closing_backend() -> Result<(std::net::SocketAddr, Arc<AtomicU64>)> {
                         Ok(k) => buf.extend_from_slice(&b[..k]),
                     }
                 }
-                let answer: &[u8] = if n % 2 == 0 {
+                let answer: &[u8] = if n.is_multiple_of(2) {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
                 } else {
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\n1\r\nk\r\n0\r\n\r\n"
