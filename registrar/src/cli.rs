@@ -128,6 +128,10 @@ fn print(resp: Response) -> Result<i32> {
             }
             Ok(0)
         }
+        Response::Spec { run } => {
+            println!("{}", serde_json::to_string_pretty(&run)?);
+            Ok(0)
+        }
         Response::Error { message } => {
             eprintln!("registrar: {message}");
             Ok(1)
@@ -160,6 +164,7 @@ async fn run(cmd: Cmd) -> Result<i32> {
                     .into_owned(),
                 port: a.port,
                 replicas: a.replicas,
+                first: 0,
                 limits: Limits {
                     memory: a
                         .memory
