@@ -119,6 +119,9 @@ enum Cmd {
         #[arg(long, conflicts_with = "shares")]
         clear: bool,
     },
+    /// Operator: roll a service out to a new version — rolling replacement, or canary
+    /// steps gated on the balancers' metrics with automatic rollback; `--resume`/`--abort`.
+    Rollout(Box<cli::RolloutArgs>),
     /// Run one container in the foreground, without an agent (exit status = the app's).
     Oneshot(Box<OneshotArgs>),
     /// Internal: run the container described by DIR/spec.json (started by the agent).
