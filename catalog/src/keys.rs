@@ -36,9 +36,7 @@ impl Key {
     /// The service this key belongs to, if any.
     pub fn service(&self) -> Option<&ServiceName> {
         match self {
-            Key::Instance(s, _) | Key::Health(s, _) | Key::Config(s) | Key::Rollout(s) => {
-                Some(s)
-            }
+            Key::Instance(s, _) | Key::Health(s, _) | Key::Config(s) | Key::Rollout(s) => Some(s),
             Key::Node(_) | Key::Checker(_) => None,
         }
     }

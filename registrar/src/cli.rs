@@ -272,6 +272,8 @@ async fn run(cmd: Cmd) -> Result<i32> {
             .await?,
         ),
         Cmd::Rm { at, name } => print(call(&at, Request::Rm { name }).await?),
+        Cmd::Start { at, name } => print(call(&at, Request::Start { name }).await?),
+        Cmd::Inspect { at, name } => print(call(&at, Request::Inspect { name }).await?),
         Cmd::Register {
             at,
             service,
@@ -366,7 +368,10 @@ async fn rollout(a: RolloutArgs) -> Result<i32> {
     let abort = a.abort;
     let (store, keys, svc) = connect(&a.etcd, &a.service).await?;
     let socket = registrar::agent::StateDir::new(&a.at.state_dir).socket();
-    match Rollout::new(store, keys, svc, socket, a.json).run(action).await? {
+    match Rollout::new(store, keys, svc, socket, a.json)
+        .run(action)
+        .await?
+    {
         Outcome::Succeeded => Ok(0),
         Outcome::RolledBack(_) if abort => Ok(0),
         Outcome::RolledBack(reason) => {

@@ -81,6 +81,18 @@ enum Cmd {
         at: AgentAddr,
         name: String,
     },
+    /// Start an exited container again, with its recorded spec.
+    Start {
+        #[command(flatten)]
+        at: AgentAddr,
+        name: String,
+    },
+    /// Print a container's run parameters (JSON).
+    Inspect {
+        #[command(flatten)]
+        at: AgentAddr,
+        name: String,
+    },
     /// Register a process wharf did not start, under this node's lease.
     Register {
         #[command(flatten)]

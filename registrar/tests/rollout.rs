@@ -198,6 +198,27 @@ async fn stack(v1: &str) -> Result<Stack> {
         _checker: checker,
         lbs,
     };
+    // All four passing first: before the first mark the balancers are in panic mode and
+    // report every serving instance up, and the first mark alone would then take all the
+    // traffic (more than busybox httpd's listen backlog of 9 absorbs).
+    let store = s.etcd.store().await?;
+    eventually("4 passing health marks", Duration::from_secs(60), || {
+        let store = store.clone();
+        async move {
+            let marks =
+                catalog::Store::list(&store, &["/wharf/v1/services/web/health/".to_string()])
+                    .await
+                    .ok()?;
+            let passing = marks
+                .kvs
+                .iter()
+                .filter(|kv| String::from_utf8_lossy(&kv.value).contains("\"passing\""))
+                .count();
+            (passing == 4).then_some(())
+        }
+    })
+    .await
+    .with_context(|| s.logs())?;
     for lb in &s.lbs {
         let url = lb.metrics.clone();
         eventually("4 v1 replicas routable", Duration::from_secs(60), || {
@@ -233,7 +254,11 @@ async fn backends_up(metrics: &str) -> usize {
         .await
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.starts_with("balancer_backend_up{") && l.contains("service=\"web\"") && l.ends_with(" 1"))
+        .filter(|l| {
+            l.starts_with("balancer_backend_up{")
+                && l.contains("service=\"web\"")
+                && l.ends_with(" 1")
+        })
         .count()
 }
 
@@ -311,7 +336,11 @@ async fn client(
                 let conn = match tokio::net::TcpStream::connect(addr).await {
                     Ok(c) => c,
                     Err(e) => {
-                        stats.lock().unwrap().failures.push(format!("[lb{lb}] connect: {e}"));
+                        stats
+                            .lock()
+                            .unwrap()
+                            .failures
+                            .push(format!("[lb{lb}] connect: {e}"));
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
@@ -322,7 +351,11 @@ async fn client(
                         sender.insert(s)
                     }
                     Err(e) => {
-                        stats.lock().unwrap().failures.push(format!("[lb{lb}] handshake: {e}"));
+                        stats
+                            .lock()
+                            .unwrap()
+                            .failures
+                            .push(format!("[lb{lb}] handshake: {e}"));
                         continue;
                     }
                 }
@@ -342,7 +375,10 @@ async fn client(
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 match resp.into_body().collect().await {
-                    Ok(b) => Ok((status, String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())),
+                    Ok(b) => Ok((
+                        status,
+                        String::from_utf8_lossy(&b.to_bytes()).trim().to_owned(),
+                    )),
                     Err(e) => Err(format!("body: {e}")),
                 }
             }
@@ -373,7 +409,11 @@ async fn client(
 }
 
 /// Runs `registrar rollout` with `--json`, moving the load's marker at each step event.
-async fn rollout(s: &Stack, args: &[&str], marker: &AtomicU32) -> Result<(i32, Vec<serde_json::Value>)> {
+async fn rollout(
+    s: &Stack,
+    args: &[&str],
+    marker: &AtomicU32,
+) -> Result<(i32, Vec<serde_json::Value>)> {
     let mut child = tokio::process::Command::new(common::BIN)
         .arg("rollout")
         .args(args)
@@ -394,8 +434,12 @@ async fn rollout(s: &Stack, args: &[&str], marker: &AtomicU32) -> Result<(i32, V
         eprintln!("rollout: {line}");
         let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
         match v["event"].as_str() {
-            Some("step") => marker.store(v["percent"].as_u64().unwrap_or(0) as u32, Ordering::SeqCst),
-            Some("window") | Some("rollback") | Some("draining") => marker.store(0, Ordering::SeqCst),
+            Some("step") => {
+                marker.store(v["percent"].as_u64().unwrap_or(0) as u32, Ordering::SeqCst)
+            }
+            Some("window") | Some("rollback") | Some("draining") => {
+                marker.store(0, Ordering::SeqCst)
+            }
             _ => {}
         }
         events.push(v);
@@ -444,25 +488,52 @@ async fn rolling_replacement_under_load_fails_no_request() -> Result<()> {
     let lbs: Vec<SocketAddr> = s.lbs.iter().map(|b| b.addr).collect();
     let load = Load::start(&lbs, "/");
     keep_loading(&load, 500).await?;
-    let metrics: Vec<String> = s.lbs.iter().flat_map(|b| ["--metrics".to_string(), b.metrics.clone()]).collect();
-    let mut args = vec!["web", "--image", v2.to_str().unwrap(), "--version", "v2", "--step-wait", "1s"];
+    let metrics: Vec<String> = s
+        .lbs
+        .iter()
+        .flat_map(|b| ["--metrics".to_string(), b.metrics.clone()])
+        .collect();
+    let mut args = vec![
+        "web",
+        "--image",
+        v2.to_str().unwrap(),
+        "--version",
+        "v2",
+        "--step-wait",
+        "1s",
+    ];
     args.extend(metrics.iter().map(String::as_str));
     let (code, events) = rollout(&s, &args, &load.marker).await?;
     assert_eq!(code, 0, "rollout failed: {events:?}");
     // One surge replica at a time: start, ready, then one old replica drained.
-    let order: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).filter(|e| ["started", "draining"].contains(e)).collect();
+    let order: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .filter(|e| ["started", "draining"].contains(e))
+        .collect();
     assert_eq!(order, ["started", "draining"].repeat(4), "{events:?}");
     keep_loading(&load, load.total() + 2000).await?;
     keep_loading(&load, 20_000).await?;
     let stats = load.finish().await;
     assert_clean(&s, &stats);
     assert!(stats.total >= 20_000, "only {} requests", stats.total);
-    let after: (u64, u64) = (0..2).map(|lb| stats.by_marker.get(&(lb, AFTER)).copied().unwrap_or_default()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let after: (u64, u64) = (0..2)
+        .map(|lb| {
+            stats
+                .by_marker
+                .get(&(lb, AFTER))
+                .copied()
+                .unwrap_or_default()
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     assert_eq!(after.0, 0, "v1 answered after the rollout");
     assert!(after.1 >= 2000, "{after:?}");
     // Old replicas drained and removed, 4 new ones serving, split cleared.
     let ps = containers(&s);
-    let versions: Vec<(&str, &str)> = ps.iter().map(|c| (c["version"].as_str().unwrap(), c["state"].as_str().unwrap())).collect();
+    let versions: Vec<(&str, &str)> = ps
+        .iter()
+        .map(|c| (c["version"].as_str().unwrap(), c["state"].as_str().unwrap()))
+        .collect();
     assert_eq!(versions, vec![("v2", "serving"); 4], "{ps:?}");
     assert_eq!(split(&s).await, serde_json::json!({}));
     assert!(s.agent.log_text().contains("draining"));
@@ -477,10 +548,25 @@ async fn canary_steps_follow_the_split_on_both_balancers_and_fail_no_request() -
     let lbs: Vec<SocketAddr> = s.lbs.iter().map(|b| b.addr).collect();
     let load = Load::start(&lbs, "/");
     keep_loading(&load, 500).await?;
-    let metrics: Vec<String> = s.lbs.iter().flat_map(|b| ["--metrics".to_string(), b.metrics.clone()]).collect();
+    let metrics: Vec<String> = s
+        .lbs
+        .iter()
+        .flat_map(|b| ["--metrics".to_string(), b.metrics.clone()])
+        .collect();
     let mut args = vec![
-        "web", "--image", v2.to_str().unwrap(), "--version", "v2", "--steps", "10,50,100",
-        "--step-wait", "4s", "--max-surge", "2", "--max-p99-ratio", "5",
+        "web",
+        "--image",
+        v2.to_str().unwrap(),
+        "--version",
+        "v2",
+        "--steps",
+        "10,50,100",
+        "--step-wait",
+        "4s",
+        "--max-surge",
+        "2",
+        "--max-p99-ratio",
+        "5",
     ];
     args.extend(metrics.iter().map(String::as_str));
     let (code, events) = rollout(&s, &args, &load.marker).await?;
@@ -494,14 +580,22 @@ async fn canary_steps_follow_the_split_on_both_balancers_and_fail_no_request() -
     for lb in 0..2 {
         for pct in [10u32, 50, 100] {
             let (a, b) = stats.by_marker.get(&(lb, pct)).copied().unwrap_or_default();
-            assert!(a + b >= 300, "balancer {lb} step {pct}: only {} answers", a + b);
+            assert!(
+                a + b >= 300,
+                "balancer {lb} step {pct}: only {} answers",
+                a + b
+            );
             let share = b as f64 * 100.0 / (a + b) as f64;
             assert!(
                 (share - pct as f64).abs() <= 3.0,
                 "balancer {lb} step {pct} %: v2 answered {share:.1} % ({a} v1, {b} v2)"
             );
         }
-        let (a, b) = stats.by_marker.get(&(lb, AFTER)).copied().unwrap_or_default();
+        let (a, b) = stats
+            .by_marker
+            .get(&(lb, AFTER))
+            .copied()
+            .unwrap_or_default();
         assert_eq!(a, 0, "balancer {lb}: v1 answered after the rollout");
         assert!(b > 0);
     }
@@ -521,23 +615,56 @@ async fn a_bad_canary_is_rolled_back_at_the_first_step() -> Result<()> {
     // The CGI path: v1 always answers, the bad v2 fails one request in ten.
     let load = Load::start(&lbs, "/cgi-bin/v");
     keep_loading(&load, 200).await?;
-    let metrics: Vec<String> = s.lbs.iter().flat_map(|b| ["--metrics".to_string(), b.metrics.clone()]).collect();
+    let metrics: Vec<String> = s
+        .lbs
+        .iter()
+        .flat_map(|b| ["--metrics".to_string(), b.metrics.clone()])
+        .collect();
     let mut args = vec![
-        "web", "--image", bad.to_str().unwrap(), "--version", "v2", "--steps", "20,50,100",
-        "--step-wait", "10s", "--max-surge", "4", "--max-error-rate", "1%",
+        "web",
+        "--image",
+        bad.to_str().unwrap(),
+        "--version",
+        "v2",
+        "--steps",
+        "20,50,100",
+        "--step-wait",
+        "10s",
+        "--max-surge",
+        "4",
+        "--max-error-rate",
+        "1%",
     ];
     args.extend(metrics.iter().map(String::as_str));
     let (code, events) = rollout(&s, &args, &load.marker).await?;
     assert_eq!(code, 1, "a bad canary must fail the command: {events:?}");
-    let steps: Vec<u64> = events.iter().filter(|e| e["event"] == "step").filter_map(|e| e["percent"].as_u64()).collect();
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .filter_map(|e| e["percent"].as_u64())
+        .collect();
     assert_eq!(steps, [20], "aborted at the first step");
-    let rb = events.iter().find(|e| e["event"] == "rollback").context("no rollback event")?;
-    assert!(rb["reason"].as_str().unwrap_or("").contains("error rate"), "{rb}");
+    let rb = events
+        .iter()
+        .find(|e| e["event"] == "rollback")
+        .context("no rollback event")?;
+    assert!(
+        rb["reason"].as_str().unwrap_or("").contains("error rate"),
+        "{rb}"
+    );
     assert!(events.iter().any(|e| e["event"] == "rolled_back"));
     // After the rollback: v1 only, v2 replicas gone, split back to what it was (none).
     keep_loading(&load, load.total() + 500).await?;
     let stats = load.finish().await;
-    let (a, b) = (0..2).map(|lb| stats.by_marker.get(&(lb, AFTER)).copied().unwrap_or_default()).fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
+    let (a, b) = (0..2)
+        .map(|lb| {
+            stats
+                .by_marker
+                .get(&(lb, AFTER))
+                .copied()
+                .unwrap_or_default()
+        })
+        .fold((0, 0), |x, y| (x.0 + y.0, x.1 + y.1));
     assert_eq!(b, 0, "v2 answered after the rollback");
     assert!(a >= 500);
     // The only failures are the bad canary's own 500s during its step.
@@ -548,14 +675,22 @@ async fn a_bad_canary_is_rolled_back_at_the_first_step() -> Result<()> {
         s.logs()
     );
     let ps = containers(&s);
-    assert!(ps.iter().all(|c| c["version"] == "v1" && c["state"] == "serving"), "{ps:?}");
+    assert!(
+        ps.iter()
+            .all(|c| c["version"] == "v1" && c["state"] == "serving"),
+        "{ps:?}"
+    );
     assert_eq!(ps.len(), 4);
     assert_eq!(split(&s).await, serde_json::json!({}));
     let store = s.etcd.store().await?;
-    let listing = catalog::Store::list(&store, &["/wharf/v1/services/web/instances/".to_string()]).await?;
+    let listing =
+        catalog::Store::list(&store, &["/wharf/v1/services/web/instances/".to_string()]).await?;
     assert_eq!(listing.kvs.len(), 4, "v2 registrations left behind");
     let state: serde_json::Value = serde_json::from_slice(
-        &catalog::Store::get(&store, "/wharf/v1/services/web/rollout").await?.context("no rollout state")?.value,
+        &catalog::Store::get(&store, "/wharf/v1/services/web/rollout")
+            .await?
+            .context("no rollout state")?
+            .value,
     )?;
     assert_eq!(state["phase"], "rolled_back");
     Ok(())

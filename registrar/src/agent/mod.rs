@@ -497,7 +497,10 @@ async fn handle_run<S: Store + Clone>(
         let map = sh.containers.lock().expect("lock");
         let mut used_ips: BTreeSet<IpAddr> = map.values().map(|h| h.meta.addr).collect();
         for i in 0..run.replicas {
-            let index = run.first.checked_add(i).ok_or("replica index out of range")?;
+            let index = run
+                .first
+                .checked_add(i)
+                .ok_or("replica index out of range")?;
             let name = format!("{service}-{version}-{index}");
             if map.contains_key(&name) {
                 return Err(format!(

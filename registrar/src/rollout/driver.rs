@@ -106,14 +106,20 @@ impl<S: Store> Rollout<S> {
                 let mut st = self.active(existing)?;
                 self.progress.emit(
                     "resume",
-                    || format!("resuming the rollout of {} to {} ({:?})", self.svc, st.to, st.phase),
+                    || {
+                        format!(
+                            "resuming the rollout of {} to {} ({:?})",
+                            self.svc, st.to, st.phase
+                        )
+                    },
                     json!({"service": self.svc.as_str(), "to": st.to, "phase": st.phase}),
                 );
                 self.drive(&mut st).await
             }
             Action::Abort => {
                 let mut st = self.active(existing)?;
-                self.rollback(&mut st, "aborted by the operator".into()).await
+                self.rollback(&mut st, "aborted by the operator".into())
+                    .await
             }
         }
     }
@@ -125,7 +131,10 @@ impl<S: Store> Rollout<S> {
                 "the last rollout of {} (to {}) is over ({:?}); nothing to resume or abort",
                 self.svc, st.to, st.phase
             ))),
-            None => Err(RolloutError::Invalid(format!("{} has no rollout", self.svc))),
+            None => Err(RolloutError::Invalid(format!(
+                "{} has no rollout",
+                self.svc
+            ))),
         }
     }
 
@@ -230,7 +239,9 @@ impl<S: Store> Rollout<S> {
                 .map(|c| c.port)
                 .max()
                 .and_then(|p| p.checked_add(1))
-                .ok_or_else(|| RolloutError::Invalid("no free port above the old replicas; pass --port".into()))?,
+                .ok_or_else(|| {
+                    RolloutError::Invalid("no free port above the old replicas; pass --port".into())
+                })?,
         };
         let mut from = BTreeMap::new();
         for c in &old {
@@ -260,7 +271,11 @@ impl<S: Store> Rollout<S> {
             ready_timeout: o.ready_timeout,
             gate,
             metrics: o.metrics,
-            phase: if canary { Phase::Starting } else { Phase::Rolling },
+            phase: if canary {
+                Phase::Starting
+            } else {
+                Phase::Rolling
+            },
             step: 0,
             old: old.iter().map(|c| c.name.clone()).collect(),
             stopped_old: vec![],
@@ -305,7 +320,8 @@ impl<S: Store> Rollout<S> {
         // New replicas must not get traffic before the first step: pin the old versions.
         // A plain replacement lets every routable instance compete, so any split goes.
         if canary {
-            self.set_split(&plan::canary_split(&st.from, &st.to, 0)).await?;
+            self.set_split(&plan::canary_split(&st.from, &st.to, 0))
+                .await?;
         } else if !st.prior_split.is_empty() {
             self.set_split(&BTreeMap::new()).await?;
         }
@@ -324,7 +340,9 @@ impl<S: Store> Rollout<S> {
                     return self.rollback(st, reason).await;
                 }
                 Phase::Succeeded => return Ok(Outcome::Succeeded),
-                Phase::RolledBack => return Ok(Outcome::RolledBack(st.reason.clone().unwrap_or_default())),
+                Phase::RolledBack => {
+                    return Ok(Outcome::RolledBack(st.reason.clone().unwrap_or_default()));
+                }
             };
             match step {
                 Ok(None) => {}
@@ -394,7 +412,13 @@ impl<S: Store> Rollout<S> {
             let split = plan::canary_split(&st.from, &st.to, pct);
             self.save(st).await?;
             self.set_split(&split).await?;
-            let label = format!("step {}/{} ({} % to {})", st.step + 1, st.steps.len(), pct, st.to);
+            let label = format!(
+                "step {}/{} ({} % to {})",
+                st.step + 1,
+                st.steps.len(),
+                pct,
+                st.to
+            );
             self.progress.emit(
                 "step",
                 || format!("{label}: split {split:?}"),
@@ -421,7 +445,13 @@ impl<S: Store> Rollout<S> {
                 .filter(|n| !st.stopped_old.contains(n))
                 .cloned()
                 .collect();
-            match plan::plain_next(running, st.replicas, remaining.len(), st.old.len(), st.max_surge) {
+            match plan::plain_next(
+                running,
+                st.replicas,
+                remaining.len(),
+                st.old.len(),
+                st.max_surge,
+            ) {
                 PlainMove::Start(n) => {
                     self.start_new(st, n).await?;
                     if !st.metrics.is_empty() && !st.step_wait.is_zero() {
@@ -445,7 +475,12 @@ impl<S: Store> Rollout<S> {
 
     /// Drains and stops containers together (each: draining → drain timeout → SIGTERM →
     /// grace → SIGKILL → key deleted, done by the agent).
-    async fn stop(&self, st: &mut RolloutState, names: &[String], old: bool) -> Result<(), RolloutError> {
+    async fn stop(
+        &self,
+        st: &mut RolloutState,
+        names: &[String],
+        old: bool,
+    ) -> Result<(), RolloutError> {
         if names.is_empty() {
             return Ok(());
         }
@@ -508,14 +543,23 @@ impl<S: Store> Rollout<S> {
         self.save(st).await?;
         self.progress.emit(
             "succeeded",
-            || format!("rollout of {} to {} succeeded; split cleared, old replicas removed", self.svc, st.to),
+            || {
+                format!(
+                    "rollout of {} to {} succeeded; split cleared, old replicas removed",
+                    self.svc, st.to
+                )
+            },
             json!({"service": self.svc.as_str(), "to": st.to}),
         );
         Ok(Outcome::Succeeded)
     }
 
     /// Old replicas back, traffic back, new replicas drained and removed, split restored.
-    async fn rollback(&self, st: &mut RolloutState, reason: String) -> Result<Outcome, RolloutError> {
+    async fn rollback(
+        &self,
+        st: &mut RolloutState,
+        reason: String,
+    ) -> Result<Outcome, RolloutError> {
         if st.phase != Phase::RollingBack {
             st.phase = Phase::RollingBack;
             st.reason = Some(reason.clone());
@@ -559,7 +603,8 @@ impl<S: Store> Rollout<S> {
         }
         st.stopped_old.retain(|n| !back.contains(n));
         if !st.steps.is_empty() {
-            self.set_split(&plan::canary_split(&st.from, &st.to, 0)).await?;
+            self.set_split(&plan::canary_split(&st.from, &st.to, 0))
+                .await?;
         }
         let new = self.new_alive(st).await?;
         self.stop(st, &new, false).await?;
@@ -576,7 +621,14 @@ impl<S: Store> Rollout<S> {
         self.save(st).await?;
         self.progress.emit(
             "rolled_back",
-            || format!("rolled back {}: all traffic on {:?} again, {} replicas removed", self.svc, st.from.keys().collect::<Vec<_>>(), st.to),
+            || {
+                format!(
+                    "rolled back {}: all traffic on {:?} again, {} replicas removed",
+                    self.svc,
+                    st.from.keys().collect::<Vec<_>>(),
+                    st.to
+                )
+            },
             json!({"service": self.svc.as_str(), "reason": reason}),
         );
         Ok(Outcome::RolledBack(reason))
@@ -621,7 +673,8 @@ impl<S: Store> Rollout<S> {
                 break;
             }
             if Instant::now() >= deadline {
-                let missing: Vec<&String> = pending.iter().filter(|n| !ids.contains_key(*n)).collect();
+                let missing: Vec<&String> =
+                    pending.iter().filter(|n| !ids.contains_key(*n)).collect();
                 return Err(RolloutError::NotReady(format!(
                     "not ready within {:?}: {}",
                     st.ready_timeout,
@@ -637,14 +690,23 @@ impl<S: Store> Rollout<S> {
         pending.clear();
         self.progress.emit(
             "ready",
-            || format!("{} passing and routable after {:.1}s", names.join(" "), t0.elapsed().as_secs_f64()),
+            || {
+                format!(
+                    "{} passing and routable after {:.1}s",
+                    names.join(" "),
+                    t0.elapsed().as_secs_f64()
+                )
+            },
             json!({"containers": names, "after_s": t0.elapsed().as_secs_f64()}),
         );
         Ok(())
     }
 
     /// Containers (by name) whose current registration has a passing mark → instance id.
-    async fn passing(&self, names: &BTreeSet<String>) -> Result<BTreeMap<String, String>, RolloutError> {
+    async fn passing(
+        &self,
+        names: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, String>, RolloutError> {
         let listing = self.store.list(&[self.keys.service(&self.svc)]).await?;
         let mut instances: BTreeMap<String, (Instance, i64)> = BTreeMap::new();
         let mut health = BTreeMap::new();
@@ -688,7 +750,11 @@ impl<S: Store> Rollout<S> {
 
     /// Watches one step window: live figures every second, a breach ends it at once.
     /// `Some(reason)` on a breach.
-    async fn window(&self, st: &mut RolloutState, label: &str) -> Result<Option<String>, RolloutError> {
+    async fn window(
+        &self,
+        st: &mut RolloutState,
+        label: &str,
+    ) -> Result<Option<String>, RolloutError> {
         if st.metrics.is_empty() {
             tokio::time::sleep(st.step_wait).await;
             return Ok(None);

@@ -82,7 +82,12 @@ pub fn delta(before: &Counts, after: &Counts) -> Counts {
             let buckets = a
                 .buckets
                 .iter()
-                .map(|(le, n)| (*le, (n - b.buckets.get(le).copied().unwrap_or(0.0)).max(0.0)))
+                .map(|(le, n)| {
+                    (
+                        *le,
+                        (n - b.buckets.get(le).copied().unwrap_or(0.0)).max(0.0),
+                    )
+                })
                 .collect();
             (
                 v.clone(),
@@ -108,9 +113,11 @@ impl VersionCounts {
     /// The `q` quantile in seconds, linearly interpolated inside its bucket like
     /// Prometheus' `histogram_quantile`; `None` without observations.
     pub fn quantile(&self, q: f64) -> Option<f64> {
-        let total = self.buckets.get(&Bound(f64::INFINITY)).copied().or_else(|| {
-            self.buckets.values().copied().reduce(f64::max)
-        })?;
+        let total = self
+            .buckets
+            .get(&Bound(f64::INFINITY))
+            .copied()
+            .or_else(|| self.buckets.values().copied().reduce(f64::max))?;
         if total <= 0.0 {
             return None;
         }
@@ -123,7 +130,11 @@ impl VersionCounts {
                     return Some(prev.0);
                 }
                 let span = n - prev.1;
-                let frac = if span > 0.0 { (rank - prev.1) / span } else { 1.0 };
+                let frac = if span > 0.0 {
+                    (rank - prev.1) / span
+                } else {
+                    1.0
+                };
                 return Some(prev.0 + (le - prev.0) * frac);
             }
             prev = (*le, *n);
@@ -238,7 +249,11 @@ mod tests {
     fn page(v1: (u64, u64), v2: (u64, u64), v2_slow: bool) -> Vec<Sample> {
         // 90 % of v1 under 1 ms, the rest under 10 ms; v2 the same or 10× slower.
         let b = |v: &str, n: u64, slow: bool| {
-            let (fast_le, slow_le) = if slow { ("0.01", "0.1") } else { ("0.001", "0.01") };
+            let (fast_le, slow_le) = if slow {
+                ("0.01", "0.1")
+            } else {
+                ("0.001", "0.01")
+            };
             format!(
                 "balancer_request_duration_seconds_bucket{{listener=\"web\",service=\"web\",version=\"{v}\",le=\"{fast_le}\"}} {}\n\
                  balancer_request_duration_seconds_bucket{{listener=\"web\",service=\"web\",version=\"{v}\",le=\"{slow_le}\"}} {n}\n\
@@ -252,7 +267,12 @@ mod tests {
              balancer_requests_total{{listener=\"web\",service=\"web\",version=\"v2\",code=\"2xx\"}} {}\n\
              balancer_requests_total{{listener=\"web\",service=\"web\",version=\"v2\",code=\"5xx\"}} {}\n\
              balancer_requests_total{{listener=\"web\",service=\"other\",version=\"v2\",code=\"5xx\"}} 999\n{}{}",
-            v1.0, v1.1, v2.0, v2.1, b("v1", v1.0 + v1.1, false), b("v2", v2.0 + v2.1, v2_slow)
+            v1.0,
+            v1.1,
+            v2.0,
+            v2.1,
+            b("v1", v1.0 + v1.1, false),
+            b("v2", v2.0 + v2.1, v2_slow)
         );
         parse(&text).unwrap()
     }
@@ -266,7 +286,10 @@ mod tests {
 
     #[test]
     fn a_healthy_canary_passes() {
-        let w = window(&page((1000, 0), (0, 0), false), &page((10_000, 1), (500, 0), false));
+        let w = window(
+            &page((1000, 0), (0, 0), false),
+            &page((10_000, 1), (500, 0), false),
+        );
         let (v, obs) = judge(&w, "v2", &LIMITS);
         assert_eq!(v, Verdict::Pass);
         assert_eq!(obs.new_requests, 500);
@@ -275,9 +298,15 @@ mod tests {
 
     #[test]
     fn ten_percent_errors_breach() {
-        let w = window(&page((0, 0), (0, 0), false), &page((900, 0), (90, 10), false));
+        let w = window(
+            &page((0, 0), (0, 0), false),
+            &page((900, 0), (90, 10), false),
+        );
         let (v, obs) = judge(&w, "v2", &LIMITS);
-        assert!(matches!(v, Verdict::Breach(ref r) if r.contains("error rate")), "{v:?}");
+        assert!(
+            matches!(v, Verdict::Breach(ref r) if r.contains("error rate")),
+            "{v:?}"
+        );
         assert!((obs.new_error_rate - 0.1).abs() < 1e-9);
         // Other services' errors are not counted.
         assert_eq!(obs.new_errors, 10);
@@ -285,15 +314,24 @@ mod tests {
 
     #[test]
     fn errors_before_the_window_do_not_count() {
-        let w = window(&page((0, 0), (100, 50), false), &page((900, 0), (1100, 50), false));
+        let w = window(
+            &page((0, 0), (100, 50), false),
+            &page((900, 0), (1100, 50), false),
+        );
         assert_eq!(judge(&w, "v2", &LIMITS).0, Verdict::Pass);
     }
 
     #[test]
     fn a_slow_canary_breaches_the_p99_ratio() {
-        let w = window(&page((0, 0), (0, 0), false), &page((1000, 0), (1000, 0), true));
+        let w = window(
+            &page((0, 0), (0, 0), false),
+            &page((1000, 0), (1000, 0), true),
+        );
         let (v, obs) = judge(&w, "v2", &LIMITS);
-        assert!(matches!(v, Verdict::Breach(ref r) if r.contains("p99")), "{v:?}");
+        assert!(
+            matches!(v, Verdict::Breach(ref r) if r.contains("p99")),
+            "{v:?}"
+        );
         let (n, o) = (obs.new_p99_ms.unwrap(), obs.old_p99_ms.unwrap());
         assert!(n > 5.0 * o, "{n} vs {o}");
     }
@@ -309,7 +347,10 @@ mod tests {
         };
         assert_eq!(judge(&w, "v2", &lenient).0, Verdict::Pass);
         // No traffic at all: nothing to judge, no breach.
-        let w = window(&page((0, 0), (0, 0), false), &page((1000, 0), (0, 0), false));
+        let w = window(
+            &page((0, 0), (0, 0), false),
+            &page((1000, 0), (0, 0), false),
+        );
         assert_eq!(judge(&w, "v2", &LIMITS).0, Verdict::Pass);
     }
 
@@ -326,7 +367,10 @@ mod tests {
 
     #[test]
     fn counter_resets_clamp_to_zero() {
-        let w = window(&page((1000, 5), (1000, 5), false), &page((10, 0), (10, 0), false));
+        let w = window(
+            &page((1000, 5), (1000, 5), false),
+            &page((10, 0), (10, 0), false),
+        );
         assert_eq!(w["v2"].requests, 0.0);
         assert_eq!(w["v2"].errors, 0.0);
     }

@@ -16,7 +16,10 @@ pub fn parse_steps(s: &str) -> Result<Vec<u32>, String> {
             return Err(format!("--steps: {n} is outside 1..=100"));
         }
         if steps.last().is_some_and(|&last| n <= last) {
-            return Err(format!("--steps must increase: {n} after {}", steps[steps.len() - 1]));
+            return Err(format!(
+                "--steps must increase: {n} after {}",
+                steps[steps.len() - 1]
+            ));
         }
         steps.push(n);
     }
@@ -178,7 +181,17 @@ mod tests {
         let (m, peak, low) = play(4, 4, 1);
         assert_eq!(
             m,
-            [Start(1), Stop(1), Start(1), Stop(1), Start(1), Stop(1), Start(1), Stop(1), Done]
+            [
+                Start(1),
+                Stop(1),
+                Start(1),
+                Stop(1),
+                Start(1),
+                Stop(1),
+                Start(1),
+                Stop(1),
+                Done
+            ]
         );
         assert_eq!((peak, low), (5, 4));
         let (_, peak, low) = play(4, 4, 2);

@@ -36,7 +36,10 @@ impl Progress {
 
     /// A live or final gate window.
     pub fn window(&self, event: &str, label: &str, new: &str, obs: &Observation) {
-        let ms = |v: Option<f64>| v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into());
+        let ms = |v: Option<f64>| {
+            v.map(|v| format!("{v:.1} ms"))
+                .unwrap_or_else(|| "-".into())
+        };
         self.emit(
             event,
             || {

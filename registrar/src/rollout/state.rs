@@ -103,8 +103,9 @@ pub async fn load<S: Store>(
     let Some(kv) = store.get(&key).await? else {
         return Ok(None);
     };
-    let mut st: RolloutState = serde_json::from_slice(&kv.value)
-        .map_err(|e| RolloutError::Invalid(format!("{key} is malformed ({e}); delete it to start over")))?;
+    let mut st: RolloutState = serde_json::from_slice(&kv.value).map_err(|e| {
+        RolloutError::Invalid(format!("{key} is malformed ({e}); delete it to start over"))
+    })?;
     st.revision = kv.mod_revision;
     Ok(Some(st))
 }
