@@ -13,6 +13,7 @@
 //! - [`body`]: streaming request/response bodies; returns pooled connections.
 //! - [`server`]: listeners (HTTP/1.1 + h2c), admin server, connection tracking.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`status`]: the status page, `/api/status` and its live stream (admin port).
 //!
 //! [`run`] wires them: the binary binds sockets and calls it with a control channel.
 
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod select;
 pub mod server;
+pub mod status;
 pub mod table;
 
 use std::collections::HashMap;
@@ -107,11 +109,15 @@ pub async fn run<S: Store>(
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = Arc::new(ConnTracker::default());
+    let status = status::StatusHub::new(opts.config.discovery.etcd.is_some());
+    status.catalog_changed(&builder);
     let admin = Arc::new(AdminState {
         shared: shared.clone(),
         watch: ArcSwap::from_pointee(None),
         shutting_down: shutdown_rx.clone(),
+        status: status.clone(),
     });
+    status::sampler::spawn(admin.clone());
     server::spawn_admin(
         to_tokio(opts.admin).map_err(RunError::Admin)?,
         admin.clone(),
@@ -133,6 +139,7 @@ pub async fn run<S: Store>(
             Ok(Some(u)) => {
                 builder.apply(u);
                 shared.table.store(Arc::new(builder.table()));
+                status.catalog_changed(&builder);
             }
             _ => tracing::warn!(
                 "etcd did not answer within 5s; serving static services until it does"
@@ -173,10 +180,13 @@ pub async fn run<S: Store>(
                     builder.apply(more);
                 }
                 shared.table.store(Arc::new(builder.table()));
+                status.catalog_changed(&builder);
             }
             c = control.recv() => match c {
                 Some(Control::Reload) => {
+                    let failures = reload_failures(&shared);
                     reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx);
+                    status.reloaded(&builder, reload_failures(&shared) > failures);
                 }
                 Some(Control::Shutdown) | None => break,
             },
@@ -227,6 +237,10 @@ fn start_listener(
         builder,
         stop,
     }
+}
+
+fn reload_failures(shared: &Shared) -> u64 {
+    shared.metrics.reloads.with_label_values(&["error"]).get()
 }
 
 /// SIGHUP: a bad file keeps everything as it is; a good one applies listeners, routes and

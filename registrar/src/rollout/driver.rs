@@ -664,7 +664,8 @@ impl<S: Store> Rollout<S> {
                         samples.iter().any(|s| {
                             s.name == "balancer_backend_up"
                                 && s.label("service") == Some(st.service.as_str())
-                                && s.label("instance") == Some(id.as_str())
+                                && s.label("instance_id").or(s.label("instance"))
+                                    == Some(id.as_str())
                                 && s.value == 1.0
                         })
                     });
