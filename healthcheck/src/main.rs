@@ -27,7 +27,7 @@ struct Cli {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// etcd client URLs, comma separated (overrides [etcd] endpoints).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "WHARF_ETCD")]
     etcd: Vec<String>,
     /// Checker id, a DNS label unique among replicas (default: the host name).
     #[arg(long)]
