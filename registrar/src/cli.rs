@@ -381,3 +381,48 @@ async fn service_set(a: ServiceSetArgs) -> Result<i32> {
     println!("{}", serde_json::to_string(&c)?);
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, version: &str, state: &str, port: u16) -> registrar::api::ContainerInfo {
+        registrar::api::ContainerInfo {
+            name: name.into(),
+            service: "web".into(),
+            version: version.into(),
+            instance: format!("n1-{name}-{port}"),
+            addr: "127.0.0.1".into(),
+            port,
+            state: state.into(),
+            helper_pid: (state != "exited").then_some(4242),
+            exit_code: (state == "exited").then_some(137),
+            restarts: 0,
+        }
+    }
+
+    #[test]
+    fn ps_table_is_aligned_grouped_and_summed_up() {
+        let text = containers_table(vec![
+            info("web-v2-0", "v2", "serving", 8090),
+            info("web-v1-10", "v1", "exited", 8080),
+            info("web-v1-0", "v1", "draining", 8081),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("NAME       SERVICE  VERSION  STATE"),
+            "{text}"
+        );
+        assert!(lines[1].starts_with("web-v1-0 "), "{text}");
+        assert!(lines[2].starts_with("web-v1-10"), "{text}");
+        assert!(lines[3].starts_with("web-v2-0 "), "{text}");
+        let state = lines[0].find("STATE").unwrap();
+        assert_eq!(&lines[2][state..state + 6], "exited", "{text}");
+        assert!(lines[2].ends_with("137         0"), "{text}");
+        assert_eq!(lines[4], "3 container(s), 1 serving");
+        assert_eq!(
+            containers_table(vec![]),
+            "no containers (start some with `registrar run`)\n"
+        );
+    }
+}
