@@ -19,14 +19,19 @@
 
 pub mod body;
 pub mod builder;
+pub mod chunked;
 pub mod config;
+pub mod deadline;
 pub mod endpoint;
+pub mod h1_request;
+pub mod h1_server;
 pub mod metrics;
 pub mod proxy;
 pub mod select;
 pub mod server;
 pub mod status;
 pub mod table;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
