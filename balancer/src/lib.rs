@@ -18,13 +18,19 @@
 
 pub mod body;
 pub mod builder;
+pub mod client_io;
 pub mod config;
 pub mod endpoint;
+pub mod l4config;
+pub mod l4metrics;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod select;
 pub mod server;
 pub mod table;
+pub mod tcp;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -73,6 +79,20 @@ pub enum RunError {
     },
     #[error("admin socket: {0}")]
     Admin(std::io::Error),
+    #[error("listener {name}: {msg}")]
+    Listener { name: String, msg: String },
+    #[error("service {service}: upstream TLS: {source}")]
+    UpstreamTls {
+        service: String,
+        source: tls::upstream::UpstreamTlsError,
+    },
+}
+
+/// What the L4 parts of every listener share.
+#[derive(Clone)]
+pub struct L4Ctx {
+    pub metrics: Arc<l4metrics::L4Metrics>,
+    pub upstreams: Arc<tcp::UpstreamMap>,
 }
 
 /// What [`run`] needs: sockets already bound, so tests can use port 0.
@@ -86,6 +106,8 @@ pub struct RunOptions<S> {
     pub admin: std::net::TcpListener,
     /// etcd (or any `Store`); `None` runs on static services only.
     pub store: Option<S>,
+    /// Told once every listener accepts (the self-upgrade waits for it).
+    pub ready: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 fn to_tokio(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
@@ -100,6 +122,13 @@ pub async fn run<S: Store>(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    let l4 = L4Ctx {
+        metrics: Arc::new(l4metrics::L4Metrics::register(&metrics.registry)),
+        upstreams: Arc::new(arc_swap::ArcSwap::from_pointee(
+            tcp::upstream_map(&opts.config)
+                .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
+        )),
+    };
     let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(builder.table()),
@@ -158,9 +187,15 @@ pub async fn run<S: Store>(
             addr: l.bind,
             source,
         })?;
-        handles.push(start_listener(sock, l, &shared, &tracker, &shutdown_rx));
+        handles.push(
+            start_listener(sock, l, &shared, &tracker, &shutdown_rx, &l4)
+                .map_err(|msg| RunError::Listener { name, msg })?,
+        );
     }
     tracing::info!(listeners = handles.len(), "balancer running");
+    if let Some(ready) = opts.ready {
+        let _ = ready.send(());
+    }
 
     let mut config_path = opts.config_path;
     loop {
@@ -176,7 +211,7 @@ pub async fn run<S: Store>(
             }
             c = control.recv() => match c {
                 Some(Control::Reload) => {
-                    reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx);
+                    reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx, &l4);
                 }
                 Some(Control::Shutdown) | None => break,
             },
@@ -208,25 +243,46 @@ fn start_listener(
     shared: &Arc<Shared>,
     tracker: &Arc<ConnTracker>,
     shutdown: &watch::Receiver<bool>,
-) -> ListenerHandle {
+    l4: &L4Ctx,
+) -> Result<ListenerHandle, String> {
     let (stop, stop_rx) = watch::channel(false);
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
-    server::spawn_listener(
-        sock,
-        name.as_str().into(),
-        builder.clone(),
-        shared.clone(),
-        tracker.clone(),
-        stop_rx,
-        shutdown.clone(),
-    );
-    ListenerHandle {
+    let tls = tls::listener(l, &l4.metrics, stop_rx.clone()).map_err(|e| e.to_string())?;
+    let setup = client_io::ClientSetup::new(l, tls, l4.metrics.clone());
+    match l.protocol {
+        config::ListenerProtocol::Http => server::spawn_listener(
+            sock,
+            name.as_str().into(),
+            builder.clone(),
+            shared.clone(),
+            tracker.clone(),
+            stop_rx,
+            shutdown.clone(),
+            Arc::new(setup),
+        ),
+        config::ListenerProtocol::Tcp => tcp::spawn_listener(
+            sock,
+            Arc::new(tcp::TcpContext {
+                name: name.as_str().into(),
+                setup,
+                shared: shared.clone(),
+                upstreams: l4.upstreams.clone(),
+                metrics: l4.metrics.clone(),
+                idle_timeout: l.idle_timeout,
+                drain_timeout: l.drain_timeout,
+            }),
+            tracker.clone(),
+            stop_rx,
+            shutdown.clone(),
+        ),
+    }
+    Ok(ListenerHandle {
         name,
         bind: l.bind,
         builder,
         stop,
-    }
+    })
 }
 
 /// SIGHUP: a bad file keeps everything as it is; a good one applies listeners, routes and
@@ -238,6 +294,7 @@ fn reload(
     shared: &Arc<Shared>,
     tracker: &Arc<ConnTracker>,
     shutdown: &watch::Receiver<bool>,
+    l4: &L4Ctx,
 ) {
     let reloads = &shared.metrics.reloads;
     let Some(p) = path.as_ref() else {
@@ -271,6 +328,32 @@ fn reload(
             }
         }
     }
+    let upstreams = match tcp::upstream_map(&config) {
+        Ok(u) => u,
+        Err((service, e)) => {
+            tracing::error!(%service, error = %e, "reload failed: upstream TLS; keeping the running configuration");
+            reloads.with_label_values(&["error"]).inc();
+            return;
+        }
+    };
+    // Listeners that stay keep their TLS and PROXY settings (certificates still follow
+    // their files); new listeners start with the new ones.
+    let mut started = Vec::new();
+    for (s, l) in fresh {
+        match start_listener(s, &l, shared, tracker, shutdown, l4) {
+            Ok(h) => started.push(h),
+            Err(e) => {
+                tracing::error!(listener = %l.name.get_ref(), error = %e,
+                    "reload failed; keeping the running configuration");
+                for h in started {
+                    let _ = h.stop.send(true);
+                }
+                reloads.with_label_values(&["error"]).inc();
+                return;
+            }
+        }
+    }
+    l4.upstreams.store(Arc::new(upstreams));
     builder.set_config(config.clone());
     shared.table.store(Arc::new(builder.table()));
     handles.retain(|h| match config.listeners.iter().find(|l| same(h, l)) {
@@ -283,9 +366,7 @@ fn reload(
             false
         }
     });
-    for (s, l) in fresh {
-        handles.push(start_listener(s, &l, shared, tracker, shutdown));
-    }
+    handles.extend(started);
     reloads.with_label_values(&["ok"]).inc();
     tracing::info!("configuration reloaded");
 }

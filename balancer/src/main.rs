@@ -144,6 +144,7 @@ async fn serve(config: Arc<LbConfig>, path: PathBuf) -> Result<()> {
         listeners,
         admin,
         store,
+        ready: None,
     };
     balancer::run(opts, rx).await?;
     // Pooled upstream connections and tasks die with the runtime.

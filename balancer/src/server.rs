@@ -26,7 +26,7 @@ pub struct ConnTracker {
 }
 
 impl ConnTracker {
-    fn enter(self: &Arc<Self>) -> TrackGuard {
+    pub fn enter(self: &Arc<Self>) -> TrackGuard {
         self.open.fetch_add(1, Ordering::Relaxed);
         TrackGuard(self.clone())
     }
@@ -47,7 +47,7 @@ impl ConnTracker {
     }
 }
 
-struct TrackGuard(Arc<ConnTracker>);
+pub struct TrackGuard(Arc<ConnTracker>);
 
 impl Drop for TrackGuard {
     fn drop(&mut self) {
@@ -102,6 +102,7 @@ pub fn spawn_listener(
     tracker: Arc<ConnTracker>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
+    setup: Arc<crate::client_io::ClientSetup>,
 ) {
     let active = shared
         .metrics
@@ -122,13 +123,18 @@ pub fn spawn_listener(
                 _ = until_true(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
-            let info = Arc::new(ConnInfo::new(name.clone(), peer, shared.clone()));
+            let (name, shared, setup) = (name.clone(), shared.clone(), setup.clone());
             let builder = builder.load_full();
             let guard = tracker.enter();
             let active = active.clone();
             let mut shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _guard = guard;
+                // PROXY header and TLS first: `peer` becomes the real client.
+                let Some((stream, peer)) = setup.accept(stream, peer).await else {
+                    return;
+                };
+                let info = Arc::new(ConnInfo::new(name, peer, shared));
                 active.inc();
                 let svc =
                     service_fn(move |req: Request<Incoming>| proxy::handle(req, info.clone()));
