@@ -66,7 +66,11 @@ impl AsyncRead for ClientIo {
 }
 
 impl AsyncWrite for ClientIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_write_vectored(
@@ -132,7 +136,11 @@ impl ClientSetup {
 
     /// PROXY header, then TLS. `None`: the connection was refused or failed (logged and
     /// counted); the caller just drops it.
-    pub async fn accept(&self, mut tcp: TcpStream, peer: SocketAddr) -> Option<(ClientIo, SocketAddr)> {
+    pub async fn accept(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(ClientIo, SocketAddr)> {
         if self.is_passthrough() {
             return Some((ClientIo::Plain(tcp), peer));
         }
@@ -140,7 +148,8 @@ impl ClientSetup {
         let mut client = peer;
         if let Some(trusted) = &self.proxy {
             if trusted.iter().any(|c| c.contains(peer.ip())) {
-                match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp)).await {
+                match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp)).await
+                {
                     Ok(Ok(h)) => client = h.source.unwrap_or(peer),
                     Ok(Err(e)) => {
                         let reason = match e {

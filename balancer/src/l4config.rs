@@ -176,7 +176,11 @@ pub(crate) fn validate(
     c: &LbConfig,
     err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
 ) -> Result<(), ConfigError> {
-    let static_names: HashSet<&str> = c.services.iter().map(|s| s.name.get_ref().as_str()).collect();
+    let static_names: HashSet<&str> = c
+        .services
+        .iter()
+        .map(|s| s.name.get_ref().as_str())
+        .collect();
     let mut http_services = HashSet::new();
     for l in &c.listeners {
         if l.protocol == ListenerProtocol::Http {
@@ -206,14 +210,18 @@ pub(crate) fn validate(
                     return Err(err(
                         svc.span(),
                         &format!("listener[{i}].service"),
-                        format!("no [[service]] named {name} and no [discovery.etcd] to find it in"),
+                        format!(
+                            "no [[service]] named {name} and no [discovery.etcd] to find it in"
+                        ),
                     ));
                 }
                 if http_services.contains(name) {
                     return Err(err(
                         svc.span(),
                         &format!("listener[{i}].service"),
-                        format!("service {name} is also routed by an http listener; a service is either tcp or http"),
+                        format!(
+                            "service {name} is also routed by an http listener; a service is either tcp or http"
+                        ),
                     ));
                 }
             }
@@ -368,6 +376,6 @@ proxy_protocol = "v2"
         assert!(e.contains("service[0].tls.ca"), "{e}");
         let bad = TCP.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v3\"");
         let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
-        assert!(e.starts_with("lb.toml:11:"), "{e}");
+        assert!(e.starts_with("lb.toml:10:"), "{e}");
     }
 }

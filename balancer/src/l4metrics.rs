@@ -27,7 +27,10 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
 impl L4Metrics {
     pub fn register(r: &Registry) -> Self {
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(r, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
+            reg(
+                r,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
         };
         Self {
             tcp_connections: counter(

@@ -107,7 +107,10 @@ pub fn starts_header(prefix: &[u8]) -> Option<bool> {
 }
 
 async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), ProxyError> {
-    r.read_exact(buf).await.map(|_| ()).map_err(|_| ProxyError::Eof)
+    r.read_exact(buf)
+        .await
+        .map(|_| ())
+        .map_err(|_| ProxyError::Eof)
 }
 
 /// Reads one v1 or v2 header (required) and nothing more.
@@ -192,7 +195,14 @@ async fn read_v2_body<R: AsyncRead + Unpin>(r: &mut R, head: &[u8]) -> Result<He
     }
     match fam >> 4 {
         1 if body.len() >= 12 => {
-            let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(body[o], body[o + 1], body[o + 2], body[o + 3]));
+            let ip = |o: usize| {
+                IpAddr::V4(Ipv4Addr::new(
+                    body[o],
+                    body[o + 1],
+                    body[o + 2],
+                    body[o + 3],
+                ))
+            };
             let port = |o: usize| u16::from_be_bytes([body[o], body[o + 1]]);
             Ok(Header {
                 source: Some(SocketAddr::new(ip(0), port(8))),

@@ -142,10 +142,7 @@ fn connect_failed(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
 
 /// Picks and connects, trying other instances on failure (bounded by `retries` and the
 /// service's retry budget).
-async fn connect(
-    svc: &ServiceTable,
-    s: &ListenerSettings,
-) -> Option<(Arc<Endpoint>, TcpStream)> {
+async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoint>, TcpStream)> {
     svc.shared.deposit(s.retry_budget_percent);
     let mut tried = Vec::new();
     for attempt in 0..=s.retries {

@@ -80,8 +80,12 @@ fn build(
     let key = rustls_pemfile::private_key(&mut &source.1[..])
         .map_err(|e| invalid(&cfg.key, format!("bad PEM: {e}")))?
         .ok_or_else(|| invalid(&cfg.key, "no PRIVATE KEY in the file"))?;
-    let key = CertifiedKey::from_der(chain.clone(), key, provider)
-        .map_err(|e| invalid(&cfg.key, format!("key does not fit {}: {e}", cert_path.display())))?;
+    let key = CertifiedKey::from_der(chain.clone(), key, provider).map_err(|e| {
+        invalid(
+            &cfg.key,
+            format!("key does not fit {}: {e}", cert_path.display()),
+        )
+    })?;
     let (_, x509) = x509_parser::parse_x509_certificate(&chain[0])
         .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
     let not_after = x509.validity().not_after.timestamp();
@@ -206,7 +210,10 @@ impl Reloader {
     pub fn poll(&mut self) -> bool {
         let mut changed = false;
         for i in 0..self.configs.len() {
-            let (cert, key) = (self.configs[i].cert.get_ref().clone(), self.configs[i].key.clone());
+            let (cert, key) = (
+                self.configs[i].cert.get_ref().clone(),
+                self.configs[i].key.clone(),
+            );
             let source = match (read(&cert), read(&key)) {
                 (Ok(c), Ok(k)) => (c, k),
                 (Err(e), _) | (_, Err(e)) => {

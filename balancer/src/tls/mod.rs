@@ -45,11 +45,7 @@ pub fn listener(
         .iter()
         .map(|c| certs::load(c, &provider).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
-    let default = tls
-        .certificates
-        .iter()
-        .position(|c| c.default)
-        .unwrap_or(0);
+    let default = tls.certificates.iter().position(|c| c.default).unwrap_or(0);
     let resolver = Arc::new(SniResolver(ArcSwap::from_pointee(CertSet::new(
         &loaded, default,
     ))));
@@ -81,7 +77,10 @@ pub fn listener(
     reloader.publish_expiry();
     // Both series exist from the start, so an alert on `error` needs no `absent()`.
     for result in ["ok", "error"] {
-        metrics.tls_reloads.with_label_values(&[&name, result]).inc_by(0);
+        metrics
+            .tls_reloads
+            .with_label_values(&[&name, result])
+            .inc_by(0);
     }
     tokio::spawn(reloader.run(stop));
     Ok(Some(TlsListener {

@@ -77,7 +77,11 @@ impl UpstreamTlsClient {
     }
 
     /// Handshakes over an established connection to `ip`.
-    pub async fn connect(&self, ip: IpAddr, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+    pub async fn connect(
+        &self,
+        ip: IpAddr,
+        tcp: TcpStream,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
         let name = self.sni.clone().unwrap_or(ServerName::IpAddress(ip.into()));
         self.connector.connect(name, tcp).await
     }
