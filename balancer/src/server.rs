@@ -94,6 +94,7 @@ pub struct ListenerHandle {
 
 /// Accepts connections until `stop` turns true or `shutdown` does; on `shutdown`,
 /// connections are shut down gracefully.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_listener(
     listener: TcpListener,
     name: Arc<str>,
