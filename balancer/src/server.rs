@@ -135,7 +135,9 @@ pub fn spawn_listener(
                 let Some((stream, peer)) = setup.accept(stream, peer).await else {
                     return;
                 };
-                let info = Arc::new(ConnInfo::new(name, peer, shared));
+                let mut info = ConnInfo::new(name, peer, shared);
+                info.tls = stream.is_tls();
+                let info = Arc::new(info);
                 active.inc();
                 let svc =
                     service_fn(move |req: Request<Incoming>| proxy::handle(req, info.clone()));

@@ -151,7 +151,13 @@ pub fn issue(
 ) -> Result<(PathBuf, PathBuf)> {
     let san = names
         .iter()
-        .map(|n| format!("DNS:{n}"))
+        .map(|n| {
+            if n.contains(':') {
+                n.to_string()
+            } else {
+                format!("DNS:{n}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(",");
     let ext = out.join(format!("{file}.ext"));
@@ -218,7 +224,37 @@ pub fn tls_connector(ca: &Path, alpn: &[&str]) -> Result<tokio_rustls::TlsConnec
     .with_root_certificates(roots)
     .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    // Full handshakes only: a resumed session reports the certificate of the first one.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// Sends `GET path` over an established stream with HTTP/1.1 (or h2); (status, body).
+pub async fn get_over<S>(s: S, h2: bool, path: &str) -> Result<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::{BodyExt, Empty};
+    let io = hyper_util::rt::TokioIo::new(s);
+    let req = hyper::Request::get(format!("http://localhost{path}"))
+        .header("host", "localhost")
+        .body(Empty::<bytes::Bytes>::new())?;
+    let resp = if h2 {
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        tokio::time::timeout(WAIT, tx.send_request(req)).await??
+    } else {
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        tokio::time::timeout(WAIT, tx.send_request(req)).await??
+    };
+    let status = resp.status().as_u16();
+    let body = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .context("body timed out")??
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Handshakes with `sni`; returns the stream and the CN of the certificate served.
@@ -228,7 +264,10 @@ pub async fn tls_connect(
     sni: &str,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, String)> {
     let tcp = TcpStream::connect(addr).await?;
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned())?;
+    let name = match sni.parse::<std::net::IpAddr>() {
+        Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
+        Err(_) => rustls::pki_types::ServerName::try_from(sni.to_owned())?,
+    };
     let s = tokio::time::timeout(WAIT, connector.connect(name, tcp))
         .await
         .context("TLS handshake timed out")??;
