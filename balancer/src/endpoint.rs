@@ -42,6 +42,8 @@ pub struct Endpoint {
     idle: Mutex<Vec<(Sender, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Answers, errors and latencies for the status page (relaxed atomics only).
+    pub stats: crate::status::RequestStats,
 }
 
 impl Endpoint {
@@ -70,6 +72,7 @@ impl Endpoint {
             idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
+            stats: Default::default(),
         }
     }
 

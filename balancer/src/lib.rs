@@ -13,6 +13,7 @@
 //! - [`body`]: streaming request/response bodies; returns pooled connections.
 //! - [`server`]: listeners (HTTP/1.1 + h2c), admin server, connection tracking.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`status`]: the status page, `/api/status` and its live stream (admin port).
 //!
 //! [`run`] wires them: the binary binds sockets and calls it with a control channel.
 
@@ -28,6 +29,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod select;
 pub mod server;
+pub mod status;
 pub mod table;
 pub mod tcp;
 pub mod tls;
@@ -136,11 +138,15 @@ pub async fn run<S: Store>(
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = Arc::new(ConnTracker::default());
+    let status = status::StatusHub::new(opts.config.discovery.etcd.is_some());
+    status.catalog_changed(&builder);
     let admin = Arc::new(AdminState {
         shared: shared.clone(),
         watch: ArcSwap::from_pointee(None),
         shutting_down: shutdown_rx.clone(),
+        status: status.clone(),
     });
+    status::sampler::spawn(admin.clone());
     server::spawn_admin(
         to_tokio(opts.admin).map_err(RunError::Admin)?,
         admin.clone(),
@@ -162,6 +168,7 @@ pub async fn run<S: Store>(
             Ok(Some(u)) => {
                 builder.apply(u);
                 shared.table.store(Arc::new(builder.table()));
+                status.catalog_changed(&builder);
             }
             _ => tracing::warn!(
                 "etcd did not answer within 5s; serving static services until it does"
@@ -200,22 +207,25 @@ pub async fn run<S: Store>(
     let mut config_path = opts.config_path;
     loop {
         tokio::select! {
-            u = async { match updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                let Some(u) = u else { updates = None; continue };
-                builder.apply(u);
-                // Coalesce a burst into one swap.
-                while let Some(more) = updates.as_mut().and_then(|rx| rx.try_recv().ok()) {
-                    builder.apply(more);
+                    u = async { match updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                        let Some(u) = u else { updates = None; continue };
+                        builder.apply(u);
+                        // Coalesce a burst into one swap.
+                        while let Some(more) = updates.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                            builder.apply(more);
+                        }
+                        shared.table.store(Arc::new(builder.table()));
+                        status.catalog_changed(&builder);
+                    }
+                    c = control.recv() => match c {
+                        Some(Control::Reload) => {
+        let failures = reload_failures(&shared);
+                            reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx, &l4);
+                            status.reloaded(&builder, reload_failures(&shared) > failures);
+                        }
+                        Some(Control::Shutdown) | None => break,
+                    },
                 }
-                shared.table.store(Arc::new(builder.table()));
-            }
-            c = control.recv() => match c {
-                Some(Control::Reload) => {
-                    reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx, &l4);
-                }
-                Some(Control::Shutdown) | None => break,
-            },
-        }
     }
 
     // Graceful shutdown: stop accepting, let in-flight requests finish, close idle ones.
@@ -283,6 +293,10 @@ fn start_listener(
         builder,
         stop,
     })
+}
+
+fn reload_failures(shared: &Shared) -> u64 {
+    shared.metrics.reloads.with_label_values(&["error"]).get()
 }
 
 /// SIGHUP: a bad file keeps everything as it is; a good one applies listeners, routes and

@@ -435,6 +435,7 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
                 Ok(tx) => tx,
                 Err(e) => {
                     svc.shared.connect_errors.inc();
+                    ep.stats.record_failure();
                     failed(&ep, svc, s);
                     tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
                     last = if matches!(e, ConnectError::Timeout) {
@@ -466,6 +467,7 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
         let sent = tokio::time::timeout(s.response_timeout, tx.try_send_request(request)).await;
         let mut resp = match sent {
             Err(_) => {
+                ep.stats.record_failure();
                 failed(&ep, svc, s);
                 return ctx.finish(
                     Some(version),
@@ -504,6 +506,7 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
                 }
                 tracing::debug!(instance = %ep.id, error = %err, reused, "upstream failed before answering");
                 if !reused {
+                    ep.stats.record_failure();
                     failed(&ep, svc, s);
                     tried.push(Arc::as_ptr(&ep) as usize);
                 }
@@ -522,6 +525,7 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
         };
 
         let status = resp.status();
+        ep.stats.record_answer(status.as_u16(), ctx.start.elapsed());
         if status.is_server_error() {
             failed(&ep, svc, s);
         } else {

@@ -166,6 +166,8 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub watch: ArcSwap<Option<Arc<WatchStats>>>,
     pub shutting_down: watch::Receiver<bool>,
+    /// Status page data (`/`, `/status`, `/api/status`): see `crate::status`.
+    pub status: Arc<crate::status::StatusHub>,
 }
 
 impl AdminState {
@@ -189,7 +191,7 @@ fn sync_counter(c: &prometheus::IntCounter, v: u64) {
     }
 }
 
-async fn admin(
+pub(crate) async fn admin(
     req: Request<Incoming>,
     st: Arc<AdminState>,
 ) -> Result<Response<RespBody>, std::convert::Infallible> {
@@ -210,7 +212,11 @@ async fn admin(
                 proxy::plain(StatusCode::OK, "ok\n", false)
             }
         }
-        _ => proxy::plain(StatusCode::NOT_FOUND, "try /metrics or /healthz\n", false),
+        _ => proxy::plain(
+            StatusCode::NOT_FOUND,
+            "try / (status page), /api/status, /metrics or /healthz\n",
+            false,
+        ),
     })
 }
 
@@ -223,7 +229,7 @@ pub fn spawn_admin(listener: TcpListener, st: Arc<AdminState>) {
             };
             let st = st.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| admin(req, st.clone()));
+                let svc = service_fn(move |req| crate::status::http::admin(req, st.clone()));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;

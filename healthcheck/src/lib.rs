@@ -8,6 +8,7 @@
 //! - [`probe`]: one probe, prepared once per instance, allocation-free per run.
 //! - [`rules`]: the rise/fall state machine (pure).
 //! - [`shard`]: rendezvous hashing of instances over live checkers (pure).
+//! - [`stall`]: loop-lag monitor; probe timeouts of a starved checker are discarded.
 //! - [`task`]: the probe loop of one instance (one tokio task each).
 //! - [`view`]: the watched catalog, keyed for the supervisor.
 //! - [`supervisor`]: ownership, probe tasks, mark reconciliation.
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod probe;
 pub mod rules;
 pub mod shard;
+pub mod stall;
 pub mod supervisor;
 pub mod task;
 pub mod view;
@@ -40,6 +42,7 @@ pub use config::{FileConfig, Settings};
 
 use crate::membership::Membership;
 use crate::metrics::Metrics;
+use crate::stall::StallGuard;
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::writer::Writer;
 
@@ -87,10 +90,13 @@ pub async fn run<S: Store + Clone>(
     };
     background.spawn(writer.run(write_rx, done_tx, lease_rx.clone()));
 
+    let stalls = StallGuard::new();
+    background.spawn(stalls.clone().monitor(metrics.clone()));
     let config = SupervisorConfig {
         me: settings.checker_id.clone(),
         mark_refresh: settings.mark_refresh,
         min_deregister_after: settings.min_deregister_after,
+        stalls,
     };
     let (supervisor, reports) = Supervisor::new(config, metrics, write_tx);
     info!(checker = %settings.checker_id, prefix = %keyspace, "health checker started");

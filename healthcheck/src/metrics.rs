@@ -26,6 +26,9 @@ pub struct Metrics {
     pub writes: IntCounterVec,
     pub lease_losses: IntCounter,
     pub live_checkers: IntGauge,
+    pub loop_lag: Histogram,
+    pub stalls: IntCounter,
+    pub discarded: IntCounter,
     watch_staleness: prometheus::Gauge,
     watch_malformed: IntCounter,
     watch_resets: IntCounter,
@@ -36,12 +39,18 @@ pub struct Metrics {
 pub struct ServiceMetrics {
     by_verdict: [IntCounter; 4],
     seconds: Histogram,
+    discarded: IntCounter,
 }
 
 impl ServiceMetrics {
     pub fn observe(&self, verdict: Verdict, seconds: f64) {
         self.by_verdict[verdict.index()].inc();
         self.seconds.observe(seconds);
+    }
+
+    /// A probe timeout dropped because the checker was starved while it ran.
+    pub fn discard(&self) {
+        self.discarded.inc();
     }
 }
 
@@ -105,6 +114,23 @@ impl Metrics {
             "healthcheck_live_checkers",
             "Checker replicas sharing the work, this one included.",
         ));
+        let loop_lag = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "healthcheck_event_loop_lag_seconds",
+                "How late the checker's event loop woke a 25 ms ticker: time the checker was starved.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        ));
+        let stalls = must(IntCounter::new(
+            "healthcheck_stalls_total",
+            "Times the event loop woke 250 ms or more late (stopped, throttled or overloaded checker).",
+        ));
+        let discarded = must(IntCounter::new(
+            "healthcheck_probes_discarded_total",
+            "Probe timeouts not counted because the checker was starved during the probe; each is redone.",
+        ));
         let watch_staleness = must(prometheus::Gauge::new(
             "healthcheck_watch_staleness_seconds",
             "Time since etcd last confirmed the catalog watch is current (-1 before the first list).",
@@ -129,6 +155,9 @@ impl Metrics {
         reg(Box::new(writes.clone()));
         reg(Box::new(lease_losses.clone()));
         reg(Box::new(live_checkers.clone()));
+        reg(Box::new(loop_lag.clone()));
+        reg(Box::new(stalls.clone()));
+        reg(Box::new(discarded.clone()));
         reg(Box::new(watch_staleness.clone()));
         reg(Box::new(watch_malformed.clone()));
         reg(Box::new(watch_resets.clone()));
@@ -146,6 +175,9 @@ impl Metrics {
             writes,
             lease_losses,
             live_checkers,
+            loop_lag,
+            stalls,
+            discarded,
             watch_staleness,
             watch_malformed,
             watch_resets,
@@ -158,6 +190,7 @@ impl Metrics {
         Arc::new(ServiceMetrics {
             by_verdict: Verdict::ALL.map(|v| self.probes.with_label_values(&[service, v.as_str()])),
             seconds: self.probe_seconds.with_label_values(&[service]),
+            discarded: self.discarded.clone(),
         })
     }
 

@@ -21,6 +21,7 @@ use crate::metrics::{Metrics, ServiceMetrics};
 use crate::probe::Target;
 use crate::rules::{Status, Step};
 use crate::shard;
+use crate::stall::StallGuard;
 use crate::task::{ProbeJob, ProbeTask, Report};
 use crate::view::{Changes, View};
 use crate::writer::{Item, LeaseInfo, WriteDone, WriteKind, WriteRequest, WriteResult};
@@ -32,6 +33,8 @@ pub struct SupervisorConfig {
     pub mark_refresh: Option<Duration>,
     /// Floor of `deregister_after`; shorter values from etcd are raised to it.
     pub min_deregister_after: Duration,
+    /// Tells probe tasks whether a timeout overlapped a stall of the checker itself.
+    pub stalls: Arc<StallGuard>,
 }
 
 /// What was last asked of the writer for an instance's mark.
@@ -306,6 +309,7 @@ impl Supervisor {
             target,
             initial,
             metrics,
+            stalls: self.config.stalls.clone(),
             reports: self.reports_tx.clone(),
         }
         .spawn()

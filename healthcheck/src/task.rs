@@ -15,8 +15,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::metrics::ServiceMetrics;
-use crate::probe::{Target, Verdict};
+use crate::probe::{Outcome, Target, Verdict};
 use crate::rules::{Status, Step, Tracker};
+use crate::stall::StallGuard;
 use crate::writer::Item;
 
 /// A message from a probe task.
@@ -46,6 +47,7 @@ pub struct ProbeJob {
     pub target: Arc<Target>,
     pub initial: Status,
     pub metrics: Arc<ServiceMetrics>,
+    pub stalls: Arc<StallGuard>,
     pub reports: mpsc::UnboundedSender<Report>,
 }
 
@@ -62,13 +64,41 @@ impl ProbeJob {
         // neither the checker nor the backends see a thundering herd at start-up.
         let first = rand::rng().random_range(Duration::ZERO..interval);
         let mut next = Instant::now() + first;
+        // At most one re-spread and one immediate redo in a row, so that a chronically
+        // starved checker still probes every interval rather than never or non-stop.
+        let mut may_respread = true;
+        let mut may_redo = true;
         loop {
             tokio::time::sleep_until(next).await;
             let started = Instant::now();
+            if may_respread && started.saturating_duration_since(next) > interval {
+                may_respread = false;
+                // Woken more than an interval late: the checker was stopped or starved, and
+                // every task is waking at once. Spread the probes out again instead of
+                // firing them all together (which would starve the checker some more).
+                next = started + rand::rng().random_range(Duration::ZERO..interval);
+                continue;
+            }
+            may_respread = true;
             let outcome = target.probe().await;
+            let ended = Instant::now();
+            if outcome == Outcome::Timeout
+                && self.stalls.starved(started, ended, target.timeout).await
+            {
+                // The timeout says nothing about the backend: redo the probe right away.
+                self.metrics.discard();
+                next = if may_redo {
+                    Instant::now()
+                } else {
+                    started + interval
+                };
+                may_redo = false;
+                continue;
+            }
+            may_redo = true;
             let verdict = target.judge(outcome);
             self.metrics
-                .observe(verdict, started.elapsed().as_secs_f64());
+                .observe(verdict, ended.duration_since(started).as_secs_f64());
             let step = tracker.record(verdict == Verdict::Pass);
             if step != Step::Unchanged {
                 let report = Report {

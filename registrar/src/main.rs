@@ -234,7 +234,7 @@ fn oneshot(a: OneshotArgs) -> Result<i32> {
             other => anyhow::bail!("--network {other:?}: oneshot supports host or none"),
         },
     };
-    let status = helper::run(&spec);
+    let status = helper::run_foreground(&spec);
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(e) = &status.error {
         eprintln!("registrar: {e}");

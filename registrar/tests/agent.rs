@@ -6,8 +6,8 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use catalog::{InstanceState, Store};
-use common::agent::{TestAgent, instances, port_open};
-use common::{assert_nothing_left, busybox_rootfs, unique};
+use common::agent::{TestAgent, http_get_via, instances, port_open};
+use common::{assert_nothing_left, busybox_rootfs, unique, unique_subnet};
 use wharf_tests::{EtcdServer, eventually, free_port};
 
 struct World {
@@ -502,7 +502,7 @@ async fn bridge_network_registers_the_container_address_and_cleans_up() {
     let store = w.etcd.store().await.unwrap();
     let suffix = rand::random::<u32>() & 0xffffff;
     let bridge = format!("wt{suffix:06x}");
-    let subnet = format!("10.213.{}.0/24", suffix & 0xff);
+    let subnet = unique_subnet(&[]);
     let agent = TestAgent::start(
         &w.etcd,
         &w.node,
@@ -581,20 +581,4 @@ async fn bridge_network_registers_the_container_address_and_cleans_up() {
         let veth = spec["net"]["host_veth"].as_str().unwrap().to_string();
         assert!(!links.contains(&veth), "veth {veth} left behind");
     }
-}
-
-/// `GET path` over a socket bound to `device`, so the request cannot leave the host.
-async fn http_get_via(addr: &str, device: &str, path: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let target: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind_device(Some(device.as_bytes()))?;
-    let mut s = tokio::time::timeout(Duration::from_secs(2), socket.connect(target))
-        .await
-        .map_err(std::io::Error::other)??;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
 }

@@ -37,6 +37,8 @@ struct BackendState {
     in_flight: AtomicUsize,
     script: Mutex<VecDeque<u16>>,
     log: Mutex<Vec<Seen>>,
+    /// While true, answers wait (see [`Backend::hold`]).
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 /// A real HTTP/1.1 server on 127.0.0.1. Each request gets the next scripted status, else
@@ -91,6 +93,11 @@ impl Backend {
         self.state.script.lock().unwrap().extend(statuses);
     }
 
+    /// Holds every answer (requests already read and new ones) until released.
+    pub fn hold(&self, on: bool) {
+        self.state.hold.send_replace(on);
+    }
+
     pub fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
     }
@@ -137,6 +144,7 @@ async fn handle(mut stream: TcpStream, state: Arc<BackendState>) {
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
+    let _ = state.hold.subscribe().wait_for(|held| !*held).await;
     let reply = format!("HTTP/1.1 {status} Test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     let sent = stream.write_all(reply.as_bytes()).await.is_ok();
     state.in_flight.fetch_sub(1, Ordering::SeqCst);

@@ -71,12 +71,15 @@ pub async fn supervise<S: Store + Clone>(
         let key = sh.instance_key(&meta);
         let mut instance = sh.instance(&meta);
         let mut registered = false;
-        // A bridge container is probed through the bridge only: if its route were missing,
-        // an unbound probe would leave through the default route, and whatever answers out
-        // there must never make the container look ready.
-        let device =
-            matches!(meta.network, crate::api::Network::Bridge).then(|| sh.cfg.bridge.name.clone());
-        let port_ready = wait_port(meta.addr, meta.port, device);
+        // A bridge container is probed only once its helper has wired it (before that the
+        // bridge, its route or the veth may not exist yet: a probe started with the helper
+        // used to leave through the default route, and something out there answered), and
+        // through the bridge only, so that a missing route can never look like a ready port.
+        let bridge = matches!(meta.network, crate::api::Network::Bridge).then(|| BridgeProbe {
+            device: sh.cfg.bridge.name.clone(),
+            ready_file: crate::runtime::ContainerSpec::net_ready_file(&dir),
+        });
+        let port_ready = wait_port(meta.addr, meta.port, bridge);
         tokio::pin!(port_ready);
         let outcome = loop {
             tokio::select! {
@@ -218,8 +221,17 @@ async fn drain_timeout<S: Store + Clone>(sh: &Arc<Shared<S>>, instance: &Instanc
     }
 }
 
-/// Resolves once `addr:port` accepts a TCP connection, made through `device` when given.
-async fn wait_port(addr: std::net::IpAddr, port: u16, device: Option<String>) {
+/// How a bridge container's port is probed.
+struct BridgeProbe {
+    /// The bridge the probe is bound to.
+    device: String,
+    /// Written by the helper once the container's network is wired.
+    ready_file: std::path::PathBuf,
+}
+
+/// Resolves once `addr:port` accepts a TCP connection; for a bridge container, only once
+/// its network is wired and through its bridge.
+async fn wait_port(addr: std::net::IpAddr, port: u16, bridge: Option<BridgeProbe>) {
     let target = std::net::SocketAddr::new(addr, port);
     let connect = || async {
         let socket = if target.is_ipv4() {
@@ -227,8 +239,11 @@ async fn wait_port(addr: std::net::IpAddr, port: u16, device: Option<String>) {
         } else {
             tokio::net::TcpSocket::new_v6()?
         };
-        if let Some(dev) = &device {
-            socket.bind_device(Some(dev.as_bytes()))?;
+        if let Some(b) = &bridge {
+            if !b.ready_file.exists() {
+                return Err(std::io::Error::other("network not wired yet"));
+            }
+            socket.bind_device(Some(b.device.as_bytes()))?;
         }
         socket.connect(target).await
     };

@@ -69,6 +69,17 @@ fn attach_once(b: &BridgeSpec, pid: i32) -> Result<()> {
 }
 
 fn ensure_bridge(b: &BridgeSpec) -> Result<()> {
+    // Two bridges with overlapping subnets make the host route to a container ambiguous:
+    // traffic goes out through whichever route wins, and when one bridge is removed its
+    // routes go with it. Refuse instead of letting containers become unreachable (or
+    // reachable through the wrong bridge).
+    let routes = fs::read_to_string("/proc/net/route").unwrap_or_default();
+    if let Some(other) = overlapping_route(&routes, &b.bridge, &b.gateway) {
+        return Err(RuntimeError::Setup(format!(
+            "bridge {} subnet {} overlaps the route {other}: give each bridge its own subnet",
+            b.bridge, b.gateway
+        )));
+    }
     if !link_exists(&b.bridge) {
         // "File exists" when another helper won the race; fine if the link is there now.
         if let Err(e) = ip(&["link", "add", &b.bridge, "type", "bridge"])
@@ -100,6 +111,36 @@ pub fn remove_bridge_if_unused(bridge: &str) {
     }
 }
 
+/// A route in `routes` (the text of `/proc/net/route`) through another device than
+/// `bridge` that overlaps `cidr` (`A.B.C.D/N`) and is at least as specific, as `NET/N dev
+/// DEV`. Broader routes (a default route, a /8 of the LAN) are fine: the bridge's own route
+/// is more specific and wins.
+pub fn overlapping_route(routes: &str, bridge: &str, cidr: &str) -> Option<String> {
+    let (ip, prefix) = cidr.split_once('/')?;
+    let ours = u32::from(ip.parse::<std::net::Ipv4Addr>().ok()?);
+    let prefix: u32 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    let mask_of = |p: u32| u32::MAX.checked_shl(32 - p).unwrap_or(0);
+    routes.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (dev, dest, mask) = (*f.first()?, *f.get(1)?, *f.get(7)?);
+        // The kernel prints the network-order words as native integers.
+        let word = |h: &str| {
+            u32::from_str_radix(h, 16)
+                .ok()
+                .map(|v| u32::from_be_bytes(v.to_ne_bytes()))
+        };
+        let (dest, mask) = (word(dest)?, word(mask)?);
+        let their_prefix = mask.count_ones();
+        let overlaps = their_prefix >= prefix && dest & mask_of(prefix) == ours & mask_of(prefix);
+        (dev != bridge && overlaps).then(|| {
+            format!(
+                "{}/{their_prefix} dev {dev}",
+                std::net::Ipv4Addr::from(dest)
+            )
+        })
+    })
+}
+
 pub fn link_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
 }
@@ -122,5 +163,40 @@ fn run(prog: &str, args: &[&str]) -> Result<()> {
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlapping_route;
+
+    const ROUTES: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+eth1\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0
+wtA\t0005D50A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+";
+
+    #[test]
+    fn overlapping_routes_of_other_devices_are_found() {
+        // Same /24 on another bridge.
+        assert_eq!(
+            overlapping_route(ROUTES, "wtB", "10.213.5.1/24").as_deref(),
+            Some("10.213.5.0/24 dev wtA")
+        );
+        // Our own route is fine; so are broader ones (the default route, 10/8 on eth1).
+        assert_eq!(overlapping_route(ROUTES, "wtA", "10.213.5.1/24"), None);
+        assert_eq!(overlapping_route(ROUTES, "wtB", "10.213.6.1/24"), None);
+        // A /16 bridge would swallow the /24 of another device.
+        assert_eq!(
+            overlapping_route(ROUTES, "wtB", "10.213.0.1/16").as_deref(),
+            Some("10.213.5.0/24 dev wtA")
+        );
+        assert_eq!(
+            overlapping_route(ROUTES, "wtB", "192.0.2.1/24").as_deref(),
+            Some("192.0.2.0/24 dev eth0")
+        );
+        assert_eq!(overlapping_route(ROUTES, "wtB", "garbage"), None);
     }
 }

@@ -23,11 +23,32 @@ use super::{bridge, init, pipe_read_to_end, pipe_write_all};
 /// Stack of the cloned init until it forks the app (the child gets its own copy).
 const INIT_STACK: usize = 256 * 1024;
 
+/// What a run records in its directory for the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Records {
+    /// `init.pid` while running and `exit.json` at the end (the agent adopts and reports
+    /// containers from them).
+    Files,
+    /// Nothing: a foreground run whose caller gets the status and removes the directory.
+    None,
+}
+
 /// Runs the container to completion and cleans up; never panics on a setup failure (it
-/// becomes an `ExitStatus` with `error`).
+/// becomes an `ExitStatus` with `error`). Writes `init.pid` and `exit.json` for the agent.
 pub fn run(spec: &ContainerSpec) -> ExitStatus {
+    run_recording(spec, Records::Files)
+}
+
+/// [`run`] for `registrar oneshot`, whose caller removes the container directory right
+/// after: skips the bookkeeping files, each a journaled write (and delete) on the host's
+/// disk that only the agent reads.
+pub fn run_foreground(spec: &ContainerSpec) -> ExitStatus {
+    run_recording(spec, Records::None)
+}
+
+fn run_recording(spec: &ContainerSpec, records: Records) -> ExitStatus {
     let mut cgroup = None;
-    let outcome = start_and_wait(spec, &mut cgroup);
+    let outcome = start_and_wait(spec, &mut cgroup, records);
     let oom_killed = cgroup.as_ref().is_some_and(Cgroup::oom_killed);
     let cleanup = cleanup(spec, cgroup.as_ref());
     let (code, mut error) = match outcome {
@@ -43,10 +64,12 @@ pub fn run(spec: &ContainerSpec) -> ExitStatus {
         oom_killed,
         finished: catalog::model::now_millis(),
     };
-    let _ = write_atomic(
-        &ContainerSpec::exit_file(&spec.dir),
-        &serde_json::to_vec(&status).unwrap_or_default(),
-    );
+    if records == Records::Files {
+        let _ = write_atomic(
+            &ContainerSpec::exit_file(&spec.dir),
+            &serde_json::to_vec(&status).unwrap_or_default(),
+        );
+    }
     status
 }
 
@@ -54,12 +77,15 @@ pub fn run(spec: &ContainerSpec) -> ExitStatus {
 fn start_and_wait(
     spec: &ContainerSpec,
     cgroup: &mut Option<Cgroup>,
+    records: Records,
 ) -> Result<(i32, Option<String>)> {
     if spec.args.is_empty() {
         return Err(RuntimeError::Setup("no command given".into()));
     }
     let _ = fs::remove_file(ContainerSpec::exit_file(&spec.dir));
-    for dir in [spec.upper_dir(), spec.work_dir(), spec.root_dir()] {
+    let _ = fs::remove_file(ContainerSpec::net_ready_file(&spec.dir));
+    remove_tree(&spec.legacy_root_dir())?;
+    for dir in [spec.upper_dir(), spec.work_dir()] {
         remove_tree(&dir)?;
         fs::create_dir_all(&dir).ctx(|| format!("mkdir {}", dir.display()))?;
     }
@@ -89,15 +115,18 @@ fn start_and_wait(
     let (from_init, to_helper) = pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
     let (from_helper, to_init) = pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
     let init_pid = clone_init(spec, to_helper, from_helper)?;
-    let _ = fs::write(
-        ContainerSpec::init_pid_file(&spec.dir),
-        init_pid.to_string(),
-    );
+    if records == Records::Files {
+        let _ = fs::write(
+            ContainerSpec::init_pid_file(&spec.dir),
+            init_pid.to_string(),
+        );
+    }
 
     let ready = (|| -> Result<()> {
         cg.add(init_pid.as_raw())?;
         if let NetSpec::Bridge(b) = &spec.net {
             bridge::attach(b, init_pid.as_raw())?;
+            let _ = fs::write(ContainerSpec::net_ready_file(&spec.dir), b"");
         }
         pipe_write_all(&to_init, &[init::MSG_GO]).ctx(|| "start init".into())
     })();
@@ -166,9 +195,10 @@ fn cleanup(spec: &ContainerSpec, cgroup: Option<&Cgroup>) -> Result<()> {
         first_err.get_or_insert(e);
     }
     if let NetSpec::Bridge(b) = &spec.net {
+        let _ = fs::remove_file(ContainerSpec::net_ready_file(&spec.dir));
         bridge::detach(b);
     }
-    for dir in [spec.upper_dir(), spec.work_dir(), spec.root_dir()] {
+    for dir in [spec.upper_dir(), spec.work_dir(), spec.legacy_root_dir()] {
         if let Err(e) = remove_tree(&dir) {
             first_err.get_or_insert(e);
         }

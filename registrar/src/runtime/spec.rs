@@ -89,7 +89,12 @@ impl ContainerSpec {
     pub fn work_dir(&self) -> PathBuf {
         self.dir.join("work")
     }
-    pub fn root_dir(&self) -> PathBuf {
+    /// Where the container's root filesystem is mounted inside its own mount namespace.
+    pub fn rootfs_mountpoint(&self) -> PathBuf {
+        self.dir.clone()
+    }
+    /// The mountpoint directory of earlier versions; only removed if a crash left it.
+    pub fn legacy_root_dir(&self) -> PathBuf {
         self.dir.join("root")
     }
     pub fn spec_file(dir: &Path) -> PathBuf {
@@ -100,6 +105,11 @@ impl ContainerSpec {
     }
     pub fn init_pid_file(dir: &Path) -> PathBuf {
         dir.join("init.pid")
+    }
+    /// Present while the container's bridge network is wired (veth on the bridge, address
+    /// and route inside): nothing should try to reach the container's address before.
+    pub fn net_ready_file(dir: &Path) -> PathBuf {
+        dir.join("net.ready")
     }
 
     /// The environment passed to the app: the spec's, with a default PATH and HOSTNAME.

@@ -182,3 +182,19 @@ pub fn port_open(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
         .is_ok()
 }
+
+/// `GET path` over a socket bound to `device`, so the request cannot leave the host.
+pub async fn http_get_via(addr: &str, device: &str, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target: std::net::SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind_device(Some(device.as_bytes()))?;
+    let mut s = tokio::time::timeout(Duration::from_secs(2), socket.connect(target))
+        .await
+        .map_err(std::io::Error::other)??;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}

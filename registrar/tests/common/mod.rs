@@ -116,3 +116,21 @@ pub fn unique(prefix: &str) -> String {
         rand::random::<u32>() & 0xffffff
     )
 }
+
+/// A /24 for a test bridge that no route on this host overlaps (other tests, other test
+/// runs, the host's own networks) and that is not in `avoid`, as `A.B.C.0/24`. Picked at
+/// random from 10.200.0.0–10.250.255.0 so that concurrent test processes do not collide;
+/// if two ever did, the runtime refuses the second bridge with a clear error.
+pub fn unique_subnet(avoid: &[String]) -> String {
+    let routes = fs::read_to_string("/proc/net/route").unwrap_or_default();
+    loop {
+        let r = rand::random::<u32>();
+        let subnet = format!("10.{}.{}.0/24", 200 + (r >> 8) % 51, r & 0xff);
+        let gateway = subnet.replace(".0/24", ".1/24");
+        if !avoid.contains(&subnet)
+            && registrar::runtime::bridge::overlapping_route(&routes, "", &gateway).is_none()
+        {
+            return subnet;
+        }
+    }
+}
