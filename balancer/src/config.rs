@@ -48,6 +48,9 @@ pub struct LbConfig {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "service")]
     pub services: Vec<StaticService>,
+    /// Zero-downtime self-upgrade (`[upgrade]`).
+    #[serde(default)]
+    pub upgrade: crate::l4config::UpgradeConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -94,6 +94,37 @@ pub struct ServiceL4 {
     pub tls: Option<UpstreamTls>,
 }
 
+/// `[upgrade]`: `balancer upgrade` / SIGUSR2.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// Unix socket the running balancer listens on for `balancer upgrade` (absent: SIGUSR2
+    /// only).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// File holding the pid of the process that serves; rewritten by the new process once
+    /// it is ready.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// Time the new process has to report ready before the upgrade is abandoned.
+    #[serde(default = "d_ready", with = "catalog::model::duration_str")]
+    pub ready_timeout: std::time::Duration,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            pid_file: None,
+            ready_timeout: d_ready(),
+        }
+    }
+}
+
+fn d_ready() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
 /// An IPv4/IPv6 network, `10.0.0.0/8` or a bare address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {

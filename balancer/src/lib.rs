@@ -33,6 +33,7 @@ pub mod status;
 pub mod table;
 pub mod tcp;
 pub mod tls;
+pub mod upgrade;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -95,6 +96,31 @@ pub enum RunError {
 pub struct L4Ctx {
     pub metrics: Arc<l4metrics::L4Metrics>,
     pub upstreams: Arc<tcp::UpstreamMap>,
+    /// Duplicates of the listening sockets for a self-upgrade.
+    pub handover: Option<upgrade::Sockets>,
+}
+
+impl L4Ctx {
+    /// Keeps a duplicate of a listener's socket for a later handover.
+    fn keep(&self, name: &str, sock: &TcpListener) {
+        if let Some(h) = &self.handover {
+            match socket2::SockRef::from(sock).try_clone() {
+                Ok(dup) => {
+                    h.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(name.to_owned(), dup.into());
+                }
+                Err(e) => tracing::warn!(listener = name, error = %e,
+                    "cannot keep a socket duplicate; an upgrade would rebind this listener"),
+            }
+        }
+    }
+
+    fn forget(&self, name: &str) {
+        if let Some(h) = &self.handover {
+            h.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        }
+    }
 }
 
 /// What [`run`] needs: sockets already bound, so tests can use port 0.
@@ -110,6 +136,9 @@ pub struct RunOptions<S> {
     pub store: Option<S>,
     /// Told once every listener accepts (the self-upgrade waits for it).
     pub ready: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Filled with duplicates of the listening sockets (kept current across reloads) so
+    /// the binary can hand them to a new process.
+    pub handover: Option<upgrade::Sockets>,
 }
 
 fn to_tokio(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
@@ -130,6 +159,7 @@ pub async fn run<S: Store>(
             tcp::upstream_map(&opts.config)
                 .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
         )),
+        handover: opts.handover.clone(),
     };
     let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
     let shared = Arc::new(Shared {
@@ -234,6 +264,11 @@ pub async fn run<S: Store>(
     for h in &handles {
         let _ = h.stop.send(true);
     }
+    // Close our socket duplicates too, so new connections are refused (or, after an
+    // upgrade, go to the new process only) instead of waiting in a queue nobody reads.
+    if let Some(h) = &l4.handover {
+        h.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(deadline, tracker.wait_idle())
         .await
@@ -259,6 +294,7 @@ fn start_listener(
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
     let tls = tls::listener(l, &l4.metrics, stop_rx.clone()).map_err(|e| e.to_string())?;
+    l4.keep(&name, &sock);
     let setup = client_io::ClientSetup::new(l, tls, l4.metrics.clone());
     match l.protocol {
         config::ListenerProtocol::Http => server::spawn_listener(
@@ -360,6 +396,7 @@ fn reload(
                 tracing::error!(listener = %l.name.get_ref(), error = %e,
                     "reload failed; keeping the running configuration");
                 for h in started {
+                    l4.forget(&h.name);
                     let _ = h.stop.send(true);
                 }
                 reloads.with_label_values(&["error"]).inc();
@@ -376,6 +413,10 @@ fn reload(
             true
         }
         None => {
+            // Same name on a new address: the new listener's socket is already kept.
+            if !config.listeners.iter().any(|l| *l.name.get_ref() == h.name) {
+                l4.forget(&h.name);
+            }
             let _ = h.stop.send(true);
             false
         }

@@ -163,7 +163,11 @@ name = "echo"
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(echoed_after_sigterm >= 5, "{echoed_after_sigterm}");
+    assert!(
+        echoed_after_sigterm >= 5,
+        "{echoed_after_sigterm}\n{}",
+        lb.log()
+    );
     assert!(closed >= Duration::from_millis(1300), "{closed:?}");
     assert!(closed < Duration::from_secs(6), "{closed:?}");
     let code = lb.wait_exit(Duration::from_secs(10)).await?;

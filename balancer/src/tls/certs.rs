@@ -148,7 +148,14 @@ impl CertSet {
         let Some(name) = sni else {
             return self.default.clone();
         };
-        // rustls hands SNI over lowercased already.
+        // rustls lowercases SNI; be safe with anything else.
+        let lower;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = name.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            name
+        };
         if let Some(k) = self.exact.get(name) {
             return k.clone();
         }
