@@ -19,9 +19,13 @@
 
 pub mod body;
 pub mod builder;
+pub mod chunked;
 pub mod client_io;
 pub mod config;
+pub mod deadline;
 pub mod endpoint;
+pub mod h1_request;
+pub mod h1_server;
 pub mod l4config;
 pub mod l4metrics;
 pub mod metrics;
@@ -34,6 +38,7 @@ pub mod table;
 pub mod tcp;
 pub mod tls;
 pub mod upgrade;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
