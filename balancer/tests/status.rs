@@ -482,3 +482,56 @@ async fn static_services_and_reloads_show_up_without_etcd() -> Result<()> {
     assert_eq!(code, 404);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_shows_as_staleness_and_events_while_routing_goes_on() -> Result<()> {
+    let mut etcd = EtcdServer::start()?;
+    let fleet = Fleet::new(&etcd).await?;
+    let bs = Backends::start().await?;
+    fleet.populate(&bs).await?;
+    let lb = Lb::start(&lb_config(&etcd)).await?;
+    eventually("catalog loaded, fresh", WAIT, || async {
+        let st = status(&lb).await.ok()?;
+        (state_of(&st, "n1-a-80").as_deref() == Some("serving")
+            && st["discovery"]["staleness_s"].as_f64()? < 3.0)
+            .then_some(())
+    })
+    .await?;
+
+    etcd.kill();
+    let st = eventually(
+        "staleness past 10 s and an event",
+        Duration::from_secs(40),
+        || async {
+            let st = status(&lb).await.ok()?;
+            let stale = st["discovery"]["staleness_s"].as_f64()? > 10.0;
+            let ev = st["events"].as_array()?.iter().any(|e| {
+                e["kind"] == "discovery"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("has not confirmed"))
+            });
+            (stale && ev).then_some(st)
+        },
+    )
+    .await?;
+    // The last known state keeps serving, and the page still lists it.
+    assert_eq!(state_of(&st, "n1-a-80").as_deref(), Some("serving"));
+    let (code, body) = get_with(&client(), &lb.url("/")).await?;
+    assert!(code.is_success() || code.as_u16() == 500, "{code} {body}");
+
+    etcd.restart()?;
+    eventually("etcd confirms again", Duration::from_secs(40), || async {
+        let st = status(&lb).await.ok()?;
+        let fresh = st["discovery"]["staleness_s"].as_f64()? < 3.0;
+        let ev = st["events"].as_array()?.iter().any(|e| {
+            e["kind"] == "discovery"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("confirms the catalog again"))
+        });
+        (fresh && ev).then_some(())
+    })
+    .await?;
+    Ok(())
+}
