@@ -43,6 +43,8 @@ pub struct ConnInfo {
     /// The peer's IP as a header value, made once per connection for X-Forwarded-For.
     pub peer_ip: HeaderValue,
     pub shared: Arc<Shared>,
+    /// The client connection is TLS: X-Forwarded-Proto is `https`.
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -54,6 +56,7 @@ impl ConnInfo {
             peer,
             peer_ip,
             shared,
+            tls: false,
         }
     }
 }
@@ -297,13 +300,11 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn finish(&self, version: Option<usize>, resp: Response<RespBody>) -> Response<RespBody> {
         let status = resp.status().as_u16();
+        let seconds = self.start.elapsed().as_secs_f64();
         match version.and_then(|v| self.route.by_version.get(v)) {
-            Some(c) => c.inc(status),
-            None => self.route.unpicked.inc(status),
+            Some(c) => c.record(status, seconds),
+            None => self.route.unpicked.record(status, seconds),
         }
-        self.route
-            .histogram
-            .observe(self.start.elapsed().as_secs_f64());
         resp
     }
 }
@@ -448,7 +449,10 @@ where
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    h.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
     if let Some(host) = original_host {
         if !h.contains_key(&X_FORWARDED_HOST) {
             h.insert(X_FORWARDED_HOST.clone(), host.clone());

@@ -46,6 +46,69 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+/// `registrar rollout web --image IMG --version v2 [--steps 5,25,50,100] ...`
+#[derive(clap::Args)]
+pub struct RolloutArgs {
+    #[command(flatten)]
+    at: AgentAddr,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    service: String,
+    /// Image of the new version (rootfs dir, OCI layout dir or docker-save tarball).
+    #[arg(long, required_unless_present_any = ["abort", "resume"])]
+    image: Option<String>,
+    /// The new version.
+    #[arg(long, required_unless_present_any = ["abort", "resume"])]
+    version: Option<String>,
+    /// New replicas (default: as many as the old versions run).
+    #[arg(long)]
+    replicas: Option<u16>,
+    /// New replicas started at a time.
+    #[arg(long, default_value_t = 1)]
+    max_surge: u16,
+    /// Canary steps in percent of traffic, e.g. 5,25,50,100. Without: a plain rolling
+    /// replacement, one surge at a time.
+    #[arg(long)]
+    steps: Option<String>,
+    /// How long each step (or, with --metrics, each replaced surge) is watched.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    step_wait: Duration,
+    /// Highest tolerated share of 5xx answers from the new version, e.g. 1% (default: the
+    /// service's canary gates, else 1%).
+    #[arg(long, value_parser = crate_parse_rate)]
+    max_error_rate: Option<f64>,
+    /// Highest tolerated new/old p99 latency ratio (default: the service's, else 1.5).
+    #[arg(long)]
+    max_p99_ratio: Option<f64>,
+    /// A balancer's metrics page (repeat for every balancer replica). Steps are gated only
+    /// when given.
+    #[arg(long = "metrics")]
+    metrics: Vec<String>,
+    /// Host network: port of the new replica 0 (replica i gets port + i); default: the
+    /// first port above every port of the service's containers.
+    #[arg(long)]
+    port: Option<u16>,
+    /// How long new replicas may take to pass their checks and be routed by every balancer.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    ready_timeout: Duration,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Continue an interrupted rollout with its recorded settings.
+    #[arg(long, conflicts_with_all = ["abort", "image", "version"])]
+    resume: bool,
+    /// Roll an interrupted rollout back.
+    #[arg(long, conflicts_with_all = ["image", "version"])]
+    abort: bool,
+    /// Command of the new replicas (default: the old replicas' command).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn crate_parse_rate(s: &str) -> Result<f64, String> {
+    registrar::rollout::plan::parse_rate(s)
+}
+
 #[derive(clap::Subcommand)]
 pub enum ServiceCmd {
     /// Change settings of a service; unspecified ones keep their value.
@@ -96,6 +159,34 @@ async fn call(at: &AgentAddr, req: Request) -> Result<Response> {
     Ok(api::call(&sock, &req).await?)
 }
 
+/// Awaits a slow agent call; on a terminal, says what is happening and for how long
+/// (one updating stderr line after the first second), so a drain does not look like a hang.
+async fn with_progress<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return fut.await;
+    }
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+    tokio::pin!(fut);
+    let mut shown = false;
+    loop {
+        tokio::select! {
+            out = &mut fut => {
+                if shown {
+                    eprint!("\r\x1b[2K");
+                }
+                return out;
+            }
+            _ = tick.tick() => {
+                shown = true;
+                eprint!("\r\x1b[2K{what}… {}s", start.elapsed().as_secs());
+                let _ = std::io::stderr().flush();
+            }
+        }
+    }
+}
+
 /// Prints an answer; an error answer becomes exit status 1.
 fn print(resp: Response) -> Result<i32> {
     match resp {
@@ -110,22 +201,11 @@ fn print(resp: Response) -> Result<i32> {
             Ok(0)
         }
         Response::Containers { containers } => {
-            println!(
-                "{:<24} {:<12} {:<8} {:<10} {:<22} {:>5} {:>8}",
-                "NAME", "SERVICE", "VERSION", "STATE", "ADDRESS", "EXIT", "RESTARTS"
-            );
-            for c in containers {
-                println!(
-                    "{:<24} {:<12} {:<8} {:<10} {:<22} {:>5} {:>8}",
-                    c.name,
-                    c.service,
-                    c.version,
-                    c.state,
-                    format!("{}:{}", c.addr, c.port),
-                    c.exit_code.map(|c| c.to_string()).unwrap_or_default(),
-                    c.restarts
-                );
-            }
+            print!("{}", containers_table(containers));
+            Ok(0)
+        }
+        Response::Spec { run } => {
+            println!("{}", serde_json::to_string_pretty(&run)?);
             Ok(0)
         }
         Response::Error { message } => {
@@ -133,6 +213,50 @@ fn print(resp: Response) -> Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// `registrar ps`: one aligned row per container, grouped by service and version.
+pub fn containers_table(mut containers: Vec<registrar::api::ContainerInfo>) -> String {
+    if containers.is_empty() {
+        return "no containers (start some with `registrar run`)\n".to_owned();
+    }
+    containers
+        .sort_by(|a, b| (&a.service, &a.version, &a.name).cmp(&(&b.service, &b.version, &b.name)));
+    let mut t = catalog::table::TextTable::new(&[
+        "NAME",
+        "SERVICE",
+        "VERSION",
+        "STATE",
+        "ADDRESS",
+        "INSTANCE",
+        ">PID",
+        ">EXIT",
+        ">RESTARTS",
+    ]);
+    for c in &containers {
+        t.row(&[
+            c.name.clone(),
+            c.service.clone(),
+            c.version.clone(),
+            c.state.clone(),
+            format!("{}:{}", c.addr, c.port),
+            c.instance.clone(),
+            c.helper_pid
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.restarts.to_string(),
+        ]);
+    }
+    let mut out = t.render();
+    let serving = containers.iter().filter(|c| c.state == "serving").count();
+    out.push_str(&format!(
+        "{} container(s), {serving} serving\n",
+        containers.len()
+    ));
+    out
 }
 
 fn protocol(s: &str) -> Result<catalog::Protocol> {
@@ -160,6 +284,7 @@ async fn run(cmd: Cmd) -> Result<i32> {
                     .into_owned(),
                 port: a.port,
                 replicas: a.replicas,
+                first: 0,
                 limits: Limits {
                     memory: a
                         .memory
@@ -176,7 +301,11 @@ async fn run(cmd: Cmd) -> Result<i32> {
                 protocol: protocol(&a.protocol)?,
                 command: a.command,
             };
-            print(call(&a.at, Request::Run(req)).await?)
+            let what = format!(
+                "starting {} × {} {} (waiting for the port to accept connections)",
+                req.replicas, req.service, req.version
+            );
+            print(with_progress(&what, call(&a.at, Request::Run(req))).await?)
         }
         Cmd::Ps { at, json } => {
             let resp = call(&at, Request::Ps).await?;
@@ -192,18 +321,24 @@ async fn run(cmd: Cmd) -> Result<i32> {
             name,
             version,
             grace,
-        } => print(
-            call(
-                &at,
-                Request::Stop {
-                    name,
-                    version,
-                    grace,
-                },
-            )
-            .await?,
-        ),
+        } => {
+            let what = format!(
+                "stopping {name}{}: draining (no new requests) for the service's drain timeout, then SIGTERM, SIGKILL after the grace period",
+                version
+                    .as_deref()
+                    .map(|v| format!(" {v}"))
+                    .unwrap_or_default()
+            );
+            let req = Request::Stop {
+                name,
+                version,
+                grace,
+            };
+            print(with_progress(&what, call(&at, req)).await?)
+        }
         Cmd::Rm { at, name } => print(call(&at, Request::Rm { name }).await?),
+        Cmd::Start { at, name } => print(call(&at, Request::Start { name }).await?),
+        Cmd::Inspect { at, name } => print(call(&at, Request::Inspect { name }).await?),
         Cmd::Register {
             at,
             service,
@@ -248,6 +383,7 @@ async fn run(cmd: Cmd) -> Result<i32> {
             println!("{}", serde_json::to_string(&c.split)?);
             Ok(0)
         }
+        Cmd::Rollout(a) => rollout(*a).await,
         Cmd::Agent(_) | Cmd::Oneshot(_) | Cmd::Helper { .. } => unreachable!("handled in main"),
     }
 }
@@ -258,6 +394,56 @@ async fn connect(etcd: &EtcdArgs, service: &str) -> Result<(EtcdStore, Keyspace,
         Keyspace::new(&etcd.prefix).with_context(|| format!("--prefix {:?}", etcd.prefix))?;
     let store = EtcdStore::connect(&EtcdConfig::new(etcd.etcd.clone())).await?;
     Ok((store, keys, svc))
+}
+
+async fn rollout(a: RolloutArgs) -> Result<i32> {
+    use registrar::rollout::{Action, Options, Outcome, Rollout};
+    if a.max_p99_ratio.is_some_and(|r| r.is_nan() || r < 1.0) {
+        bail!("--max-p99-ratio must be at least 1");
+    }
+    for m in &a.metrics {
+        if !m.starts_with("http://") {
+            bail!("--metrics {m:?}: expected http://HOST:PORT/metrics");
+        }
+    }
+    let action = if a.abort {
+        Action::Abort
+    } else if a.resume {
+        Action::Resume
+    } else {
+        let image = a.image.context("--image")?;
+        Action::Start(Box::new(Options {
+            version: a.version.context("--version")?,
+            image: std::path::absolute(&image)?.to_string_lossy().into_owned(),
+            command: a.command,
+            port: a.port,
+            replicas: a.replicas,
+            max_surge: a.max_surge,
+            steps: match &a.steps {
+                Some(s) => registrar::rollout::plan::parse_steps(s).map_err(anyhow::Error::msg)?,
+                None => vec![],
+            },
+            step_wait: a.step_wait,
+            ready_timeout: a.ready_timeout,
+            max_error_rate: a.max_error_rate,
+            max_p99_ratio: a.max_p99_ratio,
+            metrics: a.metrics,
+        }))
+    };
+    let abort = a.abort;
+    let (store, keys, svc) = connect(&a.etcd, &a.service).await?;
+    let socket = registrar::agent::StateDir::new(&a.at.state_dir).socket();
+    match Rollout::new(store, keys, svc, socket, a.json)
+        .run(action)
+        .await?
+    {
+        Outcome::Succeeded => Ok(0),
+        Outcome::RolledBack(_) if abort => Ok(0),
+        Outcome::RolledBack(reason) => {
+            eprintln!("registrar: rollout rolled back: {reason}");
+            Ok(1)
+        }
+    }
 }
 
 async fn service_set(a: ServiceSetArgs) -> Result<i32> {
@@ -315,4 +501,49 @@ async fn service_set(a: ServiceSetArgs) -> Result<i32> {
     .await?;
     println!("{}", serde_json::to_string(&c)?);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, version: &str, state: &str, port: u16) -> registrar::api::ContainerInfo {
+        registrar::api::ContainerInfo {
+            name: name.into(),
+            service: "web".into(),
+            version: version.into(),
+            instance: format!("n1-{name}-{port}"),
+            addr: "127.0.0.1".into(),
+            port,
+            state: state.into(),
+            helper_pid: (state != "exited").then_some(4242),
+            exit_code: (state == "exited").then_some(137),
+            restarts: 0,
+        }
+    }
+
+    #[test]
+    fn ps_table_is_aligned_grouped_and_summed_up() {
+        let text = containers_table(vec![
+            info("web-v2-0", "v2", "serving", 8090),
+            info("web-v1-10", "v1", "exited", 8080),
+            info("web-v1-0", "v1", "draining", 8081),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("NAME       SERVICE  VERSION  STATE"),
+            "{text}"
+        );
+        assert!(lines[1].starts_with("web-v1-0 "), "{text}");
+        assert!(lines[2].starts_with("web-v1-10"), "{text}");
+        assert!(lines[3].starts_with("web-v2-0 "), "{text}");
+        let state = lines[0].find("STATE").unwrap();
+        assert_eq!(&lines[2][state..state + 6], "exited", "{text}");
+        assert!(lines[2].ends_with("137         0"), "{text}");
+        assert_eq!(lines[4], "3 container(s), 1 serving");
+        assert_eq!(
+            containers_table(vec![]),
+            "no containers (start some with `registrar run`)\n"
+        );
+    }
 }
