@@ -35,6 +35,8 @@ use crate::server::ConnSettings;
 const FIRST_READ: usize = 1024;
 /// Later reads (rest of a large head, bodies).
 const MORE_READ: usize = 8 * 1024;
+/// How long an idle keep-alive connection may still send a request once shutdown began.
+const IDLE_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Response bytes gathered before a write.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -198,15 +200,21 @@ where
             });
         }
         let idle = buf.is_empty();
-        let read = deadline::within(
-            timer.as_mut(),
-            settings.h1.header_read_timeout,
-            io.read_buf(buf),
-        );
-        let got = if idle {
+        let draining = *shutdown.borrow();
+        // Shutting down: an idle connection still gets a short grace to send the request
+        // it may already have on the way (answered with `connection: close`); closing
+        // at once would reset it.
+        let wait = if idle && draining {
+            settings.h1.header_read_timeout.min(IDLE_DRAIN_GRACE)
+        } else {
+            settings.h1.header_read_timeout
+        };
+        let read = deadline::within(timer.as_mut(), wait, io.read_buf(buf));
+        let got = if idle && !draining {
             tokio::select! {
                 r = read => r,
-                _ = shutdown.wait_for(|s| *s) => return Next::Close,
+                // Re-enter the wait with the drain grace.
+                _ = shutdown.wait_for(|s| *s) => continue,
             }
         } else {
             read.await
