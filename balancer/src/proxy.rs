@@ -43,6 +43,8 @@ pub struct ConnInfo {
     /// The peer's IP as a header value, made once per connection for X-Forwarded-For.
     pub peer_ip: HeaderValue,
     pub shared: Arc<Shared>,
+    /// The client connection is TLS: X-Forwarded-Proto is `https`.
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -54,6 +56,7 @@ impl ConnInfo {
             peer,
             peer_ip,
             shared,
+            tls: false,
         }
     }
 }
@@ -448,7 +451,10 @@ where
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    h.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
     if let Some(host) = original_host {
         if !h.contains_key(&X_FORWARDED_HOST) {
             h.insert(X_FORWARDED_HOST.clone(), host.clone());

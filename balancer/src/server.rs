@@ -27,7 +27,7 @@ pub struct ConnTracker {
 }
 
 impl ConnTracker {
-    fn enter(self: &Arc<Self>) -> TrackGuard {
+    pub fn enter(self: &Arc<Self>) -> TrackGuard {
         self.open.fetch_add(1, Ordering::Relaxed);
         TrackGuard(self.clone())
     }
@@ -48,7 +48,7 @@ impl ConnTracker {
     }
 }
 
-struct TrackGuard(Arc<ConnTracker>);
+pub struct TrackGuard(Arc<ConnTracker>);
 
 impl Drop for TrackGuard {
     fn drop(&mut self) {
@@ -121,6 +121,7 @@ pub struct ListenerHandle {
 
 /// Accepts connections until `stop` turns true or `shutdown` does; on `shutdown`,
 /// connections are shut down gracefully.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_listener(
     listener: TcpListener,
     name: Arc<str>,
@@ -129,6 +130,7 @@ pub fn spawn_listener(
     tracker: Arc<ConnTracker>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
+    setup: Arc<crate::client_io::ClientSetup>,
 ) {
     let active = shared
         .metrics
@@ -149,13 +151,20 @@ pub fn spawn_listener(
                 _ = until_true(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
-            let info = Arc::new(ConnInfo::new(name.clone(), peer, shared.clone()));
+            let (name, shared, setup) = (name.clone(), shared.clone(), setup.clone());
             let builder = builder.load_full();
             let guard = tracker.enter();
             let active = active.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _guard = guard;
+                // PROXY header and TLS first: `peer` becomes the real client.
+                let Some((stream, peer)) = setup.accept(stream, peer).await else {
+                    return;
+                };
+                let mut info = ConnInfo::new(name, peer, shared);
+                info.tls = stream.is_tls();
+                let info = Arc::new(info);
                 active.inc();
                 h1_server::serve(stream, info, builder, shutdown).await;
                 active.dec();
