@@ -70,7 +70,7 @@ for i in range(samples):
     iid = f"n1-lat{i}-80"
     inst = {"id": iid, "service": "lat", "version": "v1", "node": "n1",
             "addr": "127.0.0.1", "port": int(bk)}
-    needle = f'balancer_backend_up{{instance="{iid}",service="lat"}} 1'
+    needle = f'balancer_backend_up{{instance_id="{iid}",service="lat"}} 1'
     put(f"/wharf/v1/services/lat/instances/{iid}", json.dumps(inst))
     t0 = time.perf_counter()
     while needle not in metrics():

@@ -17,7 +17,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 HARNESS=${HARNESS:-$ROOT/../shared/bench/lb-bench.sh}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
-BIN=$CARGO_TARGET_DIR/release/balancer
+# PROFILE=bench-fast: a quicker build for iterating (thin LTO); figures to report: release.
+PROFILE=${PROFILE:-release}
+BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/$PROFILE/balancer}
 
 # Called by the harness (inside EXTRA_CMD): write lb.toml from its variables, run.
 if [[ ${1:-} == --serve ]]; then
@@ -43,8 +45,9 @@ if [[ ${1:-} == --serve ]]; then
 fi
 
 [[ -x $HARNESS ]] || [[ -f $HARNESS ]] || { echo "balancer-lb: harness $HARNESS not found" >&2; exit 1; }
-echo "# building the balancer (release) in $CARGO_TARGET_DIR" >&2
-(cd "$ROOT" && cargo build --release -q -p wharf-balancer)
+echo "# building the balancer ($PROFILE) in $CARGO_TARGET_DIR" >&2
+# BALANCER_BIN=path: measure that binary as it is (no build).
+[[ -n ${BALANCER_BIN:-} ]] || (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer)
 
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT

@@ -1,95 +1,62 @@
-//! Streaming bodies of the proxy, both ways. Nothing is buffered: frames pass through as
-//! they arrive.
+//! The response body sent to the client: streamed straight out of the upstream
+//! connection's read buffer as the client side pulls it, nothing buffered beyond one read.
 
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::endpoint::{InFlight, Sender};
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The client sent more body bytes than the listener allows.
-#[derive(Debug, thiserror::Error)]
-#[error("request body exceeds {0} bytes")]
-pub struct BodyTooLarge(pub u64);
-
-/// Body of a request sent upstream.
-pub enum ReqBody {
-    /// The client's body, cut off with [`BodyTooLarge`] past `limit` bytes.
-    Client {
-        inner: Incoming,
-        seen: u64,
-        limit: u64,
-    },
-    Empty,
-}
-
-impl Body for ReqBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            ReqBody::Empty => Poll::Ready(None),
-            ReqBody::Client { inner, seen, limit } => {
-                match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
-                    Some(Ok(frame)) => {
-                        if let Some(data) = frame.data_ref() {
-                            *seen += data.len() as u64;
-                            if *seen > *limit {
-                                return Poll::Ready(Some(Err(Box::new(BodyTooLarge(*limit)))));
-                            }
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
-                    None => Poll::Ready(None),
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ReqBody::Empty => true,
-            ReqBody::Client { inner, .. } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ReqBody::Empty => SizeHint::with_exact(0),
-            ReqBody::Client { inner, .. } => inner.size_hint(),
-        }
-    }
-}
+use crate::endpoint::InFlight;
+use crate::upstream::{Framing, UpConn};
 
 /// An upstream connection lent to one response: returned to its endpoint's pool when the
-/// body has been read to the end, closed if the body is dropped early.
+/// body has been read to the end (and the upstream keeps the connection alive), closed if
+/// the body is dropped early or breaks.
 pub struct Lease {
-    pub tx: Sender,
+    pub conn: UpConn,
+    pub framing: Framing,
+    pub keep_alive: bool,
     pub in_flight: InFlight,
 }
 
 impl Lease {
     fn finish(self) {
-        self.in_flight.endpoint().checkin(self.tx);
+        if self.keep_alive {
+            self.in_flight.endpoint().checkin(self.conn);
+        }
+    }
+}
+
+/// An upstream connection that answered 101 to an `Upgrade` request from the
+/// balancer's own HTTP/1 server: the server writes the 101 and then runs the tunnel.
+pub struct Tunnel {
+    pub conn: UpConn,
+    pub in_flight: InFlight,
+}
+
+impl Tunnel {
+    /// Bytes both ways until either side closes; `early` = client bytes already read.
+    pub async fn run<IO: AsyncRead + AsyncWrite + Unpin>(self, client: &mut IO, early: Bytes) {
+        let _in_flight = self.in_flight;
+        let (mut up, up_early) = self.conn.into_parts();
+        if !early.is_empty() && up.write_all(&early).await.is_err() {
+            return;
+        }
+        if !up_early.is_empty() && client.write_all(&up_early).await.is_err() {
+            return;
+        }
+        let _ = tokio::io::copy_bidirectional(client, &mut up).await;
     }
 }
 
 /// Body of a response sent to the client.
 pub enum RespBody {
-    Upstream {
-        inner: Incoming,
-        lease: Option<Lease>,
-    },
+    Upstream(Option<Lease>),
+    /// The answer is a 101 whose tunnel the HTTP/1 server runs; no body.
+    Tunnel(Option<Tunnel>),
     /// A response the balancer wrote itself (errors, admin).
     Full(Option<Bytes>),
 }
@@ -104,14 +71,36 @@ impl RespBody {
     }
 
     /// Wraps an upstream body; if it is already complete, the connection goes back now.
-    pub fn upstream(inner: Incoming, lease: Lease) -> Self {
-        if inner.is_end_stream() {
+    pub fn upstream(lease: Lease) -> Self {
+        if lease.framing == Framing::None {
             lease.finish();
-            RespBody::Upstream { inner, lease: None }
+            RespBody::Upstream(None)
         } else {
-            RespBody::Upstream {
-                inner,
-                lease: Some(lease),
+            RespBody::Upstream(Some(lease))
+        }
+    }
+
+    /// Next piece of the body, `None` at its end (the poll behind [`Body::poll_frame`]).
+    pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        match self {
+            RespBody::Full(b) => Poll::Ready(b.take().map(Ok)),
+            RespBody::Tunnel(_) => Poll::Ready(None),
+            RespBody::Upstream(slot) => {
+                let Some(lease) = slot else {
+                    return Poll::Ready(None);
+                };
+                let res = std::task::ready!(lease.conn.poll_body(&mut lease.framing, cx));
+                match &res {
+                    Some(Ok(_)) if lease.framing != Framing::None => {}
+                    Some(Ok(_)) | None => {
+                        if let Some(l) = slot.take() {
+                            l.finish();
+                        }
+                    }
+                    // A broken upstream body: never reuse that connection.
+                    Some(Err(_)) => *slot = None,
+                }
+                Poll::Ready(res)
             }
         }
     }
@@ -119,48 +108,35 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            RespBody::Upstream { inner, lease } => {
-                let res = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
-                match &res {
-                    None => {
-                        if let Some(l) = lease.take() {
-                            l.finish();
-                        }
-                    }
-                    Some(Ok(_)) if inner.is_end_stream() => {
-                        if let Some(l) = lease.take() {
-                            l.finish();
-                        }
-                    }
-                    // A broken upstream body: never reuse that connection.
-                    Some(Err(_)) => *lease = None,
-                    Some(Ok(_)) => {}
-                }
-                Poll::Ready(res)
-            }
-        }
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.get_mut()
+            .poll_data(cx)
+            .map(|o| o.map(|r| r.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RespBody::Full(b) => b.is_none(),
-            RespBody::Upstream { inner, .. } => inner.is_end_stream(),
+            RespBody::Upstream(l) => l.is_none(),
+            RespBody::Tunnel(_) => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            RespBody::Full(None) => SizeHint::with_exact(0),
-            RespBody::Upstream { inner, .. } => inner.size_hint(),
+            RespBody::Full(None) | RespBody::Upstream(None) | RespBody::Tunnel(_) => {
+                SizeHint::with_exact(0)
+            }
+            RespBody::Upstream(Some(l)) => match l.framing {
+                Framing::Length(n) => SizeHint::with_exact(n),
+                _ => SizeHint::default(),
+            },
         }
     }
 }

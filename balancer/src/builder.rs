@@ -13,7 +13,7 @@ use catalog::{
     CatalogView, Diff, HealthStatus, InstanceState, Protocol, ServiceName, ServiceView, Update,
 };
 
-use crate::config::LbConfig;
+use crate::config::{self, LbConfig};
 use crate::endpoint::Endpoint;
 use crate::metrics::{ClassCounters, Metrics};
 use crate::table::{
@@ -108,8 +108,16 @@ impl TableBuilder {
     /// A new configuration (SIGHUP): static services and listeners are rebuilt, endpoints
     /// that did not change are kept.
     pub fn set_config(&mut self, config: Arc<LbConfig>) {
+        let tcp_changed = self.config.tcp_services() != config.tcp_services();
         self.config = config;
         self.rebuild_static(false);
+        if tcp_changed {
+            // Services moved between tcp and http listeners route other instances now.
+            let names: Vec<ServiceName> = self.catalog.services.keys().cloned().collect();
+            for n in names {
+                self.rebuild_etcd_service(&n);
+            }
+        }
     }
 
     /// Folds a watcher update in and rebuilds the services it touched.
@@ -230,8 +238,14 @@ impl TableBuilder {
         let mut classes = Vec::new();
         let mut routable = Vec::new();
         let mut serving = Vec::new();
+        // A service reached by a tcp listener routes its `tcp` instances, others `http`.
+        let want = if self.config.tcp_services().contains(name.as_str()) {
+            Protocol::Tcp
+        } else {
+            Protocol::Http
+        };
         for (id, inst) in &view.instances {
-            if inst.value.protocol != Protocol::Http {
+            if inst.value.protocol != want {
                 continue;
             }
             let Some(class) = classify(&view, id) else {
@@ -449,7 +463,13 @@ impl TableBuilder {
                 max_ejection_percent: up.outlier.max_ejection_percent,
             };
             let mut routes = Vec::new();
-            for r in &l.routes {
+            // A tcp listener is one catch-all route to its service.
+            let tcp_route = l.service.as_ref().map(|s| config::RouteConfig {
+                host: None,
+                path_prefix: "/".into(),
+                service: s.clone(),
+            });
+            for r in l.routes.iter().chain(tcp_route.iter()) {
                 let sname: Arc<str> = r.service.get_ref().as_str().into();
                 let service = self
                     .static_services

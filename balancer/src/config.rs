@@ -48,6 +48,9 @@ pub struct LbConfig {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "service")]
     pub services: Vec<StaticService>,
+    /// Zero-downtime self-upgrade (`[upgrade]`).
+    #[serde(default)]
+    pub upgrade: crate::l4config::UpgradeConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +107,9 @@ pub struct UpstreamConfig {
     pub retry_budget_percent: u32,
     #[serde(default)]
     pub outlier: OutlierConfig,
+    /// Per-service upstream options for services found in etcd (`[[upstream.service]]`).
+    #[serde(default, rename = "service")]
+    pub services: Vec<crate::l4config::ServiceL4>,
 }
 
 impl Default for UpstreamConfig {
@@ -136,8 +142,10 @@ impl Default for OutlierConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
-    /// HTTP/1.1 and h2c (prior knowledge) on the same port.
+    /// HTTP/1.1 and h2c (prior knowledge) on the same port (h2 via ALPN with `[listener.tls]`).
     Http,
+    /// Raw TCP: every connection is streamed to an instance of the listener's `service`.
+    Tcp,
 }
 
 /// `[[listener]]`.
@@ -165,6 +173,22 @@ pub struct ListenerConfig {
     pub max_body_bytes: u64,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// `tcp` listeners: the service every connection goes to.
+    #[serde(default)]
+    pub service: Option<Spanned<ServiceName>>,
+    /// `tcp` listeners: a connection with no byte in either direction for this long is closed.
+    #[serde(default = "d_idle", with = "catalog::model::duration_str")]
+    pub idle_timeout: Duration,
+    /// `tcp` listeners: on shutdown or self-upgrade, established connections may go on for
+    /// this long (capped by `shutdown_timeout`), then they are closed.
+    #[serde(default = "d_drain", with = "catalog::model::duration_str")]
+    pub drain_timeout: Duration,
+    /// TLS termination (`[listener.tls]`).
+    #[serde(default)]
+    pub tls: Option<crate::l4config::ListenerTls>,
+    /// Accept PROXY protocol v1/v2 headers from a front load balancer (`[listener.proxy_protocol]`).
+    #[serde(default)]
+    pub proxy_protocol: Option<crate::l4config::AcceptProxy>,
 }
 
 /// `[[listener.route]]`: first match wins, in file order.
@@ -192,6 +216,12 @@ pub struct StaticService {
     pub split: BTreeMap<Version, u32>,
     #[serde(default, rename = "endpoint")]
     pub endpoints: Vec<StaticEndpoint>,
+    /// Send a PROXY protocol header (`"v1"` / `"v2"`) on every upstream connection.
+    #[serde(default)]
+    pub proxy_protocol: Option<crate::l4config::ProxyVersion>,
+    /// TLS to the instances (`[service.tls]`).
+    #[serde(default)]
+    pub tls: Option<crate::l4config::UpstreamTls>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +272,12 @@ fn d_max_eject() -> u32 {
 }
 fn d_protocol() -> ListenerProtocol {
     ListenerProtocol::Http
+}
+fn d_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_drain() -> Duration {
+    Duration::from_secs(30)
 }
 fn d_header_timeout() -> Duration {
     Duration::from_secs(30)
@@ -408,6 +444,7 @@ impl LbConfig {
                 }
             }
         }
+        crate::l4config::validate(self, &err)?;
         if let Some(etcd) = &self.discovery.etcd {
             // `EtcdConfig` is flattened, which defeats its deny_unknown_fields: check here.
             const KNOWN: [&str; 7] = [

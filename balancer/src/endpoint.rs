@@ -10,18 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::SendRequest;
-
-use crate::body::ReqBody;
+use crate::upstream::UpConn;
 
 /// Milliseconds since the process started: the clock of ejection deadlines.
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
-
-/// A sender on an idle upstream connection.
-pub type Sender = SendRequest<ReqBody>;
 
 pub struct Endpoint {
     pub service: Arc<str>,
@@ -39,7 +34,7 @@ pub struct Endpoint {
     /// Idle connections, most recently used last. The mutex is held for a push or a pop
     /// only (never across an await), like hyper-util's pool; on one worker thread it is
     /// never contended.
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<(UpConn, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
     /// Answers, errors and latencies for the status page (relaxed atomics only).
@@ -145,26 +140,36 @@ impl Endpoint {
         drop(idle);
     }
 
-    /// An idle connection that is still open, if any.
-    pub fn checkout(&self) -> Option<Sender> {
+    /// The most recently used idle connection not older than the idle timeout, if any.
+    /// Whether the upstream closed it meanwhile is not checked here (that costs a
+    /// syscall): a body-less idempotent request is resent if it was, others check
+    /// [`UpConn::looks_alive`] first.
+    pub fn checkout(&self) -> Option<UpConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((tx, since)) = idle.pop() {
-            if !tx.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(tx);
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() < self.idle_timeout {
+                return Some(conn);
             }
         }
         None
     }
 
     /// Returns a connection whose last response is complete.
-    pub fn checkin(&self, tx: Sender) {
-        if self.is_retired() || tx.is_closed() {
+    pub fn checkin(&self, conn: UpConn) {
+        if self.is_retired() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
-            idle.push((tx, Instant::now()));
+            idle.push((conn, Instant::now()));
         }
+    }
+
+    /// Drops every idle connection: one turned out closed by the upstream, the others
+    /// (opened as long ago or longer) most likely are too — a restarted instance.
+    pub fn clear_idle(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(idle);
     }
 
     pub fn idle_connections(&self) -> usize {

@@ -19,14 +19,26 @@
 
 pub mod body;
 pub mod builder;
+pub mod chunked;
+pub mod client_io;
 pub mod config;
+pub mod deadline;
 pub mod endpoint;
+pub mod h1_request;
+pub mod h1_server;
+pub mod l4config;
+pub mod l4metrics;
 pub mod metrics;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod select;
 pub mod server;
 pub mod status;
 pub mod table;
+pub mod tcp;
+pub mod tls;
+pub mod upgrade;
+pub mod upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -75,6 +87,45 @@ pub enum RunError {
     },
     #[error("admin socket: {0}")]
     Admin(std::io::Error),
+    #[error("listener {name}: {msg}")]
+    Listener { name: String, msg: String },
+    #[error("service {service}: upstream TLS: {source}")]
+    UpstreamTls {
+        service: String,
+        source: tls::upstream::UpstreamTlsError,
+    },
+}
+
+/// What the L4 parts of every listener share.
+#[derive(Clone)]
+pub struct L4Ctx {
+    pub metrics: Arc<l4metrics::L4Metrics>,
+    pub upstreams: Arc<tcp::UpstreamMap>,
+    /// Duplicates of the listening sockets for a self-upgrade.
+    pub handover: Option<upgrade::Sockets>,
+}
+
+impl L4Ctx {
+    /// Keeps a duplicate of a listener's socket for a later handover.
+    fn keep(&self, name: &str, sock: &TcpListener) {
+        if let Some(h) = &self.handover {
+            match socket2::SockRef::from(sock).try_clone() {
+                Ok(dup) => {
+                    h.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(name.to_owned(), dup.into());
+                }
+                Err(e) => tracing::warn!(listener = name, error = %e,
+                    "cannot keep a socket duplicate; an upgrade would rebind this listener"),
+            }
+        }
+    }
+
+    fn forget(&self, name: &str) {
+        if let Some(h) = &self.handover {
+            h.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        }
+    }
 }
 
 /// What [`run`] needs: sockets already bound, so tests can use port 0.
@@ -88,6 +139,11 @@ pub struct RunOptions<S> {
     pub admin: std::net::TcpListener,
     /// etcd (or any `Store`); `None` runs on static services only.
     pub store: Option<S>,
+    /// Told once every listener accepts (the self-upgrade waits for it).
+    pub ready: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Filled with duplicates of the listening sockets (kept current across reloads) so
+    /// the binary can hand them to a new process.
+    pub handover: Option<upgrade::Sockets>,
 }
 
 fn to_tokio(l: std::net::TcpListener) -> std::io::Result<TcpListener> {
@@ -102,6 +158,14 @@ pub async fn run<S: Store>(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    let l4 = L4Ctx {
+        metrics: Arc::new(l4metrics::L4Metrics::register(&metrics.registry)),
+        upstreams: Arc::new(arc_swap::ArcSwap::from_pointee(
+            tcp::upstream_map(&opts.config)
+                .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
+        )),
+        handover: opts.handover.clone(),
+    };
     let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(builder.table()),
@@ -165,32 +229,38 @@ pub async fn run<S: Store>(
             addr: l.bind,
             source,
         })?;
-        handles.push(start_listener(sock, l, &shared, &tracker, &shutdown_rx));
+        handles.push(
+            start_listener(sock, l, &shared, &tracker, &shutdown_rx, &l4)
+                .map_err(|msg| RunError::Listener { name, msg })?,
+        );
     }
     tracing::info!(listeners = handles.len(), "balancer running");
+    if let Some(ready) = opts.ready {
+        let _ = ready.send(());
+    }
 
     let mut config_path = opts.config_path;
     loop {
         tokio::select! {
-            u = async { match updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                let Some(u) = u else { updates = None; continue };
-                builder.apply(u);
-                // Coalesce a burst into one swap.
-                while let Some(more) = updates.as_mut().and_then(|rx| rx.try_recv().ok()) {
-                    builder.apply(more);
+                    u = async { match updates.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                        let Some(u) = u else { updates = None; continue };
+                        builder.apply(u);
+                        // Coalesce a burst into one swap.
+                        while let Some(more) = updates.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                            builder.apply(more);
+                        }
+                        shared.table.store(Arc::new(builder.table()));
+                        status.catalog_changed(&builder);
+                    }
+                    c = control.recv() => match c {
+                        Some(Control::Reload) => {
+        let failures = reload_failures(&shared);
+                            reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx, &l4);
+                            status.reloaded(&builder, reload_failures(&shared) > failures);
+                        }
+                        Some(Control::Shutdown) | None => break,
+                    },
                 }
-                shared.table.store(Arc::new(builder.table()));
-                status.catalog_changed(&builder);
-            }
-            c = control.recv() => match c {
-                Some(Control::Reload) => {
-                    let failures = reload_failures(&shared);
-                    reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx);
-                    status.reloaded(&builder, reload_failures(&shared) > failures);
-                }
-                Some(Control::Shutdown) | None => break,
-            },
-        }
     }
 
     // Graceful shutdown: stop accepting, let in-flight requests finish, close idle ones.
@@ -198,6 +268,11 @@ pub async fn run<S: Store>(
     tracing::info!(open = tracker.open(), ?deadline, "shutting down");
     for h in &handles {
         let _ = h.stop.send(true);
+    }
+    // Close our socket duplicates too, so new connections are refused (or, after an
+    // upgrade, go to the new process only) instead of waiting in a queue nobody reads.
+    if let Some(h) = &l4.handover {
+        h.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(deadline, tracker.wait_idle())
@@ -218,25 +293,47 @@ fn start_listener(
     shared: &Arc<Shared>,
     tracker: &Arc<ConnTracker>,
     shutdown: &watch::Receiver<bool>,
-) -> ListenerHandle {
+    l4: &L4Ctx,
+) -> Result<ListenerHandle, String> {
     let (stop, stop_rx) = watch::channel(false);
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
-    server::spawn_listener(
-        sock,
-        name.as_str().into(),
-        builder.clone(),
-        shared.clone(),
-        tracker.clone(),
-        stop_rx,
-        shutdown.clone(),
-    );
-    ListenerHandle {
+    let tls = tls::listener(l, &l4.metrics, stop_rx.clone()).map_err(|e| e.to_string())?;
+    l4.keep(&name, &sock);
+    let setup = client_io::ClientSetup::new(l, tls, l4.metrics.clone());
+    match l.protocol {
+        config::ListenerProtocol::Http => server::spawn_listener(
+            sock,
+            name.as_str().into(),
+            builder.clone(),
+            shared.clone(),
+            tracker.clone(),
+            stop_rx,
+            shutdown.clone(),
+            Arc::new(setup),
+        ),
+        config::ListenerProtocol::Tcp => tcp::spawn_listener(
+            sock,
+            Arc::new(tcp::TcpContext {
+                name: name.as_str().into(),
+                setup,
+                shared: shared.clone(),
+                upstreams: l4.upstreams.clone(),
+                metrics: l4.metrics.clone(),
+                idle_timeout: l.idle_timeout,
+                drain_timeout: l.drain_timeout,
+            }),
+            tracker.clone(),
+            stop_rx,
+            shutdown.clone(),
+        ),
+    }
+    Ok(ListenerHandle {
         name,
         bind: l.bind,
         builder,
         stop,
-    }
+    })
 }
 
 fn reload_failures(shared: &Shared) -> u64 {
@@ -252,6 +349,7 @@ fn reload(
     shared: &Arc<Shared>,
     tracker: &Arc<ConnTracker>,
     shutdown: &watch::Receiver<bool>,
+    l4: &L4Ctx,
 ) {
     let reloads = &shared.metrics.reloads;
     let Some(p) = path.as_ref() else {
@@ -285,6 +383,33 @@ fn reload(
             }
         }
     }
+    let upstreams = match tcp::upstream_map(&config) {
+        Ok(u) => u,
+        Err((service, e)) => {
+            tracing::error!(%service, error = %e, "reload failed: upstream TLS; keeping the running configuration");
+            reloads.with_label_values(&["error"]).inc();
+            return;
+        }
+    };
+    // Listeners that stay keep their TLS and PROXY settings (certificates still follow
+    // their files); new listeners start with the new ones.
+    let mut started = Vec::new();
+    for (s, l) in fresh {
+        match start_listener(s, &l, shared, tracker, shutdown, l4) {
+            Ok(h) => started.push(h),
+            Err(e) => {
+                tracing::error!(listener = %l.name.get_ref(), error = %e,
+                    "reload failed; keeping the running configuration");
+                for h in started {
+                    l4.forget(&h.name);
+                    let _ = h.stop.send(true);
+                }
+                reloads.with_label_values(&["error"]).inc();
+                return;
+            }
+        }
+    }
+    l4.upstreams.store(Arc::new(upstreams));
     builder.set_config(config.clone());
     shared.table.store(Arc::new(builder.table()));
     handles.retain(|h| match config.listeners.iter().find(|l| same(h, l)) {
@@ -293,13 +418,15 @@ fn reload(
             true
         }
         None => {
+            // Same name on a new address: the new listener's socket is already kept.
+            if !config.listeners.iter().any(|l| *l.name.get_ref() == h.name) {
+                l4.forget(&h.name);
+            }
             let _ = h.stop.send(true);
             false
         }
     });
-    for (s, l) in fresh {
-        handles.push(start_listener(s, &l, shared, tracker, shutdown));
-    }
+    handles.extend(started);
     reloads.with_label_values(&["ok"]).inc();
     tracing::info!("configuration reloaded");
 }

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use balancer::config::LbConfig;
 use balancer::{Control, RunOptions};
 use catalog::{EtcdStore, Keyspace, WatchConfig, Watcher};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,15 @@ struct Cli {
     /// Log format.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Ask the running balancer (`[upgrade] socket` of the configuration) to start the
+    /// current binary, hand it the listening sockets and drain; prints the new pid.
+    Upgrade,
 }
 
 fn init_tracing(format: &str) {
@@ -56,6 +65,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Cmd::Upgrade) = cli.command {
+        return upgrade_command(&config);
+    }
     let threads = cli.threads.or(config.worker_threads).unwrap_or(0);
     let rt = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -84,6 +96,29 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("balancer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn upgrade_command(config: &LbConfig) -> ExitCode {
+    let Some(path) = &config.upgrade.socket else {
+        eprintln!(
+            "balancer upgrade: the configuration has no [upgrade] socket (send SIGUSR2 instead)"
+        );
+        return ExitCode::from(2);
+    };
+    // The old process waits up to ready_timeout for the new one, then answers.
+    match balancer::upgrade::control::request(
+        path,
+        config.upgrade.ready_timeout + Duration::from_secs(10),
+    ) {
+        Ok(pid) => {
+            println!("upgraded: new process {pid} serves; the old one drains and exits");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("balancer upgrade failed: {e}");
             ExitCode::FAILURE
         }
     }
@@ -119,14 +154,38 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
 }
 
 async fn serve(config: Arc<LbConfig>, path: PathBuf) -> Result<()> {
+    // Started by a running balancer's upgrade: its listening sockets come first.
+    let mut inherited = balancer::upgrade::inherit().context("self-upgrade handover")?;
+    if let Some(i) = &inherited {
+        tracing::info!(
+            sockets = i.sockets.len(),
+            "upgrade: received listening sockets"
+        );
+    }
     let mut listeners = HashMap::new();
     for l in &config.listeners {
-        let sock = balancer::bind(l.bind)
-            .with_context(|| format!("listener {} cannot bind {}", l.name.get_ref(), l.bind))?;
-        listeners.insert(l.name.get_ref().clone(), sock);
+        let name = l.name.get_ref();
+        let sock = match inherited.as_mut().and_then(|i| i.take(name, l.bind)) {
+            Some(s) => s,
+            None => balancer::bind(l.bind)
+                .with_context(|| format!("listener {name} cannot bind {}", l.bind))?,
+        };
+        listeners.insert(name.clone(), sock);
     }
-    let admin = balancer::bind(config.admin.bind)
-        .with_context(|| format!("admin cannot bind {}", config.admin.bind))?;
+    let admin = match inherited
+        .as_mut()
+        .and_then(|i| i.take(balancer::upgrade::ADMIN, config.admin.bind))
+    {
+        Some(s) => s,
+        None => balancer::bind(config.admin.bind)
+            .with_context(|| format!("admin cannot bind {}", config.admin.bind))?,
+    };
+    // Duplicates of every listening socket, for our own upgrade later.
+    let sockets: balancer::upgrade::Sockets = Default::default();
+    sockets
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(balancer::upgrade::ADMIN.into(), admin.try_clone()?);
     let store = match &config.discovery.etcd {
         Some(etcd) => Some(
             EtcdStore::connect(&etcd.etcd)
@@ -136,27 +195,70 @@ async fn serve(config: Arc<LbConfig>, path: PathBuf) -> Result<()> {
         None => None,
     };
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(signals(tx));
-    let deadline = config.shutdown_timeout;
+    let upgrader = Arc::new(balancer::upgrade::control::Upgrader::new(
+        std::env::args_os().skip(1).collect(),
+        sockets.clone(),
+        config.upgrade.ready_timeout,
+        tx.clone(),
+        config.upgrade.pid_file.clone(),
+    )?);
+    tokio::spawn(signals(tx, upgrader.clone()));
+    if let Some(sock) = &config.upgrade.socket {
+        balancer::upgrade::control::spawn_control_socket(sock.clone(), upgrader.clone())
+            .with_context(|| format!("upgrade socket {}", sock.display()))?;
+    }
+    // Once every listener accepts: tell the old process (if any) and claim the pid file.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let pid_file = config.upgrade.pid_file.clone();
+    tokio::spawn(async move {
+        if ready_rx.await.is_err() {
+            return;
+        }
+        if let Some(p) = &pid_file
+            && let Err(e) = std::fs::write(p, format!("{}\n", std::process::id()))
+        {
+            tracing::error!(path = %p.display(), error = %e, "cannot write the pid file");
+        }
+        if let Some(mut i) = inherited {
+            match i.ready() {
+                Ok(()) => tracing::info!("upgrade: ready; the old process drains"),
+                Err(e) => tracing::error!(error = %e, "upgrade: cannot tell the old process"),
+            }
+        }
+    });
     let opts = RunOptions {
-        config,
+        config: config.clone(),
         config_path: Some(path),
         listeners,
         admin,
         store,
+        ready: Some(ready_tx),
+        handover: Some(sockets),
     };
     balancer::run(opts, rx).await?;
-    // Pooled upstream connections and tasks die with the runtime.
-    let _ = deadline.min(Duration::from_secs(1));
+    if !upgrader.handed_over()
+        && let Some(p) = &config.upgrade.pid_file
+        && std::fs::read_to_string(p).is_ok_and(|t| t.trim() == std::process::id().to_string())
+    {
+        let _ = std::fs::remove_file(p);
+    }
+    let code = upgrader.finish().await;
+    if code != 0 {
+        std::process::exit(code);
+    }
     Ok(())
 }
 
-async fn signals(tx: tokio::sync::mpsc::UnboundedSender<Control>) {
+async fn signals(
+    tx: tokio::sync::mpsc::UnboundedSender<Control>,
+    upgrader: Arc<balancer::upgrade::control::Upgrader>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut hup), Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
         signal(SignalKind::hangup()),
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined2()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
@@ -166,6 +268,12 @@ async fn signals(tx: tokio::sync::mpsc::UnboundedSender<Control>) {
             _ = hup.recv() => Control::Reload,
             _ = term.recv() => Control::Shutdown,
             _ = int.recv() => Control::Shutdown,
+            _ = usr2.recv() => {
+                // SIGUSR2: self-upgrade (the outcome is logged).
+                let u = upgrader.clone();
+                tokio::spawn(async move { let _ = u.upgrade().await; });
+                continue;
+            }
         };
         if tx.send(c).is_err() {
             return;

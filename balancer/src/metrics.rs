@@ -122,8 +122,11 @@ impl Metrics {
         let backend_up = reg(
             &r,
             IntGaugeVec::new(
-                Opts::new("balancer_backend_up", "1 when the instance is routable."),
-                &["service", "instance"],
+                Opts::new(
+                    "balancer_backend_up",
+                    "1 when the instance is routable (label instance_id: Prometheus owns `instance`).",
+                ),
+                &["service", "instance_id"],
             )
             .unwrap(),
         );
@@ -186,6 +189,10 @@ impl Metrics {
             )
             .unwrap(),
         );
+        // Both results exist from the start, so `increase()` and alerts see the first one.
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
         Self {
             registry: r,
             requests,

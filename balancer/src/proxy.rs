@@ -7,22 +7,28 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt as _;
+use tokio::time::Sleep;
 
-use crate::body::{BodyTooLarge, Lease, ReqBody, RespBody};
-use crate::endpoint::{Endpoint, Sender, now_ms};
+use crate::body::{Lease, RespBody, Tunnel};
+use crate::deadline;
+use crate::endpoint::{Endpoint, InFlight, now_ms};
 use crate::metrics::Metrics;
 use crate::select;
 use crate::table::{ListenerSettings, Route, RoutingTable, ServiceTable};
+use crate::upstream::{self, Head, UpConn, UpError};
 
 /// State shared by every connection of every listener.
 pub struct Shared {
@@ -37,6 +43,8 @@ pub struct ConnInfo {
     /// The peer's IP as a header value, made once per connection for X-Forwarded-For.
     pub peer_ip: HeaderValue,
     pub shared: Arc<Shared>,
+    /// The client connection is TLS: X-Forwarded-Proto is `https`.
+    pub tls: bool,
 }
 
 impl ConnInfo {
@@ -48,6 +56,7 @@ impl ConnInfo {
             peer,
             peer_ip,
             shared,
+            tls: false,
         }
     }
 }
@@ -131,7 +140,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req.headers().get_all(header::CONNECTION).iter().any(|v| {
@@ -157,7 +166,7 @@ pub fn plain(status: StatusCode, msg: &'static str, close: bool) -> Response<Res
 }
 
 /// Host of the request without port, from `Host` or the URI authority (HTTP/2).
-fn host_of(req: &Request<Incoming>) -> &str {
+fn host_of<B>(req: &Request<B>) -> &str {
     let raw = req
         .headers()
         .get(header::HOST)
@@ -171,16 +180,6 @@ fn host_of(req: &Request<Incoming>) -> &str {
     }
 }
 
-/// The head of an upstream request, to resend it without its (empty) body.
-fn head_copy(r: &Request<ReqBody>) -> http::request::Parts {
-    let mut c = Request::new(());
-    *c.method_mut() = r.method().clone();
-    *c.uri_mut() = r.uri().clone();
-    *c.version_mut() = r.version();
-    *c.headers_mut() = r.headers().clone();
-    c.into_parts().0
-}
-
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -188,23 +187,12 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// Opens a new HTTP/1.1 connection to an endpoint.
-async fn connect(ep: &Endpoint, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(ep.addr))
+/// Opens a new connection to an endpoint.
+async fn connect(ep: &Endpoint, timeout: Duration) -> Result<UpConn, ConnectError> {
+    tokio::time::timeout(timeout, UpConn::connect(ep.addr))
         .await
         .map_err(|_| ConnectError::Timeout)?
-        .map_err(ConnectError::Io)?;
-    let _ = stream.set_nodelay(true);
-    let (tx, conn) = hyper::client::conn::http1::Builder::new()
-        .writev(false)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    tokio::spawn(async move {
-        // Ends when the sender is dropped (pool closed) or the peer closes.
-        let _ = conn.with_upgrades().await;
-    });
-    Ok(tx)
+        .map_err(ConnectError::Io)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,19 +201,71 @@ enum ConnectError {
     Timeout,
     #[error("connect: {0}")]
     Io(std::io::Error),
-    #[error("handshake: {0}")]
-    Handshake(hyper::Error),
 }
 
-fn caused_by_too_large(e: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if s.is::<BodyTooLarge>() {
-            return true;
+/// Why one request/response exchange with an upstream failed.
+#[derive(Debug, thiserror::Error)]
+enum Fail {
+    /// The head could not be written: nothing reached the upstream.
+    #[error("writing the request head: {0}")]
+    HeadWrite(std::io::Error),
+    #[error("request body exceeds the limit")]
+    BodyTooLarge,
+    /// The client's body broke (bad chunk, disconnect): its fault.
+    #[error("client body: {0}")]
+    ClientBody(BoxError),
+    #[error("writing the request body: {0}")]
+    BodyWrite(std::io::Error),
+    #[error("{0}")]
+    Response(UpError),
+}
+
+/// Writes the head and streams the client's body, then reads the response head.
+async fn exchange<B>(
+    up: &mut UpConn,
+    head: &[u8],
+    body: &mut B,
+    chunked: bool,
+    limit: u64,
+    method: &Method,
+) -> Result<Head, Fail>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    up.write_all(head).await.map_err(Fail::HeadWrite)?;
+    if !body.is_end_stream() {
+        let mut seen = 0u64;
+        let mut piece = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| Fail::ClientBody(e.into()))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers: not forwarded
+            };
+            if data.is_empty() {
+                continue;
+            }
+            seen += data.len() as u64;
+            if seen > limit {
+                return Err(Fail::BodyTooLarge);
+            }
+            if chunked {
+                piece.clear();
+                upstream::chunk_head(&mut piece, data.len());
+                piece.extend_from_slice(&data);
+                piece.extend_from_slice(b"\r\n");
+                up.write_all(&piece).await.map_err(Fail::BodyWrite)?;
+            } else {
+                up.write_all(&data).await.map_err(Fail::BodyWrite)?;
+            }
         }
-        src = s.source();
+        if chunked {
+            up.write_all(upstream::LAST_CHUNK)
+                .await
+                .map_err(Fail::BodyWrite)?;
+        }
     }
-    false
+    up.read_head(method).await.map_err(Fail::Response)
 }
 
 /// Counts a failure of `ep` and ejects it when the streak is long enough, unless too
@@ -271,22 +311,53 @@ impl Ctx<'_> {
     }
 }
 
+/// How the client side takes over the connection after a 101.
+pub enum ClientUpgrade {
+    /// Not an upgrade request.
+    No,
+    /// hyper's server hands the connection over through this.
+    Hyper(OnUpgrade),
+    /// The caller (the own HTTP/1 server) runs the tunnel: it gets a `RespBody::Tunnel`.
+    Inline,
+}
+
+/// hyper's service entry (HTTP/2 connections).
 pub async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     conn: Arc<ConnInfo>,
 ) -> Result<Response<RespBody>, Infallible> {
+    let upgrade = if is_upgrade(&req) {
+        ClientUpgrade::Hyper(hyper::upgrade::on(&mut req))
+    } else {
+        ClientUpgrade::No
+    };
+    Ok(serve_request(req, upgrade, &conn, None).await)
+}
+
+/// Routes, forwards and accounts for one request. `timer`: the connection's reusable
+/// timer for the response deadline (else a tokio timer per request).
+pub async fn serve_request<B>(
+    req: Request<B>,
+    upgrade: ClientUpgrade,
+    conn: &ConnInfo,
+    timer: Option<Pin<&mut Sleep>>,
+) -> Response<RespBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let start = Instant::now();
     let table = conn.shared.table.load_full();
     let Some(listener) = table.listener(&conn.listener) else {
-        return Ok(plain(
+        return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "listener is closing\n",
             true,
-        ));
+        );
     };
     let Some(route) = listener.route(host_of(&req), req.uri().path()) else {
         listener.unrouted.inc(404);
-        return Ok(plain(StatusCode::NOT_FOUND, "no route\n", false));
+        return plain(StatusCode::NOT_FOUND, "no route\n", false);
     };
     let ctx = Ctx {
         route,
@@ -301,7 +372,7 @@ pub async fn handle(
     } else {
         (None, None)
     };
-    let resp = forward(req, &conn, &ctx).await;
+    let resp = forward(req, upgrade, conn, &ctx, timer).await;
     if let (Some(m), Some(p)) = (method, path) {
         tracing::info!(
             target: "access",
@@ -314,10 +385,22 @@ pub async fn handle(
             micros = start.elapsed().as_micros() as u64,
         );
     }
-    Ok(resp)
+    resp
 }
 
-async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> Response<RespBody> {
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn forward<B>(
+    req: Request<B>,
+    client_upgrade: ClientUpgrade,
+    conn: &ConnInfo,
+    ctx: &Ctx<'_>,
+    mut timer: Option<Pin<&mut Sleep>>,
+) -> Response<RespBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let s = ctx.settings;
     let Some(svc) = ctx.route.service.as_deref().filter(|s| !s.is_empty()) else {
         return ctx.finish(
@@ -331,12 +414,12 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
     };
     svc.shared.deposit(s.retry_budget_percent);
     // Body limit: a declared length is checked now; a chunked body is cut off while it
-    // streams (see `ReqBody`).
-    if let Some(len) = req
+    // streams (see `exchange`).
+    let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
+        .map(|v| upstream::parse_length(v.as_bytes()));
+    if let Some(Some(len)) = declared
         && len > s.max_body_bytes
     {
         return ctx.finish(
@@ -348,10 +431,9 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
             ),
         );
     }
-    let upgrade = is_upgrade(&req);
+    let upgrade = !matches!(client_upgrade, ClientUpgrade::No);
     // The answer speaks the client's protocol version, whatever the upstream spoke.
     let client_version = req.version();
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     // Rewrite the head for the upstream hop.
     let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -359,7 +441,7 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, mut body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let h = &mut parts.headers;
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -369,7 +451,10 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
     if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    h.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
     if let Some(host) = original_host {
         if !h.contains_key(&X_FORWARDED_HOST) {
             h.insert(X_FORWARDED_HOST.clone(), host.clone());
@@ -378,30 +463,17 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
             h.insert(header::HOST, host);
         }
     }
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = pq.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
-    }
-    parts.version = Version::HTTP_11;
-    let body = if body.is_end_stream() {
-        ReqBody::Empty
-    } else {
-        ReqBody::Client {
-            inner: body,
-            seen: 0,
-            limit: s.max_body_bytes,
-        }
-    };
-    // An idempotent, body-less request reset on a reused keep-alive connection before any
-    // answer (the upstream closed it as we wrote) is resent: `resend` then holds a copy of
-    // the head, made only when the request goes out on a reused connection.
-    let may_resend = matches!(body, ReqBody::Empty) && idempotent(&parts.method) && !upgrade;
-    let mut resend: Option<http::request::Parts> = None;
-    let mut pending = Some(Request::from_parts(parts, body));
+    let has_body = !body.is_end_stream();
+    // A body of unknown length (chunked from an HTTP/1.1 client, or HTTP/2 without
+    // content-length) goes upstream chunked.
+    let chunked = has_body && declared.is_none();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
+    upstream::encode_request_head(&mut head, &parts.method, target, &parts.headers, chunked);
+    // An idempotent, body-less request whose connection is reset before any answer (a
+    // reused keep-alive connection the upstream closed as we wrote, or a crash) is
+    // resent: the head is still in `head`.
+    let may_resend = !has_body && idempotent(&parts.method) && !upgrade;
 
     let mut tried: Vec<usize> = Vec::new();
     let mut attempts = 0u32;
@@ -411,22 +483,22 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
         let version = member.version;
         let in_flight = ep.start_request();
 
-        // A pooled connection if one is alive, else a new one.
-        let mut reused = false;
-        let mut tx = None;
-        while let Some(mut pooled) = ep.checkout() {
-            if pooled.ready().await.is_ok() {
-                tx = Some(pooled);
-                reused = true;
+        // A pooled connection if one is alive, else a new one. A request with a body
+        // cannot be resent, so its pooled connection is checked first.
+        let mut up = None;
+        while let Some(pooled) = ep.checkout() {
+            if !has_body || pooled.looks_alive() {
+                up = Some(pooled);
                 break;
             }
         }
-        let mut tx = match tx {
-            Some(tx) => tx,
+        let reused = up.is_some();
+        let mut up = match up {
+            Some(up) => up,
             // Boxed: a new connection is the rare path, and its large future would
             // otherwise sit in every idle client connection's request slot (RSS).
             None => match Box::pin(connect(&ep, s.connect_timeout)).await {
-                Ok(tx) => tx,
+                Ok(up) => up,
                 Err(e) => {
                     svc.shared.connect_errors.inc();
                     ep.stats.record_failure();
@@ -448,18 +520,23 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
             },
         };
 
-        let request = match pending.take() {
-            Some(r) => r,
-            None => match &resend {
-                Some(p) => Request::from_parts(p.clone(), ReqBody::Empty),
-                None => break,
-            },
+        let exchanged = exchange(
+            &mut up,
+            &head,
+            &mut body,
+            chunked,
+            s.max_body_bytes,
+            &parts.method,
+        );
+        let sent = match timer.as_mut() {
+            Some(t) => deadline::within(t.as_mut(), s.response_timeout, exchanged)
+                .await
+                .map_err(|_| ()),
+            None => tokio::time::timeout(s.response_timeout, exchanged)
+                .await
+                .map_err(|_| ()),
         };
-        if reused && may_resend && resend.is_none() {
-            resend = Some(head_copy(&request));
-        }
-        let sent = tokio::time::timeout(s.response_timeout, tx.try_send_request(request)).await;
-        let mut resp = match sent {
+        let resp = match sent {
             Err(_) => {
                 ep.stats.record_failure();
                 failed(&ep, svc, s);
@@ -469,46 +546,50 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
                 );
             }
             Ok(Ok(resp)) => resp,
-            Ok(Err(mut e)) => {
-                if let Some(req) = e.take_message() {
-                    // Never written: the connection closed under us. Same request, another
-                    // connection; does not count against the budget.
-                    pending = Some(req);
-                    attempts += 1;
-                    if attempts <= s.retries + 2 {
-                        continue;
-                    }
-                    break;
+            Ok(Err(Fail::HeadWrite(e))) if reused => {
+                // Never reached the upstream: the connection closed under us. Same
+                // request, another connection; does not count against the budget.
+                tracing::debug!(instance = %ep.id, error = %e, "stale pooled connection");
+                ep.clear_idle();
+                attempts += 1;
+                if attempts <= s.retries + 2 {
+                    continue;
                 }
-                let err = e.into_error();
-                if caused_by_too_large(&err) {
-                    return ctx.finish(
-                        Some(version),
-                        plain(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "request body too large\n",
-                            true,
-                        ),
-                    );
-                }
-                if err.is_user() || err.is_body_write_aborted() {
-                    // The client's body broke (bad chunk, disconnect): its fault.
-                    return ctx.finish(
-                        Some(version),
-                        plain(StatusCode::BAD_REQUEST, "malformed request body\n", true),
-                    );
-                }
-                tracing::debug!(instance = %ep.id, error = %err, reused, "upstream failed before answering");
-                if !reused {
+                break;
+            }
+            Ok(Err(Fail::BodyTooLarge)) => {
+                return ctx.finish(
+                    Some(version),
+                    plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large\n",
+                        true,
+                    ),
+                );
+            }
+            Ok(Err(Fail::ClientBody(e))) => {
+                tracing::debug!(error = %e, "client body broke");
+                return ctx.finish(
+                    Some(version),
+                    plain(StatusCode::BAD_REQUEST, "malformed request body\n", true),
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(instance = %ep.id, error = %e, reused, "upstream failed before answering");
+                let stale = reused && matches!(e, Fail::Response(UpError::ClosedBeforeResponse));
+                if stale {
+                    ep.clear_idle();
+                } else {
                     ep.stats.record_failure();
                     failed(&ep, svc, s);
                     tried.push(Arc::as_ptr(&ep) as usize);
                 }
                 attempts += 1;
                 // A stale keep-alive connection is not the instance's fault: free retry.
-                if resend.is_some()
+                if may_resend
+                    && matches!(e, Fail::Response(UpError::ClosedBeforeResponse))
                     && attempts <= s.retries + 1
-                    && (reused || svc.shared.withdraw())
+                    && (stale || svc.shared.withdraw())
                 {
                     svc.shared.retries_reset.inc();
                     continue;
@@ -518,40 +599,48 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
             }
         };
 
-        let status = resp.status();
+        let status = resp.status;
         ep.stats.record_answer(status.as_u16(), ctx.start.elapsed());
         if status.is_server_error() {
             failed(&ep, svc, s);
         } else {
             ep.record_success();
         }
-        strip_hop_by_hop(
-            resp.headers_mut(),
-            status == StatusCode::SWITCHING_PROTOCOLS,
-        );
-        if status == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client) = client_upgrade
-        {
-            let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                let _in_flight = in_flight;
-                if let (Ok(c), Ok(u)) = (client.await, upstream.await) {
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u))
-                            .await;
+        let mut headers = resp.headers;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(&mut headers, switching);
+        if switching {
+            let body = match client_upgrade {
+                ClientUpgrade::Hyper(client) => {
+                    tokio::spawn(tunnel(client, up, in_flight));
+                    RespBody::empty()
                 }
-                drop(tx);
-            });
-            let (parts, _) = resp.into_parts();
-            return ctx.finish(
-                Some(version),
-                Response::from_parts(parts, RespBody::empty()),
-            );
+                ClientUpgrade::Inline => RespBody::Tunnel(Some(Tunnel {
+                    conn: up,
+                    in_flight,
+                })),
+                ClientUpgrade::No => {
+                    // Switched without being asked: nothing sane to pass on.
+                    failed(&ep, svc, s);
+                    last = StatusCode::BAD_GATEWAY;
+                    break;
+                }
+            };
+            let mut r = Response::new(body);
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            return ctx.finish(Some(version), r);
         }
-        let (mut parts, body) = resp.into_parts();
-        parts.version = client_version;
-        let body = RespBody::upstream(body, Lease { tx, in_flight });
-        return ctx.finish(Some(version), Response::from_parts(parts, body));
+        let mut r = Response::new(RespBody::upstream(Lease {
+            conn: up,
+            framing: resp.framing,
+            keep_alive: resp.keep_alive,
+            in_flight,
+        }));
+        *r.status_mut() = status;
+        *r.version_mut() = client_version;
+        *r.headers_mut() = headers;
+        return ctx.finish(Some(version), r);
     }
     let resp = if last == StatusCode::GATEWAY_TIMEOUT {
         plain(last, "upstream connect timed out\n", false)
@@ -565,6 +654,20 @@ async fn forward(mut req: Request<Incoming>, conn: &ConnInfo, ctx: &Ctx<'_>) -> 
         plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", false)
     };
     ctx.finish(None, resp)
+}
+
+/// After a 101: bytes both ways between the client and the upstream until either closes.
+async fn tunnel(client: OnUpgrade, up: UpConn, in_flight: InFlight) {
+    let _in_flight = in_flight;
+    let Ok(client) = client.await else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let (mut io, early) = up.into_parts();
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut io).await;
 }
 
 #[cfg(test)]

@@ -8,14 +8,15 @@ use arc_swap::ArcSwap;
 use catalog::WatchStats;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use crate::body::RespBody;
 use crate::config::ListenerConfig;
+use crate::h1_server;
 use crate::proxy::{self, ConnInfo, Shared};
 
 /// Counts open client connections so shutdown can wait for them.
@@ -26,7 +27,7 @@ pub struct ConnTracker {
 }
 
 impl ConnTracker {
-    fn enter(self: &Arc<Self>) -> TrackGuard {
+    pub fn enter(self: &Arc<Self>) -> TrackGuard {
         self.open.fetch_add(1, Ordering::Relaxed);
         TrackGuard(self.clone())
     }
@@ -47,7 +48,7 @@ impl ConnTracker {
     }
 }
 
-struct TrackGuard(Arc<ConnTracker>);
+pub struct TrackGuard(Arc<ConnTracker>);
 
 impl Drop for TrackGuard {
     fn drop(&mut self) {
@@ -57,30 +58,56 @@ impl Drop for TrackGuard {
     }
 }
 
-/// hyper's default (and cheapest) HTTP/1 header-count limit.
-const HYPER_MAX_HEADERS: usize = 100;
+/// Limits of the own HTTP/1 server loop (see `h1_server`).
+pub struct H1Settings {
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
 
-/// The hyper server settings of a listener.
-pub fn conn_builder(l: &ListenerConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(l.header_read_timeout)
-        .max_buf_size(l.max_header_bytes)
-        // One contiguous write per response (head + small body copied together) instead
-        // of a writev over a queue of buffers.
-        .writev(false)
-        .keep_alive(true);
-    // hyper's own limit is 100 headers, parsed into an uninitialised stack array; setting
-    // any limit makes it fill a fresh array per request instead, so only set other values.
-    if l.max_headers != HYPER_MAX_HEADERS {
-        b.http1().max_headers(l.max_headers);
-    }
-    b.http2()
-        .timer(TokioTimer::new())
+/// How a listener serves its connections: HTTP/1 by the balancer's own loop, h2c by
+/// hyper's HTTP/2 server. Swapped as a whole on reload.
+pub struct ConnSettings {
+    pub h1: H1Settings,
+    pub h2: http2::Builder<TokioExecutor>,
+}
+
+/// The connection settings of a listener.
+pub fn conn_builder(l: &ListenerConfig) -> ConnSettings {
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_header_list_size(l.max_header_bytes as u32)
         .max_concurrent_streams(256);
-    b
+    ConnSettings {
+        h1: H1Settings {
+            header_read_timeout: l.header_read_timeout,
+            max_header_bytes: l.max_header_bytes,
+            max_headers: l.max_headers,
+        },
+        h2,
+    }
+}
+
+/// Serves an h2c (prior knowledge) connection with hyper until it closes; on shutdown,
+/// GOAWAY then the streams in flight finish.
+pub async fn serve_h2<IO>(
+    io: IO,
+    info: Arc<ConnInfo>,
+    settings: &ConnSettings,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| proxy::handle(req, info.clone()));
+    let conn = settings.h2.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = until_true(&mut shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }
 
 /// A running listener: its accept loop stops when `stop` is set; its connections then
@@ -88,20 +115,22 @@ pub fn conn_builder(l: &ListenerConfig) -> auto::Builder<TokioExecutor> {
 pub struct ListenerHandle {
     pub name: String,
     pub bind: std::net::SocketAddr,
-    pub builder: Arc<ArcSwap<auto::Builder<TokioExecutor>>>,
+    pub builder: Arc<ArcSwap<ConnSettings>>,
     pub stop: watch::Sender<bool>,
 }
 
 /// Accepts connections until `stop` turns true or `shutdown` does; on `shutdown`,
 /// connections are shut down gracefully.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_listener(
     listener: TcpListener,
     name: Arc<str>,
-    builder: Arc<ArcSwap<auto::Builder<TokioExecutor>>>,
+    builder: Arc<ArcSwap<ConnSettings>>,
     shared: Arc<Shared>,
     tracker: Arc<ConnTracker>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
+    setup: Arc<crate::client_io::ClientSetup>,
 ) {
     let active = shared
         .metrics
@@ -122,25 +151,22 @@ pub fn spawn_listener(
                 _ = until_true(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
-            let info = Arc::new(ConnInfo::new(name.clone(), peer, shared.clone()));
+            let (name, shared, setup) = (name.clone(), shared.clone(), setup.clone());
             let builder = builder.load_full();
             let guard = tracker.enter();
             let active = active.clone();
-            let mut shutdown = shutdown.clone();
+            let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _guard = guard;
+                // PROXY header and TLS first: `peer` becomes the real client.
+                let Some((stream, peer)) = setup.accept(stream, peer).await else {
+                    return;
+                };
+                let mut info = ConnInfo::new(name, peer, shared);
+                info.tls = stream.is_tls();
+                let info = Arc::new(info);
                 active.inc();
-                let svc =
-                    service_fn(move |req: Request<Incoming>| proxy::handle(req, info.clone()));
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => {}
-                    _ = until_true(&mut shutdown) => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
+                h1_server::serve(stream, info, builder, shutdown).await;
                 active.dec();
             });
         }

@@ -407,3 +407,131 @@ async fn page_in_headless_chromium_shows_the_fleet_and_follows_a_drain() -> Resu
     load.stop().await;
     Ok(())
 }
+
+fn static_config(backends: &[(&Backend, &str)]) -> String {
+    let eps: String = backends
+        .iter()
+        .map(|(b, v)| {
+            format!(
+                "  [[service.endpoint]]\n  addr = \"{}\"\n  version = \"{v}\"\n",
+                b.addr
+            )
+        })
+        .collect();
+    format!(
+        "[admin]\nbind = \"127.0.0.1:@ADMIN@\"\n\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:@PORT@\"\n  \
+         [[listener.route]]\n  service = \"api\"\n\n[[service]]\nname = \"api\"\n{eps}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_services_and_reloads_show_up_without_etcd() -> Result<()> {
+    let (a, b) = (Backend::start("a").await?, Backend::start("b").await?);
+    let lb = Lb::start(&static_config(&[(&a, "v1")])).await?;
+    let st = eventually("the static service", WAIT, || async {
+        let st = status(&lb).await.ok()?;
+        (st["services"][0]["name"] == "api").then_some(st)
+    })
+    .await?;
+    assert_eq!(st["services"][0]["source"], "static");
+    assert_eq!(st["discovery"]["source"], "static");
+    assert_eq!(st["services"][0]["instances"][0]["id"], a.addr.to_string());
+    assert_eq!(st["services"][0]["instances"][0]["state"], "serving");
+
+    // A bad file: the event says the old configuration stays.
+    lb.write_config("[[listener]\nnot toml")?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("reload_failed event", WAIT, || async {
+        let st = status(&lb).await.ok()?;
+        st["events"]
+            .as_array()?
+            .iter()
+            .any(|e| e["kind"] == "reload_failed")
+            .then_some(())
+    })
+    .await?;
+    // A good one adds b: reload event, b added.
+    lb.write_config(&static_config(&[(&a, "v1"), (&b, "v2")]))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    let st = eventually("reload event and b added", WAIT, || async {
+        let st = status(&lb).await.ok()?;
+        let evs = st["events"].as_array()?;
+        let reloaded = evs.iter().any(|e| e["kind"] == "reload");
+        let added = evs
+            .iter()
+            .any(|e| e["kind"] == "added" && e["instance"] == b.addr.to_string());
+        (reloaded && added).then_some(st)
+    })
+    .await?;
+    assert_eq!(
+        st["services"][0]["instances"].as_array().map(Vec::len),
+        Some(2)
+    );
+    // Method other than GET on the API is refused; unknown admin paths still 404.
+    let admin = format!("127.0.0.1:{}", lb.admin);
+    let mut s = tokio::net::TcpStream::connect(&admin).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(
+        b"POST /api/status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await?;
+    assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+    let (code, _) = get_with(&client(), &format!("http://{admin}/nope")).await?;
+    assert_eq!(code, 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_shows_as_staleness_and_events_while_routing_goes_on() -> Result<()> {
+    let mut etcd = EtcdServer::start()?;
+    let fleet = Fleet::new(&etcd).await?;
+    let bs = Backends::start().await?;
+    fleet.populate(&bs).await?;
+    let lb = Lb::start(&lb_config(&etcd)).await?;
+    eventually("catalog loaded, fresh", WAIT, || async {
+        let st = status(&lb).await.ok()?;
+        (state_of(&st, "n1-a-80").as_deref() == Some("serving")
+            && st["discovery"]["staleness_s"].as_f64()? < 3.0)
+            .then_some(())
+    })
+    .await?;
+
+    etcd.kill();
+    let st = eventually(
+        "staleness past 10 s and an event",
+        Duration::from_secs(40),
+        || async {
+            let st = status(&lb).await.ok()?;
+            let stale = st["discovery"]["staleness_s"].as_f64()? > 10.0;
+            let ev = st["events"].as_array()?.iter().any(|e| {
+                e["kind"] == "discovery"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("has not confirmed"))
+            });
+            (stale && ev).then_some(st)
+        },
+    )
+    .await?;
+    // The last known state keeps serving, and the page still lists it.
+    assert_eq!(state_of(&st, "n1-a-80").as_deref(), Some("serving"));
+    let (code, body) = get_with(&client(), &lb.url("/")).await?;
+    assert!(code.is_success() || code.as_u16() == 500, "{code} {body}");
+
+    etcd.restart()?;
+    eventually("etcd confirms again", Duration::from_secs(40), || async {
+        let st = status(&lb).await.ok()?;
+        let fresh = st["discovery"]["staleness_s"].as_f64()? < 3.0;
+        let ev = st["events"].as_array()?.iter().any(|e| {
+            e["kind"] == "discovery"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("confirms the catalog again"))
+        });
+        (fresh && ev).then_some(())
+    })
+    .await?;
+    Ok(())
+}

@@ -20,6 +20,7 @@ pub mod lease;
 pub mod model;
 pub mod names;
 pub mod store;
+pub mod table;
 pub mod view;
 pub mod watch;
 

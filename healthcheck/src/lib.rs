@@ -24,6 +24,7 @@ pub mod probe;
 pub mod rules;
 pub mod shard;
 pub mod stall;
+pub mod status;
 pub mod supervisor;
 pub mod task;
 pub mod view;

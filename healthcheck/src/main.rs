@@ -27,7 +27,7 @@ struct Cli {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// etcd client URLs, comma separated (overrides [etcd] endpoints).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', env = "WHARF_ETCD")]
     etcd: Vec<String>,
     /// Checker id, a DNS label unique among replicas (default: the host name).
     #[arg(long)]
@@ -50,6 +50,10 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Print every instance's health mark from etcd as a table, and the live checkers,
+    /// then exit (does not probe).
+    #[arg(long)]
+    status: bool,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +74,9 @@ fn main() -> ExitCode {
             file.etcd.endpoints.join(",")
         );
         return ExitCode::SUCCESS;
+    }
+    if cli.status {
+        return status(&file, &settings);
     }
     // One thread: no cross-thread wake-ups (futex calls) and no work stealing, the cheapest
     // per probe. More: probes, watch and writes spread over cores.
@@ -93,6 +100,48 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--status`: one consistent read of the catalog (the watcher's first snapshot), printed.
+fn status(file: &FileConfig, settings: &healthcheck::Settings) -> ExitCode {
+    let run = async {
+        let store = EtcdStore::connect(&file.etcd)
+            .await
+            .context("connecting to etcd")?;
+        let ks = settings.keyspace.clone();
+        let watcher = catalog::Watcher::spawn(
+            store,
+            ks.clone(),
+            catalog::WatchConfig::new(vec![ks.services(), ks.checkers()]),
+        );
+        let (mut rx, _stats) = watcher.into_parts();
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .context("etcd did not answer within 10s")?
+            .context("the catalog watcher stopped")?;
+        let mut view = catalog::CatalogView::default();
+        view.apply(first);
+        anyhow::Ok(healthcheck::status::render(
+            &view,
+            catalog::model::now_millis(),
+        ))
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match rt
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run))
+    {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("healthcheck: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -96,6 +96,34 @@ async fn call(at: &AgentAddr, req: Request) -> Result<Response> {
     Ok(api::call(&sock, &req).await?)
 }
 
+/// Awaits a slow agent call; on a terminal, says what is happening and for how long
+/// (one updating stderr line after the first second), so a drain does not look like a hang.
+async fn with_progress<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return fut.await;
+    }
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
+    tokio::pin!(fut);
+    let mut shown = false;
+    loop {
+        tokio::select! {
+            out = &mut fut => {
+                if shown {
+                    eprint!("\r\x1b[2K");
+                }
+                return out;
+            }
+            _ = tick.tick() => {
+                shown = true;
+                eprint!("\r\x1b[2K{what}… {}s", start.elapsed().as_secs());
+                let _ = std::io::stderr().flush();
+            }
+        }
+    }
+}
+
 /// Prints an answer; an error answer becomes exit status 1.
 fn print(resp: Response) -> Result<i32> {
     match resp {
@@ -110,22 +138,7 @@ fn print(resp: Response) -> Result<i32> {
             Ok(0)
         }
         Response::Containers { containers } => {
-            println!(
-                "{:<24} {:<12} {:<8} {:<10} {:<22} {:>5} {:>8}",
-                "NAME", "SERVICE", "VERSION", "STATE", "ADDRESS", "EXIT", "RESTARTS"
-            );
-            for c in containers {
-                println!(
-                    "{:<24} {:<12} {:<8} {:<10} {:<22} {:>5} {:>8}",
-                    c.name,
-                    c.service,
-                    c.version,
-                    c.state,
-                    format!("{}:{}", c.addr, c.port),
-                    c.exit_code.map(|c| c.to_string()).unwrap_or_default(),
-                    c.restarts
-                );
-            }
+            print!("{}", containers_table(containers));
             Ok(0)
         }
         Response::Error { message } => {
@@ -133,6 +146,50 @@ fn print(resp: Response) -> Result<i32> {
             Ok(1)
         }
     }
+}
+
+/// `registrar ps`: one aligned row per container, grouped by service and version.
+pub fn containers_table(mut containers: Vec<registrar::api::ContainerInfo>) -> String {
+    if containers.is_empty() {
+        return "no containers (start some with `registrar run`)\n".to_owned();
+    }
+    containers
+        .sort_by(|a, b| (&a.service, &a.version, &a.name).cmp(&(&b.service, &b.version, &b.name)));
+    let mut t = catalog::table::TextTable::new(&[
+        "NAME",
+        "SERVICE",
+        "VERSION",
+        "STATE",
+        "ADDRESS",
+        "INSTANCE",
+        ">PID",
+        ">EXIT",
+        ">RESTARTS",
+    ]);
+    for c in &containers {
+        t.row(&[
+            c.name.clone(),
+            c.service.clone(),
+            c.version.clone(),
+            c.state.clone(),
+            format!("{}:{}", c.addr, c.port),
+            c.instance.clone(),
+            c.helper_pid
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
+            c.restarts.to_string(),
+        ]);
+    }
+    let mut out = t.render();
+    let serving = containers.iter().filter(|c| c.state == "serving").count();
+    out.push_str(&format!(
+        "{} container(s), {serving} serving\n",
+        containers.len()
+    ));
+    out
 }
 
 fn protocol(s: &str) -> Result<catalog::Protocol> {
@@ -176,7 +233,11 @@ async fn run(cmd: Cmd) -> Result<i32> {
                 protocol: protocol(&a.protocol)?,
                 command: a.command,
             };
-            print(call(&a.at, Request::Run(req)).await?)
+            let what = format!(
+                "starting {} × {} {} (waiting for the port to accept connections)",
+                req.replicas, req.service, req.version
+            );
+            print(with_progress(&what, call(&a.at, Request::Run(req))).await?)
         }
         Cmd::Ps { at, json } => {
             let resp = call(&at, Request::Ps).await?;
@@ -192,17 +253,21 @@ async fn run(cmd: Cmd) -> Result<i32> {
             name,
             version,
             grace,
-        } => print(
-            call(
-                &at,
-                Request::Stop {
-                    name,
-                    version,
-                    grace,
-                },
-            )
-            .await?,
-        ),
+        } => {
+            let what = format!(
+                "stopping {name}{}: draining (no new requests) for the service's drain timeout, then SIGTERM, SIGKILL after the grace period",
+                version
+                    .as_deref()
+                    .map(|v| format!(" {v}"))
+                    .unwrap_or_default()
+            );
+            let req = Request::Stop {
+                name,
+                version,
+                grace,
+            };
+            print(with_progress(&what, call(&at, req)).await?)
+        }
         Cmd::Rm { at, name } => print(call(&at, Request::Rm { name }).await?),
         Cmd::Register {
             at,
@@ -315,4 +380,49 @@ async fn service_set(a: ServiceSetArgs) -> Result<i32> {
     .await?;
     println!("{}", serde_json::to_string(&c)?);
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, version: &str, state: &str, port: u16) -> registrar::api::ContainerInfo {
+        registrar::api::ContainerInfo {
+            name: name.into(),
+            service: "web".into(),
+            version: version.into(),
+            instance: format!("n1-{name}-{port}"),
+            addr: "127.0.0.1".into(),
+            port,
+            state: state.into(),
+            helper_pid: (state != "exited").then_some(4242),
+            exit_code: (state == "exited").then_some(137),
+            restarts: 0,
+        }
+    }
+
+    #[test]
+    fn ps_table_is_aligned_grouped_and_summed_up() {
+        let text = containers_table(vec![
+            info("web-v2-0", "v2", "serving", 8090),
+            info("web-v1-10", "v1", "exited", 8080),
+            info("web-v1-0", "v1", "draining", 8081),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("NAME       SERVICE  VERSION  STATE"),
+            "{text}"
+        );
+        assert!(lines[1].starts_with("web-v1-0 "), "{text}");
+        assert!(lines[2].starts_with("web-v1-10"), "{text}");
+        assert!(lines[3].starts_with("web-v2-0 "), "{text}");
+        let state = lines[0].find("STATE").unwrap();
+        assert_eq!(&lines[2][state..state + 6], "exited", "{text}");
+        assert!(lines[2].ends_with("137         0"), "{text}");
+        assert_eq!(lines[4], "3 container(s), 1 serving");
+        assert_eq!(
+            containers_table(vec![]),
+            "no containers (start some with `registrar run`)\n"
+        );
+    }
 }

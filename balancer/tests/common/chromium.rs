@@ -7,16 +7,21 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
+/// Longest wait for one DevTools answer (page loads are polled separately).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Chromium {
     child: Child,
     input: ChildStdin,
-    output: BufReader<ChildStdout>,
+    /// Messages read from fd 4 by a thread, so that every wait has a deadline.
+    output: mpsc::Receiver<Vec<u8>>,
     next_id: u64,
     session: Option<String>,
     _profile: tempfile::TempDir,
@@ -72,7 +77,24 @@ impl Chromium {
             .spawn()
             .context("starting chromium")?;
         let input = child.stdin.take().context("stdin")?;
-        let output = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut pipe = BufReader::new(child.stdout.take().context("stdout")?);
+        let (tx, output) = mpsc::channel();
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = Vec::new();
+                match pipe.read_until(0, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if buf.last() == Some(&0) {
+                            buf.pop();
+                        }
+                        if tx.send(buf).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
         Ok(Self {
             child,
             input,
@@ -100,18 +122,16 @@ impl Chromium {
         bytes.push(0);
         self.input.write_all(&bytes)?;
         self.input.flush()?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
         loop {
-            let mut buf = Vec::new();
-            let n = self.output.read_until(0, &mut buf)?;
-            if n == 0 {
-                bail!(
-                    "chromium closed its pipe; log:\n{}",
+            let left = deadline.saturating_duration_since(Instant::now());
+            let buf = match self.output.recv_timeout(left) {
+                Ok(b) => b,
+                Err(e) => bail!(
+                    "{method}: no answer from chromium ({e}); log:\n{}",
                     std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            if buf.last() == Some(&0) {
-                buf.pop();
-            }
+                ),
+            };
             let v: Value = serde_json::from_slice(&buf)?;
             if v["id"].as_u64() == Some(id) {
                 if let Some(e) = v.get("error") {
@@ -187,8 +207,11 @@ impl Chromium {
 
 impl Drop for Chromium {
     fn drop(&mut self) {
-        self.session = None;
-        let _ = self.call("Browser.close", json!({}));
+        // Ask politely without waiting for the answer (a hung browser is killed below).
+        let _ = self
+            .input
+            .write_all(b"{\"id\":999999,\"method\":\"Browser.close\",\"params\":{}}\0")
+            .and_then(|_| self.input.flush());
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {

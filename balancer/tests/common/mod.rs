@@ -34,6 +34,8 @@ pub struct Backend {
     pub hits: Arc<AtomicU64>,
     /// Connections currently open to this backend.
     pub open: Arc<AtomicU64>,
+    /// Connections accepted since the start.
+    pub accepted: Arc<AtomicU64>,
     kill: watch::Sender<bool>,
 }
 
@@ -48,6 +50,8 @@ impl Backend {
         let hits = Arc::new(AtomicU64::new(0));
         let open = Arc::new(AtomicU64::new(0));
         let open_in = open.clone();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let accepted_in = accepted.clone();
         let (kill, kill_rx) = watch::channel(false);
         let (n, h) = (name.to_owned(), hits.clone());
         let mut accept_kill = kill_rx.clone();
@@ -61,6 +65,7 @@ impl Backend {
                 let mut conn_kill = kill_rx.clone();
                 let open = open_in.clone();
                 open.fetch_add(1, Ordering::Relaxed);
+                accepted_in.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| answer(req, n.clone(), h.clone()));
                     let conn = hyper::server::conn::http1::Builder::new()
@@ -80,6 +85,7 @@ impl Backend {
             addr,
             hits,
             open,
+            accepted,
             kill,
         })
     }

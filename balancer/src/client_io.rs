@@ -1,0 +1,218 @@
+//! What happens to an accepted client connection before any HTTP or TCP proxying: the
+//! PROXY protocol header (from trusted front balancers), then the TLS handshake. The result
+//! is a [`ClientIo`] (plain or TLS, one type for every server loop) and the real client
+//! address, which then flows into X-Forwarded-For, logs and PROXY headers to upstreams.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::ListenerConfig;
+use crate::l4config::Cidr;
+use crate::l4metrics::L4Metrics;
+use crate::proxy_protocol::{self, ProxyError};
+use crate::tls::TlsListener;
+
+/// A client connection after the PROXY header and the TLS handshake.
+pub enum ClientIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl ClientIo {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientIo::Tls(_))
+    }
+
+    /// The ALPN protocol the client and the listener agreed on.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            ClientIo::Plain(_) => None,
+            ClientIo::Tls(t) => t.get_ref().1.alpn_protocol(),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            ClientIo::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            ClientIo::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for ClientIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for ClientIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientIo::Plain(s) => s.is_write_vectored(),
+            ClientIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// How untrusted sources are checked for a PROXY header they should not send: bytes that
+/// arrive within this window are inspected; a client that waits for the server to speak
+/// first (SMTP, MySQL…) is let through after it.
+const SNIFF: Duration = Duration::from_millis(200);
+
+/// A listener's pre-proxy steps.
+pub struct ClientSetup {
+    pub listener: Arc<str>,
+    pub tls: Option<TlsListener>,
+    /// `[listener.proxy_protocol]`: the trusted source ranges.
+    pub proxy: Option<Vec<Cidr>>,
+    /// Time for the PROXY header and the TLS handshake together.
+    pub handshake_timeout: Duration,
+    pub metrics: Arc<L4Metrics>,
+}
+
+impl ClientSetup {
+    pub fn new(l: &ListenerConfig, tls: Option<TlsListener>, metrics: Arc<L4Metrics>) -> Self {
+        Self {
+            listener: l.name.get_ref().as_str().into(),
+            tls,
+            proxy: l.proxy_protocol.as_ref().map(|p| p.cidrs()),
+            handshake_timeout: l.header_read_timeout,
+            metrics,
+        }
+    }
+
+    /// Nothing to do: the plain socket is used as it is.
+    pub fn is_passthrough(&self) -> bool {
+        self.tls.is_none() && self.proxy.is_none()
+    }
+
+    fn reject(&self, peer: SocketAddr, reason: &'static str, e: &dyn std::fmt::Display) {
+        tracing::debug!(listener = %self.listener, %peer, reason, error = %e, "PROXY header rejected");
+        self.metrics
+            .proxy_rejected
+            .with_label_values(&[&self.listener, reason])
+            .inc();
+    }
+
+    /// PROXY header, then TLS. `None`: the connection was refused or failed (logged and
+    /// counted); the caller just drops it.
+    pub async fn accept(
+        &self,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(ClientIo, SocketAddr)> {
+        if self.is_passthrough() {
+            return Some((ClientIo::Plain(tcp), peer));
+        }
+        let deadline = tokio::time::Instant::now() + self.handshake_timeout;
+        let mut client = peer;
+        if let Some(trusted) = &self.proxy {
+            if trusted.iter().any(|c| c.contains(peer.ip())) {
+                match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp)).await
+                {
+                    Ok(Ok(h)) => client = h.source.unwrap_or(peer),
+                    Ok(Err(e)) => {
+                        let reason = match e {
+                            ProxyError::Missing => "missing",
+                            ProxyError::Eof => "eof",
+                            ProxyError::Malformed(_) => "malformed",
+                        };
+                        self.reject(peer, reason, &e);
+                        return None;
+                    }
+                    Err(_) => {
+                        self.reject(peer, "timeout", &"no PROXY header in time");
+                        return None;
+                    }
+                }
+            } else if sniff_header(&tcp).await {
+                self.reject(peer, "untrusted", &"PROXY header from an untrusted source");
+                return None;
+            }
+        }
+        let Some(tls) = &self.tls else {
+            return Some((ClientIo::Plain(tcp), client));
+        };
+        let result = tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await;
+        let label = match &result {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        self.metrics
+            .tls_handshakes
+            .with_label_values(&[&self.listener, label])
+            .inc();
+        match result {
+            Ok(Ok(s)) => Some((ClientIo::Tls(Box::new(s)), client)),
+            Ok(Err(e)) => {
+                tracing::debug!(listener = %self.listener, peer = %client, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// Whether an untrusted client's first bytes (if any come within [`SNIFF`]) start a
+/// PROXY header. Peeks only: nothing is consumed.
+async fn sniff_header(tcp: &TcpStream) -> bool {
+    let deadline = tokio::time::Instant::now() + SNIFF;
+    let mut buf = [0u8; 12];
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => match proxy_protocol::starts_header(&buf[..n]) {
+                Some(v) => return v,
+                // A prefix of a signature: wait for more bytes (bounded by the deadline).
+                None => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            },
+            // EOF, error or nothing sent in time.
+            _ => return false,
+        }
+    }
+}

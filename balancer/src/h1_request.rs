@@ -1,0 +1,235 @@
+//! Parsing and validating an HTTP/1.x request head from a client, straight out of the
+//! connection's read buffer (`httparse`, header values shared with the buffer).
+//!
+//! The raw head is where request smuggling is stopped (RFC 9112 §6): a request with both
+//! `Transfer-Encoding` and `Content-Length`, conflicting or malformed lengths, or a
+//! transfer coding that does not end in `chunked` is refused with 400 and the connection
+//! closed — it is never "fixed up" and forwarded.
+
+use std::mem::MaybeUninit;
+
+use bytes::BytesMut;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri, Version};
+
+use crate::upstream::{has_token, last_token_is, parse_length};
+
+/// Header lines parsed on the stack; a larger `max_headers` uses a heap array.
+const STACK_HEADERS: usize = 128;
+
+/// Why a head was refused. Every case closes the connection after the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// 431: the head is larger than `max_header_bytes`.
+    #[error("request head too large")]
+    TooLarge,
+    /// 431: more header lines than `max_headers`.
+    #[error("too many header lines")]
+    TooManyHeaders,
+    /// 400.
+    #[error("bad request: {0}")]
+    Bad(&'static str),
+}
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A complete, validated request head.
+pub struct Parsed {
+    pub request: Request<()>,
+    pub body: BodyKind,
+    /// The client wants the connection kept open after this exchange.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` (removed from the headers).
+    pub expect_continue: bool,
+}
+
+/// The HTTP/2 connection preface's first line: an h2c prior-knowledge client.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
+
+/// Parses one head from the front of `buf` and removes it; `Ok(None)` = incomplete.
+pub fn parse(
+    buf: &mut BytesMut,
+    max_headers: usize,
+    max_bytes: usize,
+) -> Result<Option<Parsed>, HeadError> {
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    let mut heap;
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap = Vec::with_capacity(max_headers);
+        heap.resize_with(max_headers, MaybeUninit::uninit);
+        &mut heap[..]
+    };
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, slots) {
+        Ok(httparse::Status::Complete(n)) if n > max_bytes => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > max_bytes => {
+            return Err(HeadError::TooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(_) => return Err(HeadError::Bad("unparsable request head")),
+    };
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| HeadError::Bad("bad method"))?;
+    // Positions inside the buffer, so that the head can be split off and shared.
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let path = span(req.path.unwrap_or("").as_bytes());
+    let mut spans = Vec::with_capacity(req.headers.len());
+    for h in req.headers.iter() {
+        spans.push((span(h.name.as_bytes()), span(h.value)));
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path.0..path.0 + path.1))
+        .map_err(|_| HeadError::Bad("bad request target"))?;
+
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut length: Option<u64> = None;
+    let mut te: Option<bool> = None; // Some(last coding is chunked)
+    let mut close = version == Version::HTTP_10;
+    let mut expect_continue = false;
+    for ((ns, nl), (vs, vl)) in spans {
+        let name = HeaderName::from_bytes(&head[ns..ns + nl])
+            .map_err(|_| HeadError::Bad("bad header name"))?;
+        let raw = head.slice(vs..vs + vl);
+        if name == header::CONTENT_LENGTH {
+            let n = parse_length(&raw).ok_or(HeadError::Bad("bad content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::Bad("conflicting content-lengths"));
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // Several lines form one list: the last line's last coding is what counts.
+            te = Some(last_token_is(&raw, "chunked"));
+        } else if name == header::CONNECTION {
+            if has_token(&raw, "close") {
+                close = true;
+            } else if version == Version::HTTP_10 && has_token(&raw, "keep-alive") {
+                close = false;
+            }
+        } else if name == header::EXPECT && raw.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
+            expect_continue = true;
+            continue;
+        }
+        let value =
+            HeaderValue::from_maybe_shared(raw).map_err(|_| HeadError::Bad("bad header value"))?;
+        headers.append(name, value);
+    }
+    let body = match (te, length) {
+        (Some(_), Some(_)) => {
+            return Err(HeadError::Bad("both transfer-encoding and content-length"));
+        }
+        (Some(_), None) if version == Version::HTTP_10 => {
+            return Err(HeadError::Bad("transfer-encoding in an HTTP/1.0 request"));
+        }
+        (Some(true), None) => BodyKind::Chunked,
+        (Some(false), None) => {
+            return Err(HeadError::Bad("transfer-encoding does not end in chunked"));
+        }
+        (None, Some(0)) | (None, None) => BodyKind::None,
+        (None, Some(n)) => BodyKind::Length(n),
+    };
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Parsed {
+        request,
+        body,
+        keep_alive: !close,
+        expect_continue: expect_continue && body != BodyKind::None,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(raw: &str) -> Result<Option<Parsed>, HeadError> {
+        parse(&mut BytesMut::from(raw.as_bytes()), 100, 8192)
+    }
+
+    #[test]
+    fn parses_a_simple_get_and_leaves_the_rest() {
+        let mut buf =
+            BytesMut::from(&b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nGET /next"[..]);
+        let p = parse(&mut buf, 100, 8192).unwrap().unwrap();
+        assert_eq!(p.request.method(), Method::GET);
+        assert_eq!(p.request.uri().path_and_query().unwrap().as_str(), "/a?b");
+        assert_eq!(p.request.headers()["x-a"], "1");
+        assert_eq!(p.body, BodyKind::None);
+        assert!(p.keep_alive);
+        assert_eq!(&buf[..], b"GET /next");
+    }
+
+    #[test]
+    fn partial_head_waits_and_oversized_head_is_431() {
+        assert!(one("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000));
+        assert_eq!(one(&big).err(), Some(HeadError::TooLarge));
+        let many: String = (0..101).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert_eq!(
+            one(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(HeadError::TooManyHeaders)
+        );
+    }
+
+    #[test]
+    fn transfer_encoding_with_content_length_is_refused() {
+        let r = one("POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(r, Err(HeadError::Bad(_))));
+        let r = one("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n");
+        assert!(matches!(r, Err(HeadError::Bad(_))));
+    }
+
+    #[test]
+    fn smuggling_shapes_are_refused() {
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HELLO\r\n\r\n",
+        ] {
+            assert!(matches!(one(bad), Err(HeadError::Bad(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn framing_keep_alive_and_expect() {
+        let p = one("POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.body, BodyKind::Length(5));
+        assert!(p.expect_continue && !p.request.headers().contains_key("expect"));
+        let p =
+            one("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(p.body, BodyKind::Chunked);
+        assert!(!p.keep_alive);
+        let p = one("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!p.keep_alive);
+        let p = one("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(p.keep_alive);
+        assert_eq!(p.request.version(), Version::HTTP_10);
+    }
+}

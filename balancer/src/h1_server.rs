@@ -1,0 +1,510 @@
+//! The client-facing HTTP/1.x connection loop, generic over the stream (plain TCP today,
+//! TLS later): read a head, hand the request to the proxy inline (its body read straight
+//! from this connection as the upstream takes it), write the answer, repeat.
+//!
+//! Memory: between requests an idle keep-alive connection holds no buffer at all — the
+//! read buffer is dropped once empty and allocated (small) only when bytes arrive; the
+//! write buffer lives only while a response is written. One reusable timer per connection
+//! covers the header-read (idle) timeout and the upstream response timeout.
+//!
+//! A client that opens with the HTTP/2 preface (h2c prior knowledge) is handed to
+//! hyper's HTTP/2 server with the bytes already read put back in front of the stream.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt as _;
+use http::header::{self, HeaderValue};
+use http::{Method, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Sleep;
+
+use crate::body::RespBody;
+use crate::chunked::{self, Decoder, Step};
+use crate::deadline;
+use crate::h1_request::{self, BodyKind, HeadError, Parsed};
+use crate::proxy::{self, ClientUpgrade, ConnInfo};
+use crate::server::ConnSettings;
+
+/// First read into an empty buffer: most request heads fit.
+const FIRST_READ: usize = 1024;
+/// Later reads (rest of a large head, bodies).
+const MORE_READ: usize = 8 * 1024;
+/// Response bytes gathered before a write.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// What ended the wait for a request head. Lives for one step on the stack; boxing the
+/// request would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Request(Parsed),
+    H2,
+    /// Clean end: the client closed, the idle timeout passed, or shutdown began.
+    Close,
+    Refuse(HeadError),
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve<IO>(
+    mut io: IO,
+    info: Arc<ConnInfo>,
+    settings: Arc<ConnSettings>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timer = deadline::idle_timer();
+    tokio::pin!(timer);
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        let next = read_head(
+            &mut io,
+            &mut buf,
+            &settings,
+            timer.as_mut(),
+            &mut shutdown,
+            first,
+        )
+        .await;
+        first = false;
+        let parsed = match next {
+            Next::Request(p) => p,
+            Next::H2 => {
+                let io = Prefixed {
+                    pre: buf.freeze(),
+                    io,
+                };
+                crate::server::serve_h2(io, info, &settings, shutdown).await;
+                return;
+            }
+            Next::Close => return,
+            Next::Refuse(e) => {
+                let (status, msg) = match e {
+                    HeadError::TooLarge | HeadError::TooManyHeaders => (
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "request header too large\n",
+                    ),
+                    HeadError::Bad(_) => (StatusCode::BAD_REQUEST, "bad request\n"),
+                };
+                tracing::debug!(client = %info.peer, error = %e, "refused request head");
+                let resp = proxy::plain(status, msg, true);
+                let _ = write_response(&mut io, resp, false, Version::HTTP_11, false).await;
+                let _ = io.shutdown().await;
+                return;
+            }
+        };
+        let Parsed {
+            request,
+            body: kind,
+            mut keep_alive,
+            expect_continue,
+        } = parsed;
+        let is_head = request.method() == Method::HEAD;
+        let version = request.version();
+        let upgrade = if proxy::is_upgrade(&request) {
+            ClientUpgrade::Inline
+        } else {
+            ClientUpgrade::No
+        };
+        if expect_continue
+            && io
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let mut state = match kind {
+            BodyKind::None => BodyState::Done,
+            BodyKind::Length(n) => BodyState::Length(n),
+            BodyKind::Chunked => BodyState::Chunked(Decoder::new()),
+        };
+        let body = H1Body {
+            io: &mut io,
+            buf: &mut buf,
+            state: &mut state,
+        };
+        let resp =
+            proxy::serve_request(request.map(|()| body), upgrade, &info, Some(timer.as_mut()))
+                .await;
+        // A body the upstream did not take leaves the stream mid-message: close after.
+        if state != BodyState::Done || *shutdown.borrow() {
+            keep_alive = false;
+        }
+        let resp = match resp.into_parts() {
+            (parts, RespBody::Tunnel(Some(tunnel))) => {
+                let head = Response::from_parts(parts, RespBody::empty());
+                if write_response(&mut io, head, false, version, true)
+                    .await
+                    .is_ok()
+                {
+                    tunnel.run(&mut io, buf.split().freeze()).await;
+                }
+                return;
+            }
+            (parts, body) => Response::from_parts(parts, body),
+        };
+        match write_response(&mut io, resp, is_head, version, keep_alive).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = io.shutdown().await;
+                return;
+            }
+            Err(_) => return,
+        }
+        if buf.is_empty() {
+            // Idle keep-alive: hold no buffer until the next request arrives.
+            buf = BytesMut::new();
+        }
+    }
+}
+
+async fn read_head<IO>(
+    io: &mut IO,
+    buf: &mut BytesMut,
+    settings: &ConnSettings,
+    mut timer: Pin<&mut Sleep>,
+    shutdown: &mut watch::Receiver<bool>,
+    first: bool,
+) -> Next
+where
+    IO: AsyncRead + Unpin,
+{
+    loop {
+        if !buf.is_empty() {
+            if first && buf.len() < h1_request::H2_PREFACE.len() {
+                if h1_request::H2_PREFACE.starts_with(buf) {
+                    // Could still be the preface: read on.
+                } else if let Some(n) = parse(buf, settings) {
+                    return n;
+                }
+            } else if first && buf.starts_with(h1_request::H2_PREFACE) {
+                return Next::H2;
+            } else if let Some(n) = parse(buf, settings) {
+                return n;
+            }
+        }
+        if buf.capacity() - buf.len() < 256 {
+            buf.reserve(if buf.is_empty() {
+                FIRST_READ
+            } else {
+                MORE_READ
+            });
+        }
+        let idle = buf.is_empty();
+        let read = deadline::within(
+            timer.as_mut(),
+            settings.h1.header_read_timeout,
+            io.read_buf(buf),
+        );
+        let got = if idle {
+            tokio::select! {
+                r = read => r,
+                _ = shutdown.wait_for(|s| *s) => return Next::Close,
+            }
+        } else {
+            read.await
+        };
+        match got {
+            Ok(Ok(0)) if buf.is_empty() => return Next::Close,
+            Ok(Ok(0)) => return Next::Refuse(HeadError::Bad("closed inside the request head")),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Next::Close,
+            // Idle keep-alive connections close quietly; a slow head gets nothing either
+            // (like hyper: the client stopped sending).
+            Err(deadline::Elapsed) => return Next::Close,
+        }
+    }
+}
+
+fn parse(buf: &mut BytesMut, settings: &ConnSettings) -> Option<Next> {
+    match h1_request::parse(buf, settings.h1.max_headers, settings.h1.max_header_bytes) {
+        Ok(Some(p)) => Some(Next::Request(p)),
+        Ok(None) => None,
+        Err(e) => Some(Next::Refuse(e)),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    Length(u64),
+    Chunked(Decoder),
+    Done,
+    Broken,
+}
+
+/// The request body, read from the client connection as the proxy pulls it. Borrows
+/// the connection: the proxy runs inline in the connection's task.
+struct H1Body<'a, IO> {
+    io: &'a mut IO,
+    buf: &'a mut BytesMut,
+    state: &'a mut BodyState,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ClientBodyError {
+    #[error("client closed inside the request body")]
+    Eof,
+    #[error("{0}")]
+    Chunk(#[from] chunked::BadChunk),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl<IO: AsyncRead + Unpin> Body for H1Body<'_, IO> {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.state {
+                BodyState::Done | BodyState::Broken => return Poll::Ready(None),
+                BodyState::Length(left) => {
+                    if !this.buf.is_empty() {
+                        let n = (this.buf.len() as u64).min(*left) as usize;
+                        let data = this.buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        if *left == 0 {
+                            *this.state = BodyState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                BodyState::Chunked(d) => match d.step(this.buf) {
+                    Ok(Step::Data(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
+                    Ok(Step::Done) => {
+                        *this.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::NeedMore) => {}
+                    Err(e) => {
+                        *this.state = BodyState::Broken;
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                },
+            }
+            if this.buf.capacity() - this.buf.len() < 1024 {
+                this.buf.reserve(MORE_READ);
+            }
+            match std::task::ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *this.io),
+                cx,
+                &mut *this.buf
+            )) {
+                Ok(0) => {
+                    *this.state = BodyState::Broken;
+                    return Poll::Ready(Some(Err(ClientBodyError::Eof)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    *this.state = BodyState::Broken;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done | BodyState::Broken)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match *self.state {
+            BodyState::Length(n) => SizeHint::with_exact(n),
+            BodyState::Done | BodyState::Broken => SizeHint::with_exact(0),
+            BodyState::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// Writes a response; returns whether the connection stays open.
+async fn write_response<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    resp: Response<RespBody>,
+    is_head: bool,
+    version: Version,
+    mut keep_alive: bool,
+) -> io::Result<bool> {
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    if parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| crate::upstream::has_token(v.as_bytes(), "close"))
+    {
+        keep_alive = false;
+    }
+    let no_body = is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let known = match &body {
+        RespBody::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
+        RespBody::Upstream(None) | RespBody::Tunnel(_) => Some(0),
+        RespBody::Upstream(Some(_)) => body.size_hint().exact(),
+    };
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
+    out.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (n, v) in &parts.headers {
+        if (n == header::CONNECTION && !switching) || n == header::TRANSFER_ENCODING {
+            continue;
+        }
+        put_header(&mut out, n.as_str(), v);
+    }
+    let mut chunked = false;
+    if !no_body && !has_length && !switching {
+        match known {
+            Some(n) => put_header(&mut out, "content-length", &HeaderValue::from(n)),
+            None if version == Version::HTTP_11 => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+            // An HTTP/1.0 client learns the end of the body from the close.
+            None => keep_alive = false,
+        }
+    }
+    if !switching {
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if version == Version::HTTP_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    if no_body || switching {
+        io.write_all(&out).await?;
+        // A HEAD answer's (absent) body: the upstream connection still goes back.
+        drop(body);
+        return Ok(keep_alive);
+    }
+    // Body pieces already at hand go out with the head in one write; the batch is
+    // flushed whenever the next piece would have to be waited for.
+    loop {
+        let next = match std::future::poll_fn(|cx| body.poll_data(cx)).now_or_never() {
+            Some(n) => n,
+            None => {
+                if !out.is_empty() {
+                    io.write_all(&out).await?;
+                    out.clear();
+                }
+                std::future::poll_fn(|cx| body.poll_data(cx)).await
+            }
+        };
+        match next {
+            Some(Ok(data)) => {
+                if chunked {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    chunked::chunk_head(&mut out, data.len());
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(b"\r\n");
+                } else if out.is_empty() && data.len() >= WRITE_BATCH {
+                    io.write_all(&data).await?;
+                    continue;
+                } else {
+                    out.extend_from_slice(&data);
+                }
+                if out.len() >= WRITE_BATCH {
+                    io.write_all(&out).await?;
+                    out.clear();
+                }
+            }
+            None => {
+                if chunked {
+                    out.extend_from_slice(chunked::LAST_CHUNK);
+                }
+                if !out.is_empty() {
+                    io.write_all(&out).await?;
+                }
+                return Ok(keep_alive);
+            }
+            Some(Err(e)) => {
+                // The upstream broke mid-body: the client must not take a truncated body
+                // for a whole one, so the connection ends here.
+                let _ = io.write_all(&out).await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, name: &str, v: &HeaderValue) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(v.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Prefixed<IO> {
+    pre: Bytes,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(out.remaining());
+            let piece = self.pre.split_to(n);
+            out.put_slice(&piece);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, out)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, b)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}

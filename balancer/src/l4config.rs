@@ -1,0 +1,412 @@
+//! `lb.toml` sections of the L4 features: TLS termination, upstream TLS, PROXY protocol,
+//! `tcp` listeners, self-upgrade. Kept apart from `config.rs` so the HTTP configuration
+//! stays readable; `config::LbConfig::validate` calls [`validate`].
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use catalog::ServiceName;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{ConfigError, LbConfig, ListenerProtocol};
+
+/// `[listener.tls]`: certificates chosen by SNI, the first (or the one marked `default`)
+/// for clients that send no or an unknown name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    #[serde(rename = "certificate")]
+    pub certificates: Vec<CertConfig>,
+    /// ALPN protocols offered, in preference order. Default: `["h2", "http/1.1"]` on http
+    /// listeners, none on tcp listeners.
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+}
+
+/// `[[listener.tls.certificate]]`: a PEM chain and its key, reloaded when either changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    pub cert: Spanned<PathBuf>,
+    pub key: PathBuf,
+    /// SNI names served with this certificate (`*.example.com` allowed). Default: the
+    /// certificate's DNS subject alternative names.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// The certificate for clients without (or with an unknown) SNI name. Default: the first.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// `[listener.proxy_protocol]`: PROXY v1/v2 headers are required from `trusted` sources and
+/// rejected from everyone else.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptProxy {
+    pub trusted: Vec<Spanned<String>>,
+}
+
+impl AcceptProxy {
+    pub fn cidrs(&self) -> Vec<Cidr> {
+        self.trusted
+            .iter()
+            .filter_map(|c| c.get_ref().parse().ok())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// `[service.tls]` / `[upstream.service.tls]`: TLS towards the instances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM CA bundle the instances' certificates must chain to.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// `false` accepts any certificate (encryption without authentication).
+    #[serde(default = "d_true")]
+    pub verify: bool,
+    /// Name sent as SNI and verified; default: the instance's IP address.
+    #[serde(default)]
+    pub sni: Option<String>,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+/// `[[upstream.service]]`: upstream options of a service found in etcd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceL4 {
+    pub name: Spanned<ServiceName>,
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyVersion>,
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `[upgrade]`: `balancer upgrade` / SIGUSR2.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// Unix socket the running balancer listens on for `balancer upgrade` (absent: SIGUSR2
+    /// only).
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// File holding the pid of the process that serves; rewritten by the new process once
+    /// it is ready.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// Time the new process has to report ready before the upgrade is abandoned.
+    #[serde(default = "d_ready", with = "catalog::model::duration_str")]
+    pub ready_timeout: std::time::Duration,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            pid_file: None,
+            ready_timeout: d_ready(),
+        }
+    }
+}
+
+fn d_ready() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+/// An IPv4/IPv6 network, `10.0.0.0/8` or a bare address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s.split_once('/').unwrap_or((s, ""));
+        let net: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an address"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = if b.is_empty() {
+            max
+        } else {
+            b.parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?
+        };
+        Ok(Self { net, bits })
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - self.bits as u32).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - self.bits as u32).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl LbConfig {
+    /// Upstream PROXY / TLS options of `service`: its `[[service]]` entry, else its
+    /// `[[upstream.service]]` entry.
+    pub fn service_l4(&self, service: &str) -> (Option<ProxyVersion>, Option<&UpstreamTls>) {
+        if let Some(s) = self
+            .services
+            .iter()
+            .find(|s| s.name.get_ref().as_str() == service)
+        {
+            return (s.proxy_protocol, s.tls.as_ref());
+        }
+        match self
+            .upstream
+            .services
+            .iter()
+            .find(|s| s.name.get_ref().as_str() == service)
+        {
+            Some(s) => (s.proxy_protocol, s.tls.as_ref()),
+            None => (None, None),
+        }
+    }
+
+    /// Services reached by `tcp` listeners (their etcd instances must be `protocol = tcp`).
+    pub fn tcp_services(&self) -> HashSet<String> {
+        self.listeners
+            .iter()
+            .filter(|l| l.protocol == ListenerProtocol::Tcp)
+            .filter_map(|l| l.service.as_ref().map(|s| s.get_ref().as_str().to_owned()))
+            .collect()
+    }
+}
+
+/// Checks the L4 parts of a parsed file; `err(span, key, message)` formats file:line:key.
+pub(crate) fn validate(
+    c: &LbConfig,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let static_names: HashSet<&str> = c
+        .services
+        .iter()
+        .map(|s| s.name.get_ref().as_str())
+        .collect();
+    let mut http_services = HashSet::new();
+    for l in &c.listeners {
+        if l.protocol == ListenerProtocol::Http {
+            http_services.extend(l.routes.iter().map(|r| r.service.get_ref().as_str()));
+        }
+    }
+    for (i, l) in c.listeners.iter().enumerate() {
+        let at = l.name.span();
+        match l.protocol {
+            ListenerProtocol::Tcp => {
+                let Some(svc) = &l.service else {
+                    return Err(err(
+                        at,
+                        &format!("listener[{i}].service"),
+                        "a tcp listener needs `service = \"<name>\"`".into(),
+                    ));
+                };
+                if !l.routes.is_empty() {
+                    return Err(err(
+                        at,
+                        &format!("listener[{i}].route"),
+                        "a tcp listener has no routes (it sends everything to `service`)".into(),
+                    ));
+                }
+                let name = svc.get_ref().as_str();
+                if c.discovery.etcd.is_none() && !static_names.contains(name) {
+                    return Err(err(
+                        svc.span(),
+                        &format!("listener[{i}].service"),
+                        format!(
+                            "no [[service]] named {name} and no [discovery.etcd] to find it in"
+                        ),
+                    ));
+                }
+                if http_services.contains(name) {
+                    return Err(err(
+                        svc.span(),
+                        &format!("listener[{i}].service"),
+                        format!(
+                            "service {name} is also routed by an http listener; a service is either tcp or http"
+                        ),
+                    ));
+                }
+            }
+            ListenerProtocol::Http => {
+                if let Some(svc) = &l.service {
+                    return Err(err(
+                        svc.span(),
+                        &format!("listener[{i}].service"),
+                        "only tcp listeners take `service`; http listeners use [[listener.route]]"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        if l.idle_timeout.is_zero() {
+            return Err(err(
+                at,
+                &format!("listener[{i}].idle_timeout"),
+                "must be more than 0".into(),
+            ));
+        }
+        if let Some(tls) = &l.tls {
+            if tls.certificates.is_empty() {
+                return Err(err(
+                    at,
+                    &format!("listener[{i}].tls.certificate"),
+                    "at least one [[listener.tls.certificate]] is needed".into(),
+                ));
+            }
+            if tls.certificates.iter().filter(|c| c.default).count() > 1 {
+                return Err(err(
+                    at,
+                    &format!("listener[{i}].tls.certificate"),
+                    "only one certificate can be `default = true`".into(),
+                ));
+            }
+            for p in tls.alpn.iter().flatten() {
+                if p.is_empty() || p.len() > 255 {
+                    return Err(err(
+                        at,
+                        &format!("listener[{i}].tls.alpn"),
+                        format!("{p:?} is not a valid ALPN protocol id"),
+                    ));
+                }
+            }
+        }
+        if let Some(pp) = &l.proxy_protocol {
+            for (j, t) in pp.trusted.iter().enumerate() {
+                if let Err(e) = t.get_ref().parse::<Cidr>() {
+                    return Err(err(
+                        t.span(),
+                        &format!("listener[{i}].proxy_protocol.trusted[{j}]"),
+                        e,
+                    ));
+                }
+            }
+        }
+    }
+    let tls_ok = |t: &UpstreamTls, key: String, at: std::ops::Range<usize>| {
+        if t.verify && t.ca.is_none() {
+            return Err(err(
+                at,
+                &key,
+                "set `ca` (a PEM bundle to verify instances with) or `verify = false`".into(),
+            ));
+        }
+        Ok(())
+    };
+    for (i, s) in c.services.iter().enumerate() {
+        if let Some(t) = &s.tls {
+            tls_ok(t, format!("service[{i}].tls.ca"), s.name.span())?;
+        }
+    }
+    let mut seen = HashSet::new();
+    for (i, s) in c.upstream.services.iter().enumerate() {
+        let name = s.name.get_ref().as_str();
+        if !seen.insert(name) || static_names.contains(name) {
+            return Err(err(
+                s.name.span(),
+                &format!("upstream.service[{i}].name"),
+                format!("{name} already has options (in [[service]] or [[upstream.service]])"),
+            ));
+        }
+        if let Some(t) = &s.tls {
+            tls_ok(t, format!("upstream.service[{i}].tls.ca"), s.name.span())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_matching() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.9.9".parse().unwrap()));
+        let any: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(any.contains("1.2.3.4".parse().unwrap()));
+        let one: Cidr = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let v6: Cidr = "fd00::/8".parse().unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope".parse::<Cidr>().is_err());
+    }
+
+    const TCP: &str = r#"
+[[listener]]
+name = "db"
+bind = "127.0.0.1:5432"
+protocol = "tcp"
+service = "pg"
+
+[[service]]
+name = "pg"
+proxy_protocol = "v2"
+  [[service.endpoint]]
+  addr = "127.0.0.1:5433"
+"#;
+
+    #[test]
+    fn tcp_listener_parses_and_needs_a_service() {
+        let c = LbConfig::parse(TCP, "lb.toml").unwrap();
+        assert_eq!(c.listeners[0].protocol, ListenerProtocol::Tcp);
+        assert_eq!(c.service_l4("pg").0, Some(ProxyVersion::V2));
+        assert!(c.tcp_services().contains("pg"));
+        let bad = TCP.replace("service = \"pg\"\n", "");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:3:"), "{e}");
+        assert!(e.contains("listener[0].service"), "{e}");
+        let bad = TCP.replace("service = \"pg\"\n", "service = \"nope\"\n");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:6:"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_and_upstream_tls_are_named() {
+        let bad = TCP.replace(
+            "service = \"pg\"\n",
+            "service = \"pg\"\n[listener.proxy_protocol]\ntrusted = [\"10.0.0.0/99\"]\n",
+        );
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:8:"), "{e}");
+        assert!(e.contains("listener[0].proxy_protocol.trusted[0]"), "{e}");
+        let bad = TCP.replace("proxy_protocol = \"v2\"", "tls = { sni = \"db\" }");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.contains("service[0].tls.ca"), "{e}");
+        let bad = TCP.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v3\"");
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:10:"), "{e}");
+    }
+}

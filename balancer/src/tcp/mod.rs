@@ -1,0 +1,292 @@
+//! `protocol = "tcp"` listeners: each client connection is streamed to one instance of the
+//! listener's service, chosen exactly like an HTTP request's (split, weight, algorithm,
+//! health, ejection; the same routing table), with connect retries on other instances.
+//!
+//! Per connection: PROXY header / TLS from the client (`client_io`), pick + connect
+//! (retries), optional PROXY header and TLS to the upstream, then `pump`.
+
+pub mod pump;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::client_io::{ClientIo, ClientSetup};
+use crate::config::LbConfig;
+use crate::endpoint::{Endpoint, now_ms};
+use crate::l4config::ProxyVersion;
+use crate::l4metrics::L4Metrics;
+use crate::proxy::Shared;
+use crate::proxy_protocol;
+use crate::server::ConnTracker;
+use crate::table::{ListenerSettings, ServiceTable};
+use crate::tls::upstream::{UpstreamTlsClient, UpstreamTlsError};
+use pump::{End, Metered, until_true};
+
+/// What to do on an upstream connection before streaming: per service, from the config.
+#[derive(Default, Clone)]
+pub struct UpstreamOpts {
+    pub proxy: Option<ProxyVersion>,
+    pub tls: Option<UpstreamTlsClient>,
+}
+
+/// Upstream options of every service that has some; swapped on reload.
+pub type UpstreamMap = ArcSwap<HashMap<String, Arc<UpstreamOpts>>>;
+
+/// Builds the per-service upstream options of `config` (loads CA files).
+pub fn upstream_map(
+    config: &LbConfig,
+) -> Result<HashMap<String, Arc<UpstreamOpts>>, (String, UpstreamTlsError)> {
+    let mut names: Vec<String> = config
+        .services
+        .iter()
+        .map(|s| s.name.get_ref().as_str().to_owned())
+        .collect();
+    names.extend(
+        config
+            .upstream
+            .services
+            .iter()
+            .map(|s| s.name.get_ref().as_str().to_owned()),
+    );
+    let mut out = HashMap::new();
+    for name in names {
+        let (proxy, tls) = config.service_l4(&name);
+        if proxy.is_none() && tls.is_none() {
+            continue;
+        }
+        let tls = tls
+            .map(UpstreamTlsClient::new)
+            .transpose()
+            .map_err(|e| (name.clone(), e))?;
+        out.insert(name, Arc::new(UpstreamOpts { proxy, tls }));
+    }
+    Ok(out)
+}
+
+/// Everything a tcp listener's connections share.
+pub struct TcpContext {
+    pub name: Arc<str>,
+    pub setup: ClientSetup,
+    pub shared: Arc<Shared>,
+    pub upstreams: Arc<UpstreamMap>,
+    pub metrics: Arc<L4Metrics>,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Accepts until `stop` (listener removed) or `shutdown` (process draining) turns true.
+pub fn spawn_listener(
+    listener: TcpListener,
+    ctx: Arc<TcpContext>,
+    tracker: Arc<ConnTracker>,
+    mut stop: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut shut = shutdown.clone();
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(listener = %ctx.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = until_true(&mut stop) => break,
+                _ = until_true(&mut shut) => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let guard = tracker.enter();
+            let ctx = ctx.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                handle(&ctx, stream, peer, shutdown).await;
+            });
+        }
+        tracing::info!(listener = %ctx.name, "stopped accepting");
+    });
+}
+
+/// Counts a connect failure and ejects the instance after a streak (as the HTTP path does),
+/// unless too much of the service is ejected already.
+fn connect_failed(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
+    svc.shared.connect_errors.inc();
+    let streak = ep.record_failure();
+    if s.outlier_failures == 0 || streak < s.outlier_failures {
+        return;
+    }
+    let now = now_ms();
+    let total = svc.member_count();
+    let ejected = svc
+        .groups
+        .iter()
+        .flat_map(|g| g.members.iter())
+        .filter(|m| m.ep.is_ejected(now))
+        .count();
+    if ((ejected + 1) * 100) as u64 <= total as u64 * s.max_ejection_percent as u64 {
+        ep.eject(s.base_ejection);
+        svc.shared.ejections.inc();
+        tracing::warn!(service = %ep.service, instance = %ep.id, streak, "outlier ejected");
+    }
+}
+
+/// Picks and connects, trying other instances on failure (bounded by `retries` and the
+/// service's retry budget).
+async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoint>, TcpStream)> {
+    svc.shared.deposit(s.retry_budget_percent);
+    let mut tried = Vec::new();
+    for attempt in 0..=s.retries {
+        if attempt > 0 {
+            if !svc.shared.withdraw() {
+                return None;
+            }
+            svc.shared.retries_connect.inc();
+        }
+        let m = crate::select::pick(svc, &tried)?;
+        tried.push(Arc::as_ptr(&m.ep) as usize);
+        match tokio::time::timeout(s.connect_timeout, TcpStream::connect(m.ep.addr)).await {
+            Ok(Ok(up)) => {
+                m.ep.record_success();
+                let _ = up.set_nodelay(true);
+                return Some((m.ep.clone(), up));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(service = %svc.name, instance = %m.ep.id, error = %e, "connect failed");
+                connect_failed(&m.ep, svc, s);
+            }
+            Err(_) => {
+                tracing::debug!(service = %svc.name, instance = %m.ep.id, "connect timed out");
+                connect_failed(&m.ep, svc, s);
+            }
+        }
+    }
+    None
+}
+
+async fn handle(
+    ctx: &TcpContext,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let local = stream.local_addr().ok();
+    let Some((client, client_addr)) = ctx.setup.accept(stream, peer).await else {
+        return;
+    };
+    let start = Instant::now();
+    let table = ctx.shared.table.load_full();
+    let Some(lt) = table.listener(&ctx.name) else {
+        return;
+    };
+    let Some(route) = lt.routes.first() else {
+        return;
+    };
+    let result = |r: &str| {
+        ctx.metrics
+            .tcp_connections
+            .with_label_values(&[&ctx.name, &route.service_name, r])
+            .inc();
+    };
+    let Some(svc) = route.service.as_deref().filter(|s| !s.is_empty()) else {
+        tracing::warn!(listener = %ctx.name, service = %route.service_name, "no instance to send a connection to");
+        result("no_instance");
+        return;
+    };
+    let Some((ep, mut upstream)) = connect(svc, &lt.settings).await else {
+        tracing::warn!(listener = %ctx.name, service = %svc.name, client = %client_addr, "no instance accepted the connection");
+        result("connect_error");
+        return;
+    };
+    result("ok");
+    let _in_flight = ep.start_request();
+    let opts = ctx.upstreams.load().get(&*svc.name).cloned();
+    if let Some(v) = opts.as_ref().and_then(|o| o.proxy) {
+        let dst = local.unwrap_or(ep.addr);
+        let header = match v {
+            ProxyVersion::V1 => proxy_protocol::encode_v1(client_addr, dst),
+            ProxyVersion::V2 => proxy_protocol::encode_v2(client_addr, dst),
+        };
+        if upstream.write_all(&header).await.is_err() {
+            return;
+        }
+    }
+    let active = ctx.metrics.tcp_active.with_label_values(&[&ctx.name]);
+    active.inc();
+    let mut client = Metered::new(
+        client,
+        ctx.metrics.tcp_bytes.with_label_values(&[&ctx.name, "in"]),
+        ctx.metrics.tcp_bytes.with_label_values(&[&ctx.name, "out"]),
+    );
+    drop(table);
+    let end = match opts.as_ref().and_then(|o| o.tls.clone()) {
+        Some(tls) => match tls.connect(ep.addr.ip(), upstream).await {
+            Ok(mut up) => pump_on(ctx, &mut client, &mut up, shutdown).await,
+            Err(e) => {
+                tracing::warn!(service = %ep.service, instance = %ep.id, error = %e, "upstream TLS handshake failed");
+                End::Done
+            }
+        },
+        None => pump_on(ctx, &mut client, &mut upstream, shutdown).await,
+    };
+    active.dec();
+    let reason = match end {
+        End::Done => None,
+        End::IdleTimeout => Some("idle_timeout"),
+        End::DrainDeadline => Some("drain_deadline"),
+    };
+    if let Some(r) = reason {
+        ctx.metrics
+            .tcp_closed
+            .with_label_values(&[&ctx.name, r])
+            .inc();
+    }
+    if lt_access_log(ctx) {
+        tracing::info!(target: "access", listener = %ctx.name, client = %client_addr,
+            service = %ep.service, instance = %ep.id, upstream = %ep.addr,
+            bytes_in = client.total_in, bytes_out = client.total_out,
+            ms = start.elapsed().as_millis() as u64, closed = reason.unwrap_or("done"),
+            tls = client.inner.is_tls());
+    }
+}
+
+fn lt_access_log(ctx: &TcpContext) -> bool {
+    ctx.shared
+        .table
+        .load()
+        .listener(&ctx.name)
+        .is_some_and(|l| l.settings.access_log)
+}
+
+async fn pump_on<U>(
+    ctx: &TcpContext,
+    client: &mut Metered<ClientIo>,
+    upstream: &mut U,
+    shutdown: watch::Receiver<bool>,
+) -> End
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let end = pump::pump(
+        client,
+        upstream,
+        ctx.idle_timeout,
+        ctx.drain_timeout,
+        shutdown,
+    )
+    .await;
+    // Best effort, bounded: tell both sides we are done (TLS close_notify included).
+    let bye = Duration::from_secs(1);
+    let _ = tokio::time::timeout(bye, client.shutdown()).await;
+    let _ = tokio::time::timeout(bye, upstream.shutdown()).await;
+    end
+}

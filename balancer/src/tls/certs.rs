@@ -1,0 +1,292 @@
+//! Certificates of a TLS listener: loaded from PEM files, chosen by SNI, reloaded when the
+//! files change.
+//!
+//! The resolver reads one `ArcSwap<CertSet>` per handshake; the reload task builds a new
+//! set off the handshake path and swaps it in. A file that fails to load (missing, bad
+//! PEM, key not matching the certificate: e.g. caught between writing the certificate and
+//! the key) keeps the previous certificate, logs and counts an error, and is retried on
+//! the next poll.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::l4config::CertConfig;
+use crate::l4metrics::L4Metrics;
+
+/// How often certificate files are compared with what is loaded.
+pub const POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+}
+
+/// One loaded certificate with what it was loaded from.
+pub struct Loaded {
+    pub key: Arc<CertifiedKey>,
+    pub names: Vec<String>,
+    /// Unix time of `notAfter`.
+    pub not_after: i64,
+    /// The file contents it was built from, to notice changes.
+    source: (Vec<u8>, Vec<u8>),
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> CertError {
+    CertError::Invalid {
+        path: path.to_owned(),
+        msg: msg.into(),
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|source| CertError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Loads one `[[listener.tls.certificate]]`.
+pub fn load(cfg: &CertConfig, provider: &CryptoProvider) -> Result<Loaded, CertError> {
+    let cert_path = cfg.cert.get_ref();
+    let source = (read(cert_path)?, read(&cfg.key)?);
+    build(cfg, provider, source)
+}
+
+fn build(
+    cfg: &CertConfig,
+    provider: &CryptoProvider,
+    source: (Vec<u8>, Vec<u8>),
+) -> Result<Loaded, CertError> {
+    let cert_path = cfg.cert.get_ref();
+    let chain: Vec<_> = rustls_pemfile::certs(&mut &source.0[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(cert_path, format!("bad PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid(cert_path, "no CERTIFICATE in the file"));
+    }
+    let key = rustls_pemfile::private_key(&mut &source.1[..])
+        .map_err(|e| invalid(&cfg.key, format!("bad PEM: {e}")))?
+        .ok_or_else(|| invalid(&cfg.key, "no PRIVATE KEY in the file"))?;
+    let key = CertifiedKey::from_der(chain.clone(), key, provider).map_err(|e| {
+        invalid(
+            &cfg.key,
+            format!("key does not fit {}: {e}", cert_path.display()),
+        )
+    })?;
+    let (_, x509) = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
+    let not_after = x509.validity().not_after.timestamp();
+    let mut names: Vec<String> = cfg.names.iter().map(|n| n.to_ascii_lowercase()).collect();
+    if names.is_empty() {
+        if let Ok(Some(san)) = x509.subject_alternative_name() {
+            for n in &san.value.general_names {
+                if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                    names.push(d.to_ascii_lowercase());
+                }
+            }
+        }
+        if names.is_empty() {
+            names.extend(
+                x509.subject()
+                    .iter_common_name()
+                    .filter_map(|cn| cn.as_str().ok())
+                    .map(str::to_ascii_lowercase),
+            );
+        }
+    }
+    Ok(Loaded {
+        key: Arc::new(key),
+        names,
+        not_after,
+        source,
+    })
+}
+
+/// The certificates of a listener, indexed for SNI.
+pub struct CertSet {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` stored as `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl CertSet {
+    /// `loaded` in configuration order; the first name claimed wins.
+    pub fn new(loaded: &[Arc<Loaded>], default: usize) -> Self {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for l in loaded {
+            for n in &l.names {
+                match n.strip_prefix("*.") {
+                    Some(suffix) => wildcard.entry(suffix.to_owned()),
+                    None => exact.entry(n.clone()),
+                }
+                .or_insert_with(|| l.key.clone());
+            }
+        }
+        Self {
+            exact,
+            wildcard,
+            default: loaded[default].key.clone(),
+        }
+    }
+
+    pub fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = sni else {
+            return self.default.clone();
+        };
+        // rustls lowercases SNI; be safe with anything else.
+        let lower;
+        let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = name.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            name
+        };
+        if let Some(k) = self.exact.get(name) {
+            return k.clone();
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+/// rustls' hook: one lock-free load per handshake.
+#[derive(Debug)]
+pub struct SniResolver(pub ArcSwap<CertSet>);
+
+impl std::fmt::Debug for CertSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertSet")
+            .field("names", &self.exact.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load().pick(hello.server_name()))
+    }
+}
+
+/// Keeps a listener's certificates in step with their files until `stop` turns true.
+pub struct Reloader {
+    pub listener: Arc<str>,
+    pub configs: Vec<CertConfig>,
+    pub default: usize,
+    pub loaded: Vec<Arc<Loaded>>,
+    pub resolver: Arc<SniResolver>,
+    pub provider: Arc<CryptoProvider>,
+    pub metrics: Arc<L4Metrics>,
+}
+
+impl Reloader {
+    fn label(&self, i: usize) -> String {
+        self.configs[i].cert.get_ref().display().to_string()
+    }
+
+    /// Sets the expiry gauges from what is loaded now.
+    pub fn publish_expiry(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for (i, l) in self.loaded.iter().enumerate() {
+            self.metrics
+                .tls_expiry
+                .with_label_values(&[&*self.listener, &self.label(i)])
+                .set((l.not_after - now) as f64);
+        }
+    }
+
+    /// One poll: re-reads every file, rebuilds what changed. Returns whether the set changed.
+    pub fn poll(&mut self) -> bool {
+        let mut changed = false;
+        for i in 0..self.configs.len() {
+            let (cert, key) = (
+                self.configs[i].cert.get_ref().clone(),
+                self.configs[i].key.clone(),
+            );
+            let source = match (read(&cert), read(&key)) {
+                (Ok(c), Ok(k)) => (c, k),
+                (Err(e), _) | (_, Err(e)) => {
+                    self.failed(i, &e);
+                    continue;
+                }
+            };
+            if source == self.loaded[i].source {
+                continue;
+            }
+            match build(&self.configs[i], &self.provider, source) {
+                Ok(l) => {
+                    tracing::info!(listener = %self.listener, cert = %self.label(i), names = ?l.names,
+                        "certificate reloaded");
+                    self.metrics
+                        .tls_reloads
+                        .with_label_values(&[&self.listener, "ok"])
+                        .inc();
+                    self.loaded[i] = Arc::new(l);
+                    changed = true;
+                }
+                Err(e) => self.failed(i, &e),
+            }
+        }
+        if changed {
+            self.resolver
+                .0
+                .store(Arc::new(CertSet::new(&self.loaded, self.default)));
+        }
+        self.publish_expiry();
+        changed
+    }
+
+    fn failed(&mut self, i: usize, e: &CertError) {
+        // Log a failing file once per content change, not every second.
+        let stamp = std::fs::read(self.configs[i].cert.get_ref()).unwrap_or_default();
+        let key = std::fs::read(&self.configs[i].key).unwrap_or_default();
+        if self.loaded[i].source == (stamp.clone(), key.clone()) {
+            return;
+        }
+        tracing::error!(listener = %self.listener, error = %e,
+            "certificate reload failed; keeping the previous certificate");
+        self.metrics
+            .tls_reloads
+            .with_label_values(&[&self.listener, "error"])
+            .inc();
+        // Remember the bad contents so the same error is not counted every poll.
+        let old = self.loaded[i].clone();
+        self.loaded[i] = Arc::new(Loaded {
+            key: old.key.clone(),
+            names: old.names.clone(),
+            not_after: old.not_after,
+            source: (stamp, key),
+        });
+    }
+
+    /// Polls until `stop` turns true.
+    pub async fn run(mut self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.poll();
+        }
+    }
+}

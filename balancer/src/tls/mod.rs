@@ -1,0 +1,89 @@
+//! TLS with rustls (ring provider): termination on listeners (SNI, ALPN, hot certificate
+//! reload, expiry metric) and optional TLS towards upstream instances.
+//!
+//! Defaults are rustls' own: TLS 1.2 and 1.3 only, ECDHE key exchange, AEAD suites only
+//! (no CBC, no RSA key exchange, no SHA-1 signatures).
+
+pub mod certs;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::l4metrics::L4Metrics;
+use certs::{CertError, CertSet, Reloader, SniResolver};
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS listener's acceptor; its certificates follow their files while the reload task
+/// (stopped with the listener) runs.
+pub struct TlsListener {
+    pub acceptor: TlsAcceptor,
+}
+
+/// Builds the acceptor of `l` (which must have `[listener.tls]`), loading every certificate
+/// now (an unreadable file at start is an error), and spawns the reload task.
+pub fn listener(
+    l: &ListenerConfig,
+    metrics: &Arc<L4Metrics>,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<TlsListener>, CertError> {
+    let Some(tls) = &l.tls else {
+        return Ok(None);
+    };
+    let provider = provider();
+    let loaded = tls
+        .certificates
+        .iter()
+        .map(|c| certs::load(c, &provider).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let default = tls.certificates.iter().position(|c| c.default).unwrap_or(0);
+    let resolver = Arc::new(SniResolver(ArcSwap::from_pointee(CertSet::new(
+        &loaded, default,
+    ))));
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| CertError::Invalid {
+            path: "rustls".into(),
+            msg: e.to_string(),
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    config.alpn_protocols = match &tls.alpn {
+        Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        None if l.protocol == ListenerProtocol::Http => {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        }
+        None => Vec::new(),
+    };
+    let name: Arc<str> = l.name.get_ref().as_str().into();
+    let reloader = Reloader {
+        listener: name.clone(),
+        configs: tls.certificates.clone(),
+        default,
+        loaded,
+        resolver,
+        provider,
+        metrics: metrics.clone(),
+    };
+    reloader.publish_expiry();
+    // Both series exist from the start, so an alert on `error` needs no `absent()`.
+    for result in ["ok", "error"] {
+        metrics
+            .tls_reloads
+            .with_label_values(&[&name, result])
+            .inc_by(0);
+    }
+    tokio::spawn(reloader.run(stop));
+    Ok(Some(TlsListener {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+    }))
+}

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# balancer-l4.sh - the wharf balancer's L4 paths side by side with HAProxy, on 127.0.0.1.
+#
+# One nginx backend (a 100-byte answer on /, a 10 MiB file on /big). Each proxy, started
+# alone and pinned to PROXY_CPUS (single-threaded: haproxy nbthread 1, balancer --threads 1),
+# exposes a `mode tcp` frontend to the backend and a TLS-terminating HTTP frontend
+# (ECDSA P-256 certificate, TLS 1.3, keep-alive to the backend). wrk (pinned with the
+# backend to LOADGEN_CPUS) measures:
+#   tcp-bulk   GET /big through the tcp frontend            → MiB/s
+#   tcp-conn   GET / with Connection: close via tcp frontend → connections/s
+#   https-ka   GET / over TLS, keep-alive                    → requests/s
+#   https-hs   GET / over TLS, Connection: close             → handshakes/s (full, no resumption)
+# and prints the balancer / HAProxy ratio of each (target: > 1).
+#
+# Settings: DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
+#           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer).
+# Needs: haproxy nginx wrk openssl taskset (Debian packages), a Rust toolchain.
+# Cleanup: every process started is killed by PID on exit.
+set -euo pipefail
+
+DURATION=${DURATION:-5}
+CONNS=${CONNS:-32}
+ROUNDS=${ROUNDS:-1}
+PROXY_CPUS=${PROXY_CPUS:-1}
+LOADGEN_CPUS=${LOADGEN_CPUS:-0}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-l4}
+BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/release/balancer}
+
+for c in haproxy nginx wrk openssl taskset curl; do
+    command -v "$c" >/dev/null || { echo "balancer-l4: needs $c" >&2; exit 1; }
+done
+if [[ -z ${BALANCER_BIN:-} ]]; then
+    echo "# building the balancer (release) in $CARGO_TARGET_DIR" >&2
+    (cd "$ROOT" && cargo build --release -q -p wharf-balancer)
+fi
+
+WORK=$(mktemp -d /tmp/balancer-l4.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.2
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BACK=$(free_port); TCP=$(free_port); TLS=$(free_port); ADMIN=$(free_port)
+
+# Backend.
+mkdir -p "$WORK/nginx/logs" "$WORK/www"
+head -c 100 /dev/zero | tr '\0' x >"$WORK/www/index.html"
+head -c $((10 * 1024 * 1024)) /dev/urandom >"$WORK/www/big"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$BACK reuseport backlog=4096;
+        root $WORK/www;
+        location = / { try_files /index.html =404; }
+    }
+}
+EOF
+taskset -c "$LOADGEN_CPUS" nginx -p "$WORK/nginx" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf" &
+PIDS+=($!)
+
+# Certificate (ECDSA P-256, like the tests).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/combined.pem"
+
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 20000
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    tune.ssl.default-dh-param 2048
+defaults
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend tcp_in
+    mode tcp
+    bind 127.0.0.1:$TCP
+    default_backend tcp_be
+backend tcp_be
+    mode tcp
+    server s1 127.0.0.1:$BACK
+frontend tls_in
+    mode http
+    bind 127.0.0.1:$TLS ssl crt $WORK/combined.pem alpn h2,http/1.1
+    default_backend http_be
+backend http_be
+    mode http
+    http-reuse always
+    server s1 127.0.0.1:$BACK
+EOF
+
+cat >"$WORK/lb.toml" <<EOF
+[admin]
+bind = "127.0.0.1:$ADMIN"
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:$TCP"
+protocol = "tcp"
+service = "raw"
+[[listener]]
+name = "tls"
+bind = "127.0.0.1:$TLS"
+  [[listener.route]]
+  service = "web"
+  [[listener.tls.certificate]]
+  cert = "$WORK/cert.pem"
+  key = "$WORK/key.pem"
+[[service]]
+name = "raw"
+  [[service.endpoint]]
+  addr = "127.0.0.1:$BACK"
+[[service]]
+name = "web"
+  [[service.endpoint]]
+  addr = "127.0.0.1:$BACK"
+EOF
+
+wait_up() {
+    for _ in $(seq 100); do
+        curl -skf -o /dev/null "https://127.0.0.1:$TLS/" && curl -sf -o /dev/null "http://127.0.0.1:$TCP/" && return 0
+        sleep 0.1
+    done
+    echo "balancer-l4: proxy did not come up" >&2
+    return 1
+}
+
+# wrk output → one number: MiB/s for transfer, else requests/s.
+run_wrk() { # name url extra-args...
+    local url=$1; shift
+    taskset -c "$LOADGEN_CPUS" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$@" "$url" 2>&1
+}
+rps() { awk '/^Requests\/sec/ { print $2 }'; }
+mibs() { awk '/^Transfer\/sec/ { v = $2; u = substr(v, length(v) - 1); n = v + 0;
+    if (u == "GB") n *= 1024; else if (u == "KB") n /= 1024; print n }'; }
+errors() { awk '/Socket errors|Non-2xx/ { print }'; }
+
+declare -A R
+measure() { # proxy
+    local p=$1 out
+    out=$(run_wrk "http://127.0.0.1:$TCP/big" -c4)
+    R[$p,tcp-bulk]=$(mibs <<<"$out"); errors <<<"$out" | sed "s/^/# $p tcp-bulk: /" >&2
+    out=$(run_wrk "http://127.0.0.1:$TCP/" -H "Connection: close")
+    R[$p,tcp-conn]=$(rps <<<"$out"); errors <<<"$out" | sed "s/^/# $p tcp-conn: /" >&2
+    out=$(run_wrk "https://127.0.0.1:$TLS/")
+    R[$p,https-ka]=$(rps <<<"$out"); errors <<<"$out" | sed "s/^/# $p https-ka: /" >&2
+    out=$(run_wrk "https://127.0.0.1:$TLS/" -H "Connection: close")
+    R[$p,https-hs]=$(rps <<<"$out"); errors <<<"$out" | sed "s/^/# $p https-hs: /" >&2
+}
+
+start_proxy() { # name
+    case $1 in
+        haproxy) taskset -c "$PROXY_CPUS" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 & ;;
+        balancer) RUST_LOG=warn taskset -c "$PROXY_CPUS" "$BIN" --config "$WORK/lb.toml" --threads 1 >"$WORK/balancer.log" 2>&1 & ;;
+    esac
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    wait_up
+}
+stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.3; }
+
+echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS"
+declare -A SUM
+for r in $(seq "$ROUNDS"); do
+    for p in haproxy balancer; do
+        start_proxy "$p"
+        measure "$p"
+        stop_proxy
+        for k in tcp-bulk tcp-conn https-ka https-hs; do
+            SUM[$p,$k]=$(awk -v a="${SUM[$p,$k]:-0}" -v b="${R[$p,$k]:-0}" 'BEGIN { print a + b }')
+        done
+    done
+done
+
+printf '%-10s %14s %14s %8s\n' metric haproxy balancer ratio
+for k in tcp-bulk tcp-conn https-ka https-hs; do
+    h=$(awk -v s="${SUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.1f", s / n }')
+    b=$(awk -v s="${SUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.1f", s / n }')
+    ratio=$(awk -v h="$h" -v b="$b" 'BEGIN { if (h > 0) printf "%.2f", b / h; else print "-" }')
+    unit=$([[ $k == tcp-bulk ]] && echo "MiB/s" || echo "/s")
+    printf '%-10s %14s %14s %8s  (%s)\n' "$k" "$h" "$b" "$ratio" "$unit"
+done
