@@ -20,6 +20,9 @@ use crate::table::{HostMatch, RoutingTable};
 
 /// Rates are computed over this much history.
 pub const WINDOW: Duration = Duration::from_secs(3);
+/// After a catalog change, wait this long for more before publishing (bounds the JSON
+/// rebuilds during a burst of updates; the page still follows within a fraction of a second).
+const COALESCE: Duration = Duration::from_millis(100);
 /// Staleness above which the page logs "etcd unreachable".
 const STALE_EVENT: Duration = Duration::from_secs(10);
 
@@ -43,10 +46,21 @@ pub fn spawn(admin: Arc<AdminState>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutting_down = admin.shutting_down.clone();
         loop {
-            tokio::select! {
-                _ = tick.tick() => s.sample(&admin),
-                _ = hub.changed.notified() => {}
-                _ = shutting_down.wait_for(|s| *s) => {
+            enum Wake {
+                Tick,
+                Changed,
+                Shutdown,
+            }
+            let wake = tokio::select! {
+                _ = tick.tick() => Wake::Tick,
+                _ = hub.changed.notified() => Wake::Changed,
+                _ = shutting_down.wait_for(|s| *s) => Wake::Shutdown,
+            };
+            match wake {
+                Wake::Tick => s.sample(&admin),
+                // Coalesce a burst of catalog changes into one publication.
+                Wake::Changed => tokio::time::sleep(COALESCE).await,
+                Wake::Shutdown => {
                     // Wakes SSE streams one last time; they end on shutdown themselves.
                     s.publish(&admin, &hub);
                     return;
