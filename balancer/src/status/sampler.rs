@@ -30,7 +30,8 @@ type Key = (Arc<str>, Arc<str>);
 
 #[derive(Default)]
 struct Sampler {
-    history: HashMap<Key, VecDeque<(Instant, StatsSnapshot)>>,
+    /// Per instance: the endpoint object's creation time (identifies it) and samples.
+    history: HashMap<Key, (Instant, VecDeque<(Instant, StatsSnapshot)>)>,
     /// Change over the window and its length, per instance (from the last tick).
     window: HashMap<Key, (StatsSnapshot, f64)>,
     ejected: HashSet<Key>,
@@ -101,9 +102,19 @@ impl Sampler {
         let now_ms = now_ms();
         for (key, (ep, _)) in &eps {
             let snap = ep.stats.snapshot();
-            let h = self.history.entry(key.clone()).or_default();
-            if h.back().is_some_and(|(_, last)| snap.delta(last).is_none()) {
-                h.clear(); // a new endpoint object: counters restarted
+            let created = ep.stats.created();
+            let (born, h) = self
+                .history
+                .entry(key.clone())
+                .or_insert_with(|| (created, VecDeque::new()));
+            if *born != created {
+                // A new endpoint object for the same instance: its counters restarted.
+                *born = created;
+                h.clear();
+            }
+            if h.is_empty() {
+                // Counting began at zero when the endpoint was created.
+                h.push_back((ep.stats.created(), StatsSnapshot::default()));
             }
             h.push_back((now, snap));
             while h.len() > 2 && now.duration_since(h[1].0) >= WINDOW {
