@@ -6,7 +6,7 @@
 # target 0), and p99 before vs during the rollout.
 # Everything on 127.0.0.1; a private etcd on free ports; every process and container
 # stopped on exit. Needs root (containers).
-# Usage: [PROFILE=release|debug] [CONNS=64] [STEPS=5,25,50,100] [STEP_WAIT=5s] bench/rollout.sh
+# Usage: [PROFILE=release|bench-fast|debug] [CONNS=64] [STEPS=5,25,50,100] [STEP_WAIT=5s] bench/rollout.sh
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -17,10 +17,11 @@ STEPS=${STEPS:-5,25,50,100}
 STEP_WAIT=${STEP_WAIT:-5s}
 BEFORE=${BEFORE:-10}
 [[ $(id -u) == 0 ]] || { echo "rollout.sh: needs root (containers)" >&2; exit 1; }
-if [[ $PROFILE == release ]]; then
-    (cd "$ROOT" && cargo build --release -q -p wharf-balancer -p wharf-healthcheck -p wharf-registrar)
-else
+# release (fat LTO, slow to build), bench-fast (thin LTO) or debug.
+if [[ $PROFILE == debug ]]; then
     (cd "$ROOT" && cargo build -q -p wharf-balancer -p wharf-healthcheck -p wharf-registrar)
+else
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer -p wharf-healthcheck -p wharf-registrar)
 fi
 BIN=$CARGO_TARGET_DIR/$PROFILE
 

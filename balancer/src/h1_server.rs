@@ -35,10 +35,15 @@ use crate::server::ConnSettings;
 const FIRST_READ: usize = 1024;
 /// Later reads (rest of a large head, bodies).
 const MORE_READ: usize = 8 * 1024;
-/// How long an idle keep-alive connection may still send a request once shutdown began.
-const IDLE_DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Response bytes gathered before a write.
 const WRITE_BATCH: usize = 64 * 1024;
+/// How long an idle keep-alive connection is kept open once shutdown (drain, self-upgrade)
+/// began. Closing it at once races a client that is sending its next request on it right
+/// now: the request meets a reset and fails. Kept open, that request is answered with
+/// `Connection: close` and the client opens its next connection to whoever accepts now
+/// (like HAProxy's `idle-close-on-response`). Only a connection that stays silent for the
+/// whole grace is closed under the client.
+const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What ended the wait for a request head. Lives for one step on the stack; boxing the
 /// request would cost an allocation per request.
@@ -46,7 +51,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 enum Next {
     Request(Parsed),
     H2,
-    /// Clean end: the client closed, the idle timeout passed, or shutdown began.
+    /// Clean end: the client closed, the idle timeout passed, or the drain grace did.
     Close,
     Refuse(HeadError),
 }
@@ -201,11 +206,8 @@ where
         }
         let idle = buf.is_empty();
         let draining = *shutdown.borrow();
-        // Shutting down: an idle connection still gets a short grace to send the request
-        // it may already have on the way (answered with `connection: close`); closing
-        // at once would reset it.
         let wait = if idle && draining {
-            settings.h1.header_read_timeout.min(IDLE_DRAIN_GRACE)
+            DRAIN_IDLE_GRACE.min(settings.h1.header_read_timeout)
         } else {
             settings.h1.header_read_timeout
         };
@@ -213,7 +215,7 @@ where
         let got = if idle && !draining {
             tokio::select! {
                 r = read => r,
-                // Re-enter the wait with the drain grace.
+                // Loop again: now draining, the idle wait is the short grace.
                 _ = shutdown.wait_for(|s| *s) => continue,
             }
         } else {

@@ -414,6 +414,16 @@ async fn rollout(
     args: &[&str],
     marker: &AtomicU32,
 ) -> Result<(i32, Vec<serde_json::Value>)> {
+    rollout_until(s, args, marker, None).await
+}
+
+/// Like `rollout`, but SIGKILLs the command at the first event named `kill_at` (exit -1).
+async fn rollout_until(
+    s: &Stack,
+    args: &[&str],
+    marker: &AtomicU32,
+    kill_at: Option<&str>,
+) -> Result<(i32, Vec<serde_json::Value>)> {
     let mut child = tokio::process::Command::new(common::BIN)
         .arg("rollout")
         .args(args)
@@ -442,7 +452,12 @@ async fn rollout(
             }
             _ => {}
         }
+        let kill = kill_at.is_some() && v["event"].as_str() == kill_at;
         events.push(v);
+        if kill {
+            child.kill().await?;
+            return Ok((-1, events));
+        }
     }
     let code = child.wait().await?.code().unwrap_or(-1);
     marker.store(AFTER, Ordering::SeqCst);
@@ -700,5 +715,93 @@ async fn a_bad_canary_is_rolled_back_at_the_first_step() -> Result<()> {
             .value,
     )?;
     assert_eq!(state["phase"], "rolled_back");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rollout_is_aborted_or_resumed_from_its_state_in_etcd() -> Result<()> {
+    let _one = SERIAL.lock().await;
+    let s = stack("v1").await?;
+    let v2 = image(&s.dir.path().join("v2"), "v2", false);
+    let v2 = v2.to_str().unwrap();
+    let lbs: Vec<SocketAddr> = s.lbs.iter().map(|b| b.addr).collect();
+    let load = Load::start(&lbs, "/");
+    keep_loading(&load, 500).await?;
+
+    // A rolling replacement killed right after its first old replica stopped.
+    let (code, _) = rollout_until(
+        &s,
+        &["web", "--image", v2, "--version", "v2"],
+        &load.marker,
+        Some("stopped"),
+    )
+    .await?;
+    assert_eq!(code, -1);
+    // The state in etcd keeps anyone else off the service meanwhile.
+    let o = s
+        .agent
+        .cli(&["rollout", "web", "--image", v2, "--version", "v3"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in progress"));
+    // --abort from "another shell": the stopped v1 replica runs again, v2 is gone.
+    let (code, events) = rollout(&s, &["web", "--abort"], &load.marker).await?;
+    assert_eq!(code, 0, "{events:?}");
+    assert!(
+        events.iter().any(
+            |e| e["event"] == "restarted" && e["containers"] == serde_json::json!(["web-v1-0"])
+        ),
+        "{events:?}"
+    );
+    let ps = containers(&s);
+    assert_eq!(ps.len(), 4, "{ps:?}");
+    assert!(
+        ps.iter()
+            .all(|c| c["version"] == "v1" && c["state"] == "serving"),
+        "{ps:?}"
+    );
+
+    // A canary killed during its first step; --resume redoes that step and finishes.
+    let metrics: Vec<String> = s
+        .lbs
+        .iter()
+        .flat_map(|b| ["--metrics".to_string(), b.metrics.clone()])
+        .collect();
+    let mut args = vec![
+        "web",
+        "--image",
+        v2,
+        "--version",
+        "v2",
+        "--steps",
+        "50,100",
+        "--step-wait",
+        "2s",
+        "--max-surge",
+        "4",
+        "--max-p99-ratio",
+        "5",
+    ];
+    args.extend(metrics.iter().map(String::as_str));
+    let (code, _) = rollout_until(&s, &args, &load.marker, Some("step")).await?;
+    assert_eq!(code, -1);
+    let (code, events) = rollout(&s, &["web", "--resume"], &load.marker).await?;
+    assert_eq!(code, 0, "{events:?}");
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .filter_map(|e| e["percent"].as_u64())
+        .collect();
+    assert_eq!(steps, [50, 100]);
+    let ps = containers(&s);
+    assert_eq!(ps.len(), 4, "{ps:?}");
+    assert!(
+        ps.iter()
+            .all(|c| c["version"] == "v2" && c["state"] == "serving"),
+        "{ps:?}"
+    );
+    assert_eq!(split(&s).await, serde_json::json!({}));
+    keep_loading(&load, load.total() + 500).await?;
+    let stats = load.finish().await;
+    assert_clean(&s, &stats);
     Ok(())
 }
