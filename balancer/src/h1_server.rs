@@ -165,6 +165,9 @@ pub async fn serve<IO>(
     }
 }
 
+/// How long an idle keep-alive connection waits for one more request once shutdown began.
+const SHUTDOWN_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn read_head<IO>(
     io: &mut IO,
     buf: &mut BytesMut,
@@ -204,9 +207,15 @@ where
             io.read_buf(buf),
         );
         let got = if idle {
+            // Shutdown (SIGTERM, self-upgrade): an idle keep-alive connection lingers a
+            // moment so a request already on its way is answered (with `Connection:
+            // close`) instead of meeting a closed socket (the keep-alive close race).
             tokio::select! {
                 r = read => r,
-                _ = shutdown.wait_for(|s| *s) => return Next::Close,
+                _ = async {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                    tokio::time::sleep(SHUTDOWN_LINGER).await;
+                } => return Next::Close,
             }
         } else {
             read.await

@@ -201,7 +201,7 @@ async fn as_pid_1_the_old_process_stays_as_parent() -> Result<()> {
         }
     }
     let unshare_pid = ns.id();
-    let mut ns = Reap(&mut ns);
+    let ns = Reap(&mut ns);
     let logs = || {
         std::fs::read_to_string(&log).unwrap_or_default()
             + &std::fs::read_to_string(dir.path().join("log.err")).unwrap_or_default()
