@@ -488,7 +488,6 @@ impl TableBuilder {
                 routes.push(Route {
                     host: HostMatch::parse(r.host.as_deref()),
                     path_prefix: r.path_prefix.as_str().into(),
-                    histogram: self.metrics.histogram(&lname, &sname),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     service_name: sname,
                     service,

@@ -54,13 +54,14 @@ impl Metrics {
             HistogramVec::new(
                 HistogramOpts::new(
                     "balancer_request_duration_seconds",
-                    "Time from request head to response head.",
+                    "Time from request head to response head, by the version that answered \
+                     (\"none\" when no instance was picked).",
                 )
                 .buckets(vec![
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0,
                 ]),
-                &["listener", "service"],
+                &["listener", "service", "version"],
             )
             .unwrap(),
         );
@@ -220,17 +221,19 @@ impl Metrics {
         out
     }
 
-    /// Counters of one listener × service × version, one per status class.
+    /// Counters of one listener × service × version, one per status class, and the
+    /// version's latency histogram (what a rollout gate compares between versions).
     pub fn classes(&self, listener: &str, service: &str, version: &str) -> ClassCounters {
         let c = |code| {
             self.requests
                 .with_label_values(&[listener, service, version, code])
         };
-        ClassCounters([c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")])
-    }
-
-    pub fn histogram(&self, listener: &str, service: &str) -> Histogram {
-        self.duration.with_label_values(&[listener, service])
+        ClassCounters {
+            classes: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            duration: self
+                .duration
+                .with_label_values(&[listener, service, version]),
+        }
     }
 }
 
@@ -240,13 +243,23 @@ impl Default for Metrics {
     }
 }
 
-/// Pre-resolved request counters by status class.
+/// Pre-resolved request counters by status class, and the duration histogram, of one
+/// listener × service × version.
 #[derive(Clone)]
-pub struct ClassCounters([IntCounter; 5]);
+pub struct ClassCounters {
+    classes: [IntCounter; 5],
+    duration: Histogram,
+}
 
 impl ClassCounters {
     pub fn inc(&self, status: u16) {
         let i = (status / 100).clamp(1, 5) as usize - 1;
-        self.0[i].inc();
+        self.classes[i].inc();
+    }
+
+    /// Counts an answer and the time it took.
+    pub fn record(&self, status: u16, seconds: f64) {
+        self.inc(status);
+        self.duration.observe(seconds);
     }
 }

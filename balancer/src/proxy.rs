@@ -300,13 +300,11 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn finish(&self, version: Option<usize>, resp: Response<RespBody>) -> Response<RespBody> {
         let status = resp.status().as_u16();
+        let seconds = self.start.elapsed().as_secs_f64();
         match version.and_then(|v| self.route.by_version.get(v)) {
-            Some(c) => c.inc(status),
-            None => self.route.unpicked.inc(status),
+            Some(c) => c.record(status, seconds),
+            None => self.route.unpicked.record(status, seconds),
         }
-        self.route
-            .histogram
-            .observe(self.start.elapsed().as_secs_f64());
         resp
     }
 }

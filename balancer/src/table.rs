@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use catalog::Algorithm;
-use prometheus::{Histogram, IntCounter};
+use prometheus::IntCounter;
 
 use crate::endpoint::Endpoint;
 use crate::metrics::ClassCounters;
@@ -94,7 +94,6 @@ pub struct Route {
     pub service_name: Arc<str>,
     /// `None` while the service is unknown (not static, not in etcd): 503.
     pub service: Option<Arc<ServiceTable>>,
-    pub histogram: Histogram,
     /// Indexed like `service.versions`.
     pub by_version: Vec<ClassCounters>,
     /// Answers that reached no instance.

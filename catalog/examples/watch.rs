@@ -14,6 +14,7 @@ fn describe(value: &Value) -> String {
         Value::Config(c) => format!("split={:?} algorithm={:?}", c.split, c.algorithm),
         Value::Node(n) => format!("node at {} version {}", n.addr, n.version),
         Value::Checker(c) => format!("checker version {}", c.version),
+        Value::Rollout(r) => format!("rollout {r}"),
     }
 }
 

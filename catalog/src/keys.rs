@@ -7,6 +7,7 @@
 //! <prefix>/services/<svc>/instances/<id>
 //! <prefix>/services/<svc>/health/<id>
 //! <prefix>/services/<svc>/config
+//! <prefix>/services/<svc>/rollout
 //! <prefix>/checkers/<id>
 //! ```
 //!
@@ -25,6 +26,9 @@ pub enum Key {
     Instance(ServiceName, InstanceId),
     Health(ServiceName, InstanceId),
     Config(ServiceName),
+    /// The state of the service's current or last rollout (written by the operator CLI,
+    /// `registrar rollout`; opaque JSON to every other part).
+    Rollout(ServiceName),
     Checker(CheckerId),
 }
 
@@ -32,7 +36,7 @@ impl Key {
     /// The service this key belongs to, if any.
     pub fn service(&self) -> Option<&ServiceName> {
         match self {
-            Key::Instance(s, _) | Key::Health(s, _) | Key::Config(s) => Some(s),
+            Key::Instance(s, _) | Key::Health(s, _) | Key::Config(s) | Key::Rollout(s) => Some(s),
             Key::Node(_) | Key::Checker(_) => None,
         }
     }
@@ -140,6 +144,10 @@ impl Keyspace {
         format!("{}/services/{svc}/config", self.prefix)
     }
 
+    pub fn rollout(&self, svc: &ServiceName) -> String {
+        format!("{}/services/{svc}/rollout", self.prefix)
+    }
+
     pub fn checker(&self, id: &CheckerId) -> String {
         format!("{}/checkers/{id}", self.prefix)
     }
@@ -151,6 +159,7 @@ impl Keyspace {
             Key::Instance(s, i) => self.instance(s, i),
             Key::Health(s, i) => self.health(s, i),
             Key::Config(s) => self.config(s),
+            Key::Rollout(s) => self.rollout(s),
             Key::Checker(c) => self.checker(c),
         }
     }
@@ -171,6 +180,7 @@ impl Keyspace {
             ["nodes", n] => Ok(Key::Node(NodeName::new(*n).map_err(bad_name)?)),
             ["checkers", c] => Ok(Key::Checker(CheckerId::new(*c).map_err(bad_name)?)),
             ["services", s, "config"] => Ok(Key::Config(ServiceName::new(*s).map_err(bad_name)?)),
+            ["services", s, "rollout"] => Ok(Key::Rollout(ServiceName::new(*s).map_err(bad_name)?)),
             ["services", s, kind @ ("instances" | "health"), i] => {
                 let s = ServiceName::new(*s).map_err(bad_name)?;
                 let i = InstanceId::new(*i).map_err(bad_name)?;
@@ -200,6 +210,7 @@ mod tests {
             label().prop_map(|n| Key::Node(NodeName::new(n).unwrap())),
             label().prop_map(|c| Key::Checker(CheckerId::new(c).unwrap())),
             label().prop_map(|s| Key::Config(ServiceName::new(s).unwrap())),
+            label().prop_map(|s| Key::Rollout(ServiceName::new(s).unwrap())),
             (label(), label()).prop_map(|(s, i)| Key::Instance(
                 ServiceName::new(s).unwrap(),
                 InstanceId::new(i).unwrap()
@@ -252,6 +263,7 @@ mod tests {
             "/wharf/v1/services/web/health/n1-web-0-8080"
         );
         assert_eq!(ks.config(&s), "/wharf/v1/services/web/config");
+        assert_eq!(ks.rollout(&s), "/wharf/v1/services/web/rollout");
         assert!(ks.instance(&s, &i).starts_with(&ks.service(&s)));
         assert!(ks.service(&s).starts_with(&ks.services()));
     }

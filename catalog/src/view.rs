@@ -112,6 +112,8 @@ impl CatalogView {
             Key::Checker(c) => {
                 self.checkers.remove(c);
             }
+            // Rollout state is the registrar's business; the view does not hold it.
+            Key::Rollout(_) => {}
         }
     }
 

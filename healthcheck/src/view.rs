@@ -108,7 +108,7 @@ impl View {
                 }
             }
             Key::Checker(c) => changes.checkers |= self.checkers.remove(&c),
-            Key::Node(_) => {}
+            Key::Node(_) | Key::Rollout(_) => {}
         }
     }
 

@@ -32,6 +32,10 @@ pub struct RunRequest {
     pub port: u16,
     #[serde(default = "one")]
     pub replicas: u16,
+    /// Index of the first replica: containers are named `<service>-<version>-<first + i>`
+    /// (a rollout starts the replicas of a version one batch at a time).
+    #[serde(default)]
+    pub first: u16,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -86,6 +90,16 @@ pub enum Request {
     Rm {
         name: String,
     },
+    /// Start an exited container again with its recorded spec (a rollback brings back the
+    /// old replicas a rollout had stopped).
+    Start {
+        name: String,
+    },
+    /// The run parameters of a container, as a `RunRequest` for one replica (what a
+    /// rollout copies when the operator only names a new image).
+    Inspect {
+        name: String,
+    },
     /// Register a process wharf did not start, under this node's lease.
     Register {
         service: String,
@@ -117,6 +131,9 @@ pub enum Response {
     },
     Logs {
         text: String,
+    },
+    Spec {
+        run: Box<RunRequest>,
     },
     Error {
         message: String,

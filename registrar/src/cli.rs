@@ -46,6 +46,69 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+/// `registrar rollout web --image IMG --version v2 [--steps 5,25,50,100] ...`
+#[derive(clap::Args)]
+pub struct RolloutArgs {
+    #[command(flatten)]
+    at: AgentAddr,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    service: String,
+    /// Image of the new version (rootfs dir, OCI layout dir or docker-save tarball).
+    #[arg(long, required_unless_present_any = ["abort", "resume"])]
+    image: Option<String>,
+    /// The new version.
+    #[arg(long, required_unless_present_any = ["abort", "resume"])]
+    version: Option<String>,
+    /// New replicas (default: as many as the old versions run).
+    #[arg(long)]
+    replicas: Option<u16>,
+    /// New replicas started at a time.
+    #[arg(long, default_value_t = 1)]
+    max_surge: u16,
+    /// Canary steps in percent of traffic, e.g. 5,25,50,100. Without: a plain rolling
+    /// replacement, one surge at a time.
+    #[arg(long)]
+    steps: Option<String>,
+    /// How long each step (or, with --metrics, each replaced surge) is watched.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    step_wait: Duration,
+    /// Highest tolerated share of 5xx answers from the new version, e.g. 1% (default: the
+    /// service's canary gates, else 1%).
+    #[arg(long, value_parser = crate_parse_rate)]
+    max_error_rate: Option<f64>,
+    /// Highest tolerated new/old p99 latency ratio (default: the service's, else 1.5).
+    #[arg(long)]
+    max_p99_ratio: Option<f64>,
+    /// A balancer's metrics page (repeat for every balancer replica). Steps are gated only
+    /// when given.
+    #[arg(long = "metrics")]
+    metrics: Vec<String>,
+    /// Host network: port of the new replica 0 (replica i gets port + i); default: the
+    /// first port above every port of the service's containers.
+    #[arg(long)]
+    port: Option<u16>,
+    /// How long new replicas may take to pass their checks and be routed by every balancer.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    ready_timeout: Duration,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Continue an interrupted rollout with its recorded settings.
+    #[arg(long, conflicts_with_all = ["abort", "image", "version"])]
+    resume: bool,
+    /// Roll an interrupted rollout back.
+    #[arg(long, conflicts_with_all = ["image", "version"])]
+    abort: bool,
+    /// Command of the new replicas (default: the old replicas' command).
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+fn crate_parse_rate(s: &str) -> Result<f64, String> {
+    registrar::rollout::plan::parse_rate(s)
+}
+
 #[derive(clap::Subcommand)]
 pub enum ServiceCmd {
     /// Change settings of a service; unspecified ones keep their value.
@@ -141,6 +204,10 @@ fn print(resp: Response) -> Result<i32> {
             print!("{}", containers_table(containers));
             Ok(0)
         }
+        Response::Spec { run } => {
+            println!("{}", serde_json::to_string_pretty(&run)?);
+            Ok(0)
+        }
         Response::Error { message } => {
             eprintln!("registrar: {message}");
             Ok(1)
@@ -217,6 +284,7 @@ async fn run(cmd: Cmd) -> Result<i32> {
                     .into_owned(),
                 port: a.port,
                 replicas: a.replicas,
+                first: 0,
                 limits: Limits {
                     memory: a
                         .memory
@@ -269,6 +337,8 @@ async fn run(cmd: Cmd) -> Result<i32> {
             print(with_progress(&what, call(&at, req)).await?)
         }
         Cmd::Rm { at, name } => print(call(&at, Request::Rm { name }).await?),
+        Cmd::Start { at, name } => print(call(&at, Request::Start { name }).await?),
+        Cmd::Inspect { at, name } => print(call(&at, Request::Inspect { name }).await?),
         Cmd::Register {
             at,
             service,
@@ -313,6 +383,7 @@ async fn run(cmd: Cmd) -> Result<i32> {
             println!("{}", serde_json::to_string(&c.split)?);
             Ok(0)
         }
+        Cmd::Rollout(a) => rollout(*a).await,
         Cmd::Agent(_) | Cmd::Oneshot(_) | Cmd::Helper { .. } => unreachable!("handled in main"),
     }
 }
@@ -323,6 +394,56 @@ async fn connect(etcd: &EtcdArgs, service: &str) -> Result<(EtcdStore, Keyspace,
         Keyspace::new(&etcd.prefix).with_context(|| format!("--prefix {:?}", etcd.prefix))?;
     let store = EtcdStore::connect(&EtcdConfig::new(etcd.etcd.clone())).await?;
     Ok((store, keys, svc))
+}
+
+async fn rollout(a: RolloutArgs) -> Result<i32> {
+    use registrar::rollout::{Action, Options, Outcome, Rollout};
+    if a.max_p99_ratio.is_some_and(|r| r.is_nan() || r < 1.0) {
+        bail!("--max-p99-ratio must be at least 1");
+    }
+    for m in &a.metrics {
+        if !m.starts_with("http://") {
+            bail!("--metrics {m:?}: expected http://HOST:PORT/metrics");
+        }
+    }
+    let action = if a.abort {
+        Action::Abort
+    } else if a.resume {
+        Action::Resume
+    } else {
+        let image = a.image.context("--image")?;
+        Action::Start(Box::new(Options {
+            version: a.version.context("--version")?,
+            image: std::path::absolute(&image)?.to_string_lossy().into_owned(),
+            command: a.command,
+            port: a.port,
+            replicas: a.replicas,
+            max_surge: a.max_surge,
+            steps: match &a.steps {
+                Some(s) => registrar::rollout::plan::parse_steps(s).map_err(anyhow::Error::msg)?,
+                None => vec![],
+            },
+            step_wait: a.step_wait,
+            ready_timeout: a.ready_timeout,
+            max_error_rate: a.max_error_rate,
+            max_p99_ratio: a.max_p99_ratio,
+            metrics: a.metrics,
+        }))
+    };
+    let abort = a.abort;
+    let (store, keys, svc) = connect(&a.etcd, &a.service).await?;
+    let socket = registrar::agent::StateDir::new(&a.at.state_dir).socket();
+    match Rollout::new(store, keys, svc, socket, a.json)
+        .run(action)
+        .await?
+    {
+        Outcome::Succeeded => Ok(0),
+        Outcome::RolledBack(_) if abort => Ok(0),
+        Outcome::RolledBack(reason) => {
+            eprintln!("registrar: rollout rolled back: {reason}");
+            Ok(1)
+        }
+    }
 }
 
 async fn service_set(a: ServiceSetArgs) -> Result<i32> {

@@ -10,4 +10,5 @@ pub mod api;
 pub mod image;
 pub mod operator;
 pub mod restart;
+pub mod rollout;
 pub mod runtime;

@@ -81,6 +81,18 @@ enum Cmd {
         at: AgentAddr,
         name: String,
     },
+    /// Start an exited container again, with its recorded spec.
+    Start {
+        #[command(flatten)]
+        at: AgentAddr,
+        name: String,
+    },
+    /// Print a container's run parameters (JSON).
+    Inspect {
+        #[command(flatten)]
+        at: AgentAddr,
+        name: String,
+    },
     /// Register a process wharf did not start, under this node's lease.
     Register {
         #[command(flatten)]
@@ -119,6 +131,9 @@ enum Cmd {
         #[arg(long, conflicts_with = "shares")]
         clear: bool,
     },
+    /// Operator: roll a service out to a new version — rolling replacement, or canary
+    /// steps gated on the balancers' metrics with automatic rollback; `--resume`/`--abort`.
+    Rollout(Box<cli::RolloutArgs>),
     /// Run one container in the foreground, without an agent (exit status = the app's).
     Oneshot(Box<OneshotArgs>),
     /// Internal: run the container described by DIR/spec.json (started by the agent).

@@ -12,6 +12,8 @@ pub enum Value {
     Config(ServiceConfig),
     Node(Node),
     Checker(Checker),
+    /// `registrar rollout`'s state: any JSON object; only the registrar interprets it.
+    Rollout(serde_json::Value),
 }
 
 /// One decoded key: what it is, what it holds, and the revisions etcd gave it.
@@ -72,6 +74,7 @@ pub fn decode(keyspace: &Keyspace, kv: &KeyValue) -> Result<Entry, DecodeError> 
         Key::Config(_) => Value::Config(serde_json::from_slice(&kv.value).map_err(json_err)?),
         Key::Node(_) => Value::Node(serde_json::from_slice(&kv.value).map_err(json_err)?),
         Key::Checker(_) => Value::Checker(serde_json::from_slice(&kv.value).map_err(json_err)?),
+        Key::Rollout(_) => Value::Rollout(serde_json::from_slice(&kv.value).map_err(json_err)?),
     };
     Ok(Entry {
         key,

@@ -437,6 +437,8 @@ async fn handle<S: Store + Clone>(sh: &Arc<Shared<S>>, req: Request) -> Response
         Request::Logs { .. } => "logs",
         Request::Stop { .. } => "stop",
         Request::Rm { .. } => "rm",
+        Request::Start { .. } => "start",
+        Request::Inspect { .. } => "inspect",
         Request::Register { .. } => "register",
         Request::Deregister { .. } => "deregister",
     };
@@ -451,6 +453,8 @@ async fn handle<S: Store + Clone>(sh: &Arc<Shared<S>>, req: Request) -> Response
             grace,
         } => stop(sh, &name, version.as_deref(), grace).await,
         Request::Rm { name } => rm(sh, &name),
+        Request::Start { name } => start_again(sh, &name),
+        Request::Inspect { name } => inspect(sh, &name),
         Request::Register {
             service,
             version,
@@ -493,7 +497,11 @@ async fn handle_run<S: Store + Clone>(
         let map = sh.containers.lock().expect("lock");
         let mut used_ips: BTreeSet<IpAddr> = map.values().map(|h| h.meta.addr).collect();
         for i in 0..run.replicas {
-            let name = format!("{service}-{version}-{i}");
+            let index = run
+                .first
+                .checked_add(i)
+                .ok_or("replica index out of range")?;
+            let name = format!("{service}-{version}-{index}");
             if map.contains_key(&name) {
                 return Err(format!(
                     "container {name} already exists (stop and rm it first)"
@@ -548,6 +556,7 @@ async fn handle_run<S: Store + Clone>(
                 addr,
                 port,
                 protocol: run.protocol,
+                image: run.image.clone(),
                 network: run.network,
                 restart: run.restart,
                 desired: Desired::Running,
@@ -687,6 +696,63 @@ fn rm<S: Store + Clone>(sh: &Arc<Shared<S>>, name: &str) -> Result<Response, Str
     drop(map);
     crate::runtime::helper::remove_tree(&sh.state.container(name)).map_err(|e| e.to_string())?;
     Ok(ok(format!("{name} removed")))
+}
+
+/// Starts an exited container again: same spec, same name, same instance id.
+fn start_again<S: Store + Clone>(sh: &Arc<Shared<S>>, name: &str) -> Result<Response, String> {
+    {
+        let mut map = sh.containers.lock().expect("lock");
+        let h = map
+            .get_mut(name)
+            .ok_or_else(|| format!("no container {name:?}"))?;
+        if h.state != "exited" {
+            return Err(format!("container {name} is {}", h.state));
+        }
+        h.meta.desired = Desired::Running;
+        h.meta.restarts = 0;
+        h.meta.helper_pid = None;
+        h.state = "starting".into();
+        h.exit_code = None;
+        sh.state
+            .save_meta(&h.meta)
+            .map_err(|e| format!("write record: {e}"))?;
+    }
+    start_task(sh, name, None);
+    Ok(ok(format!("{name} started")))
+}
+
+/// A container's run parameters, read back from its record and runtime spec.
+fn inspect<S: Store + Clone>(sh: &Arc<Shared<S>>, name: &str) -> Result<Response, String> {
+    let meta = sh
+        .containers
+        .lock()
+        .expect("lock")
+        .get(name)
+        .map(|h| h.meta.clone())
+        .ok_or_else(|| format!("no container {name:?}"))?;
+    let file = ContainerSpec::spec_file(&sh.state.container(name));
+    let spec: ContainerSpec = std::fs::read(&file)
+        .map_err(|e| e.to_string())
+        .and_then(|d| serde_json::from_slice(&d).map_err(|e| e.to_string()))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut env = spec.env;
+    env.retain(|(k, _)| k != "PORT");
+    Ok(Response::Spec {
+        run: Box::new(RunRequest {
+            service: meta.service,
+            version: meta.version,
+            image: meta.image,
+            port: meta.port,
+            replicas: 1,
+            first: 0,
+            limits: spec.limits,
+            env,
+            network: meta.network,
+            restart: meta.restart,
+            protocol: meta.protocol,
+            command: spec.args,
+        }),
+    })
 }
 
 async fn register_external<S: Store + Clone>(

@@ -41,6 +41,9 @@ pub struct Meta {
     pub addr: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
+    /// The image as the operator named it (empty in records of older agents).
+    #[serde(default)]
+    pub image: String,
     pub network: Network,
     pub restart: RestartPolicy,
     pub desired: Desired,

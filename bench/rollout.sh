@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# rollout.sh - a canary rollout under the highest load this machine sustains through the
+# balancer: 4 × v1 busybox httpd containers behind one balancer, wrk at constant
+# concurrency for the whole run, `registrar rollout` to v2 in steps gated on the
+# balancer's metrics. Reports requests served, failed requests (non-2xx + socket errors,
+# target 0), and p99 before vs during the rollout.
+# Everything on 127.0.0.1; a private etcd on free ports; every process and container
+# stopped on exit. Needs root (containers).
+# Usage: [PROFILE=release|bench-fast|debug] [CONNS=64] [STEPS=5,25,50,100] [STEP_WAIT=5s] bench/rollout.sh
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PROFILE=${PROFILE:-release}
+CONNS=${CONNS:-64}
+STEPS=${STEPS:-5,25,50,100}
+STEP_WAIT=${STEP_WAIT:-5s}
+BEFORE=${BEFORE:-10}
+[[ $(id -u) == 0 ]] || { echo "rollout.sh: needs root (containers)" >&2; exit 1; }
+# release (fat LTO, slow to build), bench-fast (thin LTO) or debug.
+if [[ $PROFILE == debug ]]; then
+    (cd "$ROOT" && cargo build -q -p wharf-balancer -p wharf-healthcheck -p wharf-registrar)
+else
+    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer -p wharf-healthcheck -p wharf-registrar)
+fi
+BIN=$CARGO_TARGET_DIR/$PROFILE
+
+WORK=$(mktemp -d)
+STATE=$WORK/state
+PIDS=()
+export WHARF_STATE_DIR=$STATE
+cleanup() {
+    # Containers first (drained by the agent), then the processes we started.
+    [[ -S $STATE/agent.sock ]] && timeout 30 "$BIN/registrar" stop web --grace 2s >/dev/null 2>&1 || true
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Replica ports: 8 consecutive free ones below the ephemeral range.
+free_range() {
+    python3 - <<'PY'
+import random, socket
+while True:
+    b = random.randrange(20000, 30000)
+    try:
+        socks = []
+        for p in range(b, b + 8):
+            s = socket.socket(); s.bind(("0.0.0.0", p)); socks.append(s)
+        print(b); break
+    except OSError:
+        pass
+PY
+}
+image() { # DIR VERSION
+    local root=$1/rootfs
+    mkdir -p "$root"/{bin,etc,tmp,proc,dev,www}
+    cp /bin/busybox "$root/bin/busybox"
+    for a in $(/bin/busybox --list); do [[ $a == busybox ]] || ln -s busybox "$root/bin/$a"; done
+    echo "root:x:0:0:root:/:/bin/sh" >"$root/etc/passwd"
+    echo "$2" >"$root/www/index.html"
+    echo "$root"
+}
+EC=$(free_port); EP=$(free_port); LBP=$(free_port); ADM=$(free_port); AADM=$(free_port)
+HADM=$(free_port); PORT=$(free_range)
+ETCD=http://127.0.0.1:$EC
+export WHARF_ETCD=$ETCD
+etcd --name b --data-dir "$WORK/etcd" --listen-client-urls "$ETCD" \
+    --advertise-client-urls "$ETCD" --listen-peer-urls "http://127.0.0.1:$EP" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$EP" --initial-cluster "b=http://127.0.0.1:$EP" \
+    --log-level error >"$WORK/etcd.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -sf "$ETCD/health" >/dev/null && break; sleep 0.1; done
+V1=$(image "$WORK/v1" v1)
+V2=$(image "$WORK/v2" v2)
+RUST_LOG=warn "$BIN/registrar" agent --node bench --admin "127.0.0.1:$AADM" >"$WORK/agent.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [[ -S $STATE/agent.sock ]] && break; sleep 0.1; done
+"$BIN/registrar" service set web --check-path / --interval 500ms --timeout 1s --rise 2 \
+    --fall 3 --drain-timeout 2s >/dev/null
+RUST_LOG=warn "$BIN/healthcheck" --id bench --admin "127.0.0.1:$HADM" >"$WORK/healthcheck.log" 2>&1 &
+PIDS+=($!)
+cat >"$WORK/lb.toml" <<TOML
+[admin]
+bind = "127.0.0.1:$ADM"
+[discovery.etcd]
+endpoints = ["$ETCD"]
+[[listener]]
+name = "web"
+bind = "127.0.0.1:$LBP"
+  [[listener.route]]
+  service = "web"
+TOML
+RUST_LOG=warn "$BIN/balancer" --config "$WORK/lb.toml" >"$WORK/lb.log" 2>&1 &
+PIDS+=($!)
+"$BIN/registrar" run --service web --version v1 --image "$V1" --port "$PORT" --replicas 4 \
+    -- sh -c 'exec httpd -f -p $PORT -h /www' >/dev/null
+for _ in $(seq 300); do
+    n=$(curl -s "http://127.0.0.1:$ADM/metrics" | grep -c '^balancer_backend_up{.*service="web".* 1$' || true)
+    [[ $n == 4 ]] && break
+    sleep 0.1
+done
+[[ $n == 4 ]] || { echo "v1 replicas not routable; see $WORK" >&2; exit 1; }
+URL=http://127.0.0.1:$LBP/
+
+# wrk's summary: requests, non-2xx, socket errors, p99 (ms).
+summary() {
+    python3 - "$1" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+req = int(re.search(r"(\d+) requests in", t).group(1))
+non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", t)) else 0
+sock = sum(map(int, m.groups())) if (m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)) else 0
+m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", t)
+p99 = float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+print(f"{req} {non2xx} {sock} {p99:.2f} {rps:.0f}")
+PY
+}
+echo "# before: wrk -t2 -c$CONNS -d${BEFORE}s (4 × v1)" >&2
+wrk -t2 -c"$CONNS" -d"${BEFORE}s" --latency "$URL" >"$WORK/before.txt"
+read -r b_req b_non b_sock b_p99 b_rps < <(summary "$WORK/before.txt")
+
+# During: wrk covers the rollout (steps × step wait + replicas starting + draining); the
+# rollout starts 2 s in. A warning says when the rollout outlasted it.
+nsteps=$(tr ',' '\n' <<<"$STEPS" | grep -c .)
+DURING=${DURING:-$(( nsteps * ${STEP_WAIT%s} + 14 ))}
+wrk -t2 -c"$CONNS" -d"${DURING}s" --latency "$URL" >"$WORK/during.txt" &
+WRK=$!
+PIDS+=($WRK)
+sleep 2
+start=$(date +%s.%N)
+"$BIN/registrar" rollout web --image "$V2" --version v2 --steps "$STEPS" --step-wait "$STEP_WAIT" \
+    --metrics "http://127.0.0.1:$ADM/metrics" | grep -v '] .*: v2 .* req' >&2 || { echo "rollout failed" >&2; exit 1; }
+took=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
+wait "$WRK" || true
+python3 -c "import sys; sys.exit(0 if $took < $DURING - 2 else 1)" ||
+    echo "# warning: the rollout took longer than wrk ran (${DURING}s); raise DURING" >&2
+read -r d_req d_non d_sock d_p99 d_rps < <(summary "$WORK/during.txt")
+after=$(curl -s "$URL")
+echo "rollout of 4 replicas v1 -> v2, steps $STEPS, step wait $STEP_WAIT: ${took}s"
+echo "load: wrk -t2 -c$CONNS through the balancer ($PROFILE build)"
+printf '%-8s %10s %10s %8s %8s %10s\n' phase requests req/s non2xx sockerr p99_ms
+printf '%-8s %10s %10s %8s %8s %10s\n' before "$b_req" "$b_rps" "$b_non" "$b_sock" "$b_p99"
+printf '%-8s %10s %10s %8s %8s %10s\n' during "$d_req" "$d_rps" "$d_non" "$d_sock" "$d_p99"
+echo "failed requests during the rollout: $((d_non + d_sock)); answer after: $after"
