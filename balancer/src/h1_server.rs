@@ -37,6 +37,13 @@ const FIRST_READ: usize = 1024;
 const MORE_READ: usize = 8 * 1024;
 /// Response bytes gathered before a write.
 const WRITE_BATCH: usize = 64 * 1024;
+/// How long an idle keep-alive connection is kept open once shutdown (drain, self-upgrade)
+/// began. Closing it at once races a client that is sending its next request on it right
+/// now: the request meets a reset and fails. Kept open, that request is answered with
+/// `Connection: close` and the client opens its next connection to whoever accepts now
+/// (like HAProxy's `idle-close-on-response`). Only a connection that stays silent for the
+/// whole grace is closed under the client.
+const DRAIN_IDLE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What ended the wait for a request head. Lives for one step on the stack; boxing the
 /// request would cost an allocation per request.
@@ -44,7 +51,7 @@ const WRITE_BATCH: usize = 64 * 1024;
 enum Next {
     Request(Parsed),
     H2,
-    /// Clean end: the client closed, the idle timeout passed, or shutdown began.
+    /// Clean end: the client closed, the idle timeout passed, or the drain grace did.
     Close,
     Refuse(HeadError),
 }
@@ -198,15 +205,18 @@ where
             });
         }
         let idle = buf.is_empty();
-        let read = deadline::within(
-            timer.as_mut(),
-            settings.h1.header_read_timeout,
-            io.read_buf(buf),
-        );
-        let got = if idle {
+        let draining = *shutdown.borrow();
+        let wait = if idle && draining {
+            DRAIN_IDLE_GRACE.min(settings.h1.header_read_timeout)
+        } else {
+            settings.h1.header_read_timeout
+        };
+        let read = deadline::within(timer.as_mut(), wait, io.read_buf(buf));
+        let got = if idle && !draining {
             tokio::select! {
                 r = read => r,
-                _ = shutdown.wait_for(|s| *s) => return Next::Close,
+                // Loop again: now draining, the idle wait is the short grace.
+                _ = shutdown.wait_for(|s| *s) => continue,
             }
         } else {
             read.await

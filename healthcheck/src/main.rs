@@ -78,10 +78,18 @@ fn main() -> ExitCode {
     if cli.status {
         return status(&file, &settings);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread: no cross-thread wake-ups (futex calls) and no work stealing, the cheapest
+    // per probe. More: probes, watch and writes spread over cores.
+    let mut builder = match cli.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("healthcheck: starting the runtime: {e}");

@@ -122,15 +122,21 @@ async fn pending_is_never_passing_before_rise_passes_in_a_row() -> Result<()> {
     let _checker = Checker::start(store.clone(), settings("hc-1", Duration::from_secs(3))).await?;
 
     let (up, kv) = wait_mark(&store, "web", id, "passing mark", passing).await?;
-    let before: Vec<u16> = backend
-        .probes_of(id)
+    // The mark is stamped when the supervisor handles the verdict; on a loaded machine the
+    // next probe may already have been answered by then, so look at the first six only.
+    let probes = backend.probes_of(id);
+    let before: Vec<u16> = probes
         .iter()
         .filter(|s| s.at_ms <= up.since)
         .map(|s| s.status)
         .collect();
     ensure!(
-        before == [200, 200, 500, 200, 200, 200],
+        before.len() >= 6 && before[..6] == [200, 200, 500, 200, 200, 200],
         "passing after {before:?}"
+    );
+    ensure!(
+        probes.len() >= 6 && probes[5].at_ms <= up.since,
+        "passing before the sixth probe was answered: {probes:?}, {up:?}"
     );
     ensure!(up.consecutive == 3, "{up:?}");
     // Written once: no critical (or earlier passing) mark came before.

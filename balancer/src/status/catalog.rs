@@ -3,8 +3,11 @@
 //! the events that a change between two summaries means.
 //!
 //! Built by the discovery loop after every catalog update or reload (not per request).
+//! A service whose records did not change (same fingerprint) keeps its previous summary
+//! (`Arc`), so an update costs O(services + changed instances), not O(all instances).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use catalog::{Algorithm, Protocol};
 
@@ -14,13 +17,15 @@ use crate::status::events::EventLog;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CatalogSummary {
     /// Services by name.
-    pub services: BTreeMap<String, ServiceSummary>,
+    pub services: BTreeMap<String, Arc<ServiceSummary>>,
     /// Instance count, for the first-load event.
     pub instances: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceSummary {
+    /// Changes whenever a record of the service does (see [`fingerprint`]).
+    pub fingerprint: (usize, usize, i64, i64, i64),
     /// `etcd` or `static` (lb.toml).
     pub source: &'static str,
     pub algorithm: Algorithm,
@@ -48,9 +53,23 @@ pub struct HealthSummary {
     pub output: String,
 }
 
+/// Record counts and sums of `mod_revision`s: a put raises a sum (its revision is above
+/// every existing one), a delete changes a count, and a delete plus puts that keep the
+/// count raise the sum too. No allocation, one pass.
+pub fn fingerprint(view: &catalog::ServiceView) -> (usize, usize, i64, i64, i64) {
+    (
+        view.instances.len(),
+        view.health.len(),
+        view.instances.values().map(|r| r.mod_revision).sum(),
+        view.health.values().map(|r| r.mod_revision).sum(),
+        view.config.as_ref().map_or(0, |c| c.mod_revision),
+    )
+}
+
 /// The builder's current view: etcd services from the catalog, static ones from lb.toml
-/// (a static service hides an etcd service of the same name, as in routing).
-pub fn summarize(builder: &TableBuilder) -> CatalogSummary {
+/// (a static service hides an etcd service of the same name, as in routing). Services of
+/// `previous` whose fingerprint is unchanged are reused as they are.
+pub fn summarize(builder: &TableBuilder, previous: &CatalogSummary) -> CatalogSummary {
     let mut out = CatalogSummary::default();
     for s in &builder.config().services {
         let mut instances = BTreeMap::new();
@@ -75,16 +94,25 @@ pub fn summarize(builder: &TableBuilder) -> CatalogSummary {
         }
         out.services.insert(
             s.name.get_ref().to_string(),
-            ServiceSummary {
+            Arc::new(ServiceSummary {
+                fingerprint: (0, 0, 0, 0, 0),
                 source: "static",
                 algorithm: s.algorithm,
                 split: s.split.iter().map(|(v, n)| (v.to_string(), *n)).collect(),
                 instances,
-            },
+            }),
         );
     }
     for (name, view) in &builder.catalog().services {
         if out.services.contains_key(name.as_str()) {
+            continue;
+        }
+        let fp = fingerprint(view);
+        if let Some(prev) = previous.services.get(name.as_str())
+            && prev.source == "etcd"
+            && prev.fingerprint == fp
+        {
+            out.services.insert(name.to_string(), prev.clone());
             continue;
         }
         let config = view.config.as_ref().map(|c| &c.value);
@@ -121,14 +149,15 @@ pub fn summarize(builder: &TableBuilder) -> CatalogSummary {
         }
         out.services.insert(
             name.to_string(),
-            ServiceSummary {
+            Arc::new(ServiceSummary {
+                fingerprint: fp,
                 source: "etcd",
                 algorithm: config.map(|c| c.algorithm).unwrap_or_default(),
                 split: config
                     .map(|c| c.split.iter().map(|(v, n)| (v.to_string(), *n)).collect())
                     .unwrap_or_default(),
                 instances,
-            },
+            }),
         );
     }
     out.instances = out.services.values().map(|s| s.instances.len()).sum();
@@ -149,6 +178,9 @@ pub fn state_name(class: InstanceClass) -> &'static str {
 pub fn diff_events(old: &CatalogSummary, new: &CatalogSummary, log: &EventLog) {
     for (name, svc) in &new.services {
         let before = old.services.get(name);
+        if before.is_some_and(|b| Arc::ptr_eq(b, svc)) {
+            continue; // reused: nothing changed
+        }
         if before.is_none() {
             log.push(
                 "added",
@@ -278,7 +310,8 @@ mod tests {
         let mut s = CatalogSummary::default();
         s.services.insert(
             "web".into(),
-            ServiceSummary {
+            Arc::new(ServiceSummary {
+                fingerprint: (0, 0, 0, 0, 0),
                 source: "etcd",
                 algorithm: Algorithm::P2c,
                 split: vec![],
@@ -286,9 +319,67 @@ mod tests {
                     .iter()
                     .map(|(id, c)| (id.to_string(), inst(*c)))
                     .collect(),
-            },
+            }),
         );
         s
+    }
+
+    #[test]
+    fn unchanged_services_are_reused_and_changes_are_seen() {
+        use catalog::store::KeyValue;
+        let ks = catalog::Keyspace::default();
+        let put = |key: String, value: serde_json::Value, rev: i64| {
+            let kv = KeyValue {
+                key: key.into_bytes(),
+                value: value.to_string().into_bytes(),
+                create_revision: rev,
+                mod_revision: rev,
+                lease: 0,
+            };
+            catalog::Diff::Put(catalog::watch::decode(&ks, &kv).expect("valid entry"))
+        };
+        let inst = |svc: &str, id: &str, rev: i64| {
+            put(
+                ks.instance(&svc.parse().unwrap(), &id.parse().unwrap()),
+                serde_json::json!({"id": id, "service": svc, "version": "v1", "node": "n1",
+                    "addr": "127.0.0.1", "port": 80}),
+                rev,
+            )
+        };
+        let config = crate::config::LbConfig::parse("", "test").expect("empty config");
+        let mut b = TableBuilder::new(
+            std::sync::Arc::new(config),
+            std::sync::Arc::new(crate::metrics::Metrics::new()),
+        );
+        b.apply(catalog::Update {
+            revision: 3,
+            diffs: vec![inst("web", "n1-a-80", 2), inst("api", "n1-b-80", 3)],
+        });
+        let first = summarize(&b, &CatalogSummary::default());
+        assert_eq!(first.instances, 2);
+        b.apply(catalog::Update {
+            revision: 4,
+            diffs: vec![put(
+                ks.health(&"web".parse().unwrap(), &"n1-a-80".parse().unwrap()),
+                serde_json::json!({"status": "passing", "since": 0, "checker": "c",
+                    "observed_mod_rev": 2}),
+                4,
+            )],
+        });
+        let second = summarize(&b, &first);
+        assert!(Arc::ptr_eq(&first.services["api"], &second.services["api"]));
+        assert!(!Arc::ptr_eq(
+            &first.services["web"],
+            &second.services["web"]
+        ));
+        assert_eq!(
+            second.services["web"].instances["n1-a-80"].class,
+            InstanceClass::Routable
+        );
+        let log = EventLog::default();
+        diff_events(&first, &second, &log);
+        let kinds: Vec<&str> = log.recent().iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, vec!["serving"]);
     }
 
     #[test]

@@ -63,8 +63,8 @@ impl StatusHub {
     /// After the builder applied a catalog update or a new configuration: refresh the
     /// summary, log what changed, republish.
     pub fn catalog_changed(&self, builder: &TableBuilder) {
-        let new = catalog::summarize(builder);
         let old = self.summary.load();
+        let new = catalog::summarize(builder, &old);
         if *old.as_ref() == new {
             return;
         }

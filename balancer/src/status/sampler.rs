@@ -20,6 +20,9 @@ use crate::table::{HostMatch, RoutingTable};
 
 /// Rates are computed over this much history.
 pub const WINDOW: Duration = Duration::from_secs(3);
+/// After a catalog change, wait this long for more before publishing (bounds the JSON
+/// rebuilds during a burst of updates; the page still follows within a fraction of a second).
+const COALESCE: Duration = Duration::from_millis(100);
 /// Staleness above which the page logs "etcd unreachable".
 const STALE_EVENT: Duration = Duration::from_secs(10);
 
@@ -27,7 +30,8 @@ type Key = (Arc<str>, Arc<str>);
 
 #[derive(Default)]
 struct Sampler {
-    history: HashMap<Key, VecDeque<(Instant, StatsSnapshot)>>,
+    /// Per instance: the endpoint object's creation time (identifies it) and samples.
+    history: HashMap<Key, (Instant, VecDeque<(Instant, StatsSnapshot)>)>,
     /// Change over the window and its length, per instance (from the last tick).
     window: HashMap<Key, (StatsSnapshot, f64)>,
     ejected: HashSet<Key>,
@@ -43,10 +47,21 @@ pub fn spawn(admin: Arc<AdminState>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutting_down = admin.shutting_down.clone();
         loop {
-            tokio::select! {
-                _ = tick.tick() => s.sample(&admin),
-                _ = hub.changed.notified() => {}
-                _ = shutting_down.wait_for(|s| *s) => {
+            enum Wake {
+                Tick,
+                Changed,
+                Shutdown,
+            }
+            let wake = tokio::select! {
+                _ = tick.tick() => Wake::Tick,
+                _ = hub.changed.notified() => Wake::Changed,
+                _ = shutting_down.wait_for(|s| *s) => Wake::Shutdown,
+            };
+            match wake {
+                Wake::Tick => s.sample(&admin),
+                // Coalesce a burst of catalog changes into one publication.
+                Wake::Changed => tokio::time::sleep(COALESCE).await,
+                Wake::Shutdown => {
                     // Wakes SSE streams one last time; they end on shutdown themselves.
                     s.publish(&admin, &hub);
                     return;
@@ -87,9 +102,19 @@ impl Sampler {
         let now_ms = now_ms();
         for (key, (ep, _)) in &eps {
             let snap = ep.stats.snapshot();
-            let h = self.history.entry(key.clone()).or_default();
-            if h.back().is_some_and(|(_, last)| snap.delta(last).is_none()) {
-                h.clear(); // a new endpoint object: counters restarted
+            let created = ep.stats.created();
+            let (born, h) = self
+                .history
+                .entry(key.clone())
+                .or_insert_with(|| (created, VecDeque::new()));
+            if *born != created {
+                // A new endpoint object for the same instance: its counters restarted.
+                *born = created;
+                h.clear();
+            }
+            if h.is_empty() {
+                // Counting began at zero when the endpoint was created.
+                h.push_back((ep.stats.created(), StatsSnapshot::default()));
             }
             h.push_back((now, snap));
             while h.len() > 2 && now.duration_since(h[1].0) >= WINDOW {

@@ -3,7 +3,7 @@
 //! a second by the status sampler, which turns counter deltas into req/s, error rate and p99.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Buckets: exact below 16 µs, then 4 per power of two (≤ 19 % wide) up to ~2^31 µs
 /// (36 min); anything longer lands in the last bucket.
@@ -36,6 +36,9 @@ fn bucket_upper(i: usize) -> u64 {
 /// Counters of one endpoint. Attempts = answers + failures (connect error, timeout,
 /// connection broken before an answer); errors = failures + 5xx answers.
 pub struct RequestStats {
+    /// When counting began (all counters zero): the sampler's first baseline, so requests
+    /// between an endpoint's creation and its first sample are not lost.
+    created: Instant,
     attempts: AtomicU64,
     errors: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
@@ -44,6 +47,7 @@ pub struct RequestStats {
 impl Default for RequestStats {
     fn default() -> Self {
         Self {
+            created: Instant::now(),
             attempts: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -68,6 +72,10 @@ impl RequestStats {
     pub fn record_failure(&self) {
         self.attempts.fetch_add(1, Ordering::Relaxed);
         self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn created(&self) -> Instant {
+        self.created
     }
 
     pub fn snapshot(&self) -> StatsSnapshot {
