@@ -88,20 +88,28 @@ pub fn parse(
     let base = buf.as_ptr() as usize;
     let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let path = span(req.path.unwrap_or("").as_bytes());
-    let mut spans = Vec::with_capacity(req.headers.len());
-    for h in req.headers.iter() {
-        spans.push((span(h.name.as_bytes()), span(h.value)));
+    let count = req.headers.len();
+    let mut stack_spans = [((0, 0), (0, 0)); STACK_HEADERS];
+    let mut heap_spans = Vec::new();
+    let spans = if count <= STACK_HEADERS {
+        &mut stack_spans[..count]
+    } else {
+        heap_spans.resize(count, ((0, 0), (0, 0)));
+        &mut heap_spans[..]
+    };
+    for (slot, h) in spans.iter_mut().zip(req.headers.iter()) {
+        *slot = (span(h.name.as_bytes()), span(h.value));
     }
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.0 + path.1))
         .map_err(|_| HeadError::Bad("bad request target"))?;
 
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = HeaderMap::with_capacity(count);
     let mut length: Option<u64> = None;
     let mut te: Option<bool> = None; // Some(last coding is chunked)
     let mut close = version == Version::HTTP_10;
     let mut expect_continue = false;
-    for ((ns, nl), (vs, vl)) in spans {
+    for &mut ((ns, nl), (vs, vl)) in spans {
         let name = HeaderName::from_bytes(&head[ns..ns + nl])
             .map_err(|_| HeadError::Bad("bad header name"))?;
         let raw = head.slice(vs..vs + vl);

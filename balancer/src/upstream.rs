@@ -87,18 +87,14 @@ impl UpConn {
         self.io.write_all(b).await
     }
 
-    /// Reads more bytes into the buffer; `Ok(0)` is end of stream.
+    /// Reads more bytes into the buffer; `Ok(0)` is end of stream. Through `poll_read`
+    /// (not `try_read`): a short read clears the socket's cached readiness, so the next
+    /// response is waited for without a wasted EAGAIN `recv` first.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
-                self.buf.reserve(READ_CHUNK);
-            }
-            match self.io.try_read_buf(&mut self.buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
+            self.buf.reserve(READ_CHUNK);
         }
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
