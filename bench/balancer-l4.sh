@@ -37,12 +37,13 @@ if [[ -z ${BALANCER_BIN:-} ]]; then
 fi
 
 WORK=$(mktemp -d /tmp/balancer-l4.XXXXXX)
+chmod 755 "$WORK"  # nginx workers run as nobody
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     sleep 0.2
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    [[ ${KEEP_TMP:-0} == 1 ]] || rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
 
@@ -80,7 +81,7 @@ cat "$WORK/cert.pem" "$WORK/key.pem" >"$WORK/combined.pem"
 cat >"$WORK/haproxy.cfg" <<EOF
 global
     nbthread 1
-    maxconn 20000
+    maxconn 8000
     ssl-default-bind-options ssl-min-ver TLSv1.2
     tune.ssl.default-dh-param 2048
 defaults

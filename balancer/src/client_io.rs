@@ -27,6 +27,14 @@ pub enum ClientIo {
 }
 
 impl ClientIo {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientIo::Plain(s) => s,
+            ClientIo::Tls(t) => t.get_ref().0,
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, ClientIo::Tls(_))
     }

@@ -314,15 +314,15 @@ fn start_listener(
         ),
         config::ListenerProtocol::Tcp => tcp::spawn_listener(
             sock,
-            Arc::new(tcp::TcpContext {
-                name: name.as_str().into(),
+            Arc::new(tcp::TcpContext::new(
+                name.as_str().into(),
                 setup,
-                shared: shared.clone(),
-                upstreams: l4.upstreams.clone(),
-                metrics: l4.metrics.clone(),
-                idle_timeout: l.idle_timeout,
-                drain_timeout: l.drain_timeout,
-            }),
+                shared.clone(),
+                l4.upstreams.clone(),
+                l4.metrics.clone(),
+                l.idle_timeout,
+                l.drain_timeout,
+            )),
             tracker.clone(),
             stop_rx,
             shutdown.clone(),

@@ -127,7 +127,32 @@ fn upgrade_command(config: &LbConfig) -> ExitCode {
 /// `--check`: the file is valid (or we would not be here); with etcd, list the catalog
 /// once and print the routes it would produce.
 async fn check(config: Arc<LbConfig>) -> Result<()> {
+    // Files the configuration points at: certificates, keys, CA bundles.
+    let provider = balancer::tls::provider();
+    let mut files = Vec::new();
+    for l in &config.listeners {
+        for c in l.tls.iter().flat_map(|t| &t.certificates) {
+            let loaded = balancer::tls::certs::load(c, &provider)
+                .with_context(|| format!("listener {}", l.name.get_ref()))?;
+            let days = (loaded.not_after
+                - std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64))
+                / 86_400;
+            files.push(format!(
+                "listener {}: certificate {} for {:?}, expires in {days} days",
+                l.name.get_ref(),
+                c.cert.get_ref().display(),
+                loaded.names
+            ));
+        }
+    }
+    balancer::tcp::upstream_map(&config)
+        .map_err(|(service, e)| anyhow::anyhow!("service {service}: upstream TLS: {e}"))?;
     println!("configuration OK");
+    for f in files {
+        println!("{f}");
+    }
     let metrics = Arc::new(balancer::metrics::Metrics::new());
     let mut builder = balancer::builder::TableBuilder::new(config.clone(), metrics);
     if let Some(etcd) = &config.discovery.etcd {

@@ -301,3 +301,46 @@ async fn tls_echo_upstream(pki: &TestPki) -> Result<SocketAddr> {
     });
     Ok(a)
 }
+
+#[test]
+fn check_loads_certificates_and_names_bad_files() -> Result<()> {
+    let pki = TestPki::generate()?;
+    let dir = tempfile::tempdir()?;
+    let config = |cert: &std::path::Path| {
+        format!(
+            "[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:1\"\n  [[listener.route]]\n  service = \"web\"\n  [[listener.tls.certificate]]\n  cert = \"{}\"\n  key = \"{}\"\n[[service]]\nname = \"web\"\n  [[service.endpoint]]\n  addr = \"127.0.0.1:2\"\n",
+            cert.display(),
+            pki.path("server.key").display()
+        )
+    };
+    let path = dir.path().join("lb.toml");
+    let run = |text: String| -> Result<std::process::Output> {
+        std::fs::write(&path, text)?;
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
+            .arg("--config")
+            .arg(&path)
+            .arg("--check")
+            .output()?)
+    };
+    let ok = run(config(&pki.path("server.crt")))?;
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        out.contains("for [\"localhost\"], expires in 1 days")
+            || out.contains("for [\"localhost\"], expires in 2 days"),
+        "{out}"
+    );
+    // The CA's certificate does not fit the server key: named, exit 1.
+    let bad = run(config(&pki.path("ca.crt")))?;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains("listener https") && err.contains("server.key"),
+        "{err}"
+    );
+    Ok(())
+}

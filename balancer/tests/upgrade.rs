@@ -162,3 +162,96 @@ name = "web"
     assert!(log.contains("upgrade: received listening sockets"), "{log}");
     Ok(())
 }
+
+/// The balancer as PID 1 of its own pid namespace (one process per container): after an
+/// upgrade the old process stays as the parent, the new one serves, and a SIGTERM to
+/// PID 1 is forwarded, drains the new process, and ends the "container" with status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_the_old_process_stays_as_parent() -> Result<()> {
+    let backend = Backend::start("web").await?;
+    let dir = tempfile::tempdir()?;
+    let (port, admin) = (wharf_tests::free_port()?, wharf_tests::free_port()?);
+    let ctl = dir.path().join("ctl.sock");
+    let config = dir.path().join("lb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "shutdown_timeout = \"5s\"\n[admin]\nbind = \"127.0.0.1:{admin}\"\n[upgrade]\nsocket = \"{}\"\npid_file = \"{}\"\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\n  [[listener.route]]\n  service = \"web\"\n[[service]]\nname = \"web\"\n  [[service.endpoint]]\n  addr = \"{}\"\n",
+            ctl.display(),
+            dir.path().join("pid").display(),
+            backend.addr
+        ),
+    )?;
+    let log = dir.path().join("log");
+    let mut ns = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_balancer"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--threads", "1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log)?)
+        .stderr(std::fs::File::create(dir.path().join("log.err"))?)
+        .spawn()?;
+    struct Reap<'a>(&'a mut std::process::Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let unshare_pid = ns.id();
+    let ns = Reap(&mut ns);
+    let logs = || {
+        std::fs::read_to_string(&log).unwrap_or_default()
+            + &std::fs::read_to_string(dir.path().join("log.err")).unwrap_or_default()
+    };
+    let client = common::client();
+    let url = format!("http://127.0.0.1:{port}/");
+    wharf_tests::eventually("balancer up", common::WAIT, || async {
+        matches!(get_with(&client, &url).await, Ok((StatusCode::OK, _))).then_some(())
+    })
+    .await
+    .map_err(|e| e.context(logs()))?;
+    // PID 1's pid outside the namespace: unshare's only child.
+    let init: i32 =
+        std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))?
+            .trim()
+            .parse()?;
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
+        .arg("--config")
+        .arg(&config)
+        .arg("upgrade")
+        .output()?;
+    assert!(out.status.success(), "{}", logs());
+    // PID 1 drains (nothing in flight) and stays; the new process serves.
+    wharf_tests::eventually("PID 1 stays as parent", common::WAIT, || async {
+        logs()
+            .contains("PID 1: staying as the parent")
+            .then_some(())
+    })
+    .await
+    .map_err(|e| e.context(logs()))?;
+    assert!(alive(init), "{}", logs());
+    for _ in 0..20 {
+        assert_eq!(get_with(&client, &url).await?.0, StatusCode::OK);
+    }
+
+    // SIGTERM to PID 1 reaches the serving process; the namespace ends cleanly.
+    kill(Pid::from_raw(init), Signal::SIGTERM)?;
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let status = loop {
+        if let Some(st) = ns.0.try_wait()? {
+            break st;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "namespace still running\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}\n{}", logs());
+    Ok(())
+}

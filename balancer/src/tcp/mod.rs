@@ -79,6 +79,36 @@ pub struct TcpContext {
     pub metrics: Arc<L4Metrics>,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Pre-resolved per-listener series (no label lookup per connection).
+    pub active: prometheus::IntGauge,
+    pub bytes_in: prometheus::IntCounter,
+    pub bytes_out: prometheus::IntCounter,
+}
+
+impl TcpContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: Arc<str>,
+        setup: ClientSetup,
+        shared: Arc<Shared>,
+        upstreams: Arc<UpstreamMap>,
+        metrics: Arc<L4Metrics>,
+        idle_timeout: Duration,
+        drain_timeout: Duration,
+    ) -> Self {
+        Self {
+            active: metrics.tcp_active.with_label_values(&[&name]),
+            bytes_in: metrics.tcp_bytes.with_label_values(&[&name, "in"]),
+            bytes_out: metrics.tcp_bytes.with_label_values(&[&name, "out"]),
+            name,
+            setup,
+            shared,
+            upstreams,
+            metrics,
+            idle_timeout,
+            drain_timeout,
+        }
+    }
 }
 
 /// Accepts until `stop` (listener removed) or `shutdown` (process draining) turns true.
@@ -179,7 +209,6 @@ async fn handle(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
-    let local = stream.local_addr().ok();
     let Some((client, client_addr)) = ctx.setup.accept(stream, peer).await else {
         return;
     };
@@ -211,7 +240,7 @@ async fn handle(
     let _in_flight = ep.start_request();
     let opts = ctx.upstreams.load().get(&*svc.name).cloned();
     if let Some(v) = opts.as_ref().and_then(|o| o.proxy) {
-        let dst = local.unwrap_or(ep.addr);
+        let dst = client.tcp().local_addr().unwrap_or(ep.addr);
         let header = match v {
             ProxyVersion::V1 => proxy_protocol::encode_v1(client_addr, dst),
             ProxyVersion::V2 => proxy_protocol::encode_v2(client_addr, dst),
@@ -220,13 +249,9 @@ async fn handle(
             return;
         }
     }
-    let active = ctx.metrics.tcp_active.with_label_values(&[&ctx.name]);
+    let active = &ctx.active;
     active.inc();
-    let mut client = Metered::new(
-        client,
-        ctx.metrics.tcp_bytes.with_label_values(&[&ctx.name, "in"]),
-        ctx.metrics.tcp_bytes.with_label_values(&[&ctx.name, "out"]),
-    );
+    let mut client = Metered::new(client, ctx.bytes_in.clone(), ctx.bytes_out.clone());
     drop(table);
     let end = match opts.as_ref().and_then(|o| o.tls.clone()) {
         Some(tls) => match tls.connect(ep.addr.ip(), upstream).await {
