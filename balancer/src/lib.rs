@@ -29,6 +29,7 @@ pub mod h1_server;
 pub mod l4config;
 pub mod l4metrics;
 pub mod metrics;
+pub mod outlier;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod select;

@@ -24,10 +24,11 @@ use tokio::time::Sleep;
 
 use crate::body::{Lease, RespBody, Tunnel};
 use crate::deadline;
-use crate::endpoint::{Endpoint, InFlight, now_ms};
+use crate::endpoint::{Endpoint, InFlight};
 use crate::metrics::Metrics;
+use crate::outlier;
 use crate::select;
-use crate::table::{ListenerSettings, Route, RoutingTable, ServiceTable};
+use crate::table::{ListenerSettings, Route, RoutingTable};
 use crate::upstream::{self, Head, UpConn, UpError};
 
 /// State shared by every connection of every listener.
@@ -268,28 +269,6 @@ where
     up.read_head(method).await.map_err(Fail::Response)
 }
 
-/// Counts a failure of `ep` and ejects it when the streak is long enough, unless too
-/// much of the service is already ejected.
-fn failed(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
-    let streak = ep.record_failure();
-    if s.outlier_failures == 0 || streak < s.outlier_failures {
-        return;
-    }
-    let now = now_ms();
-    let total = svc.member_count();
-    let ejected = svc
-        .groups
-        .iter()
-        .flat_map(|g| g.members.iter())
-        .filter(|m| m.ep.is_ejected(now))
-        .count();
-    if ((ejected + 1) * 100) as u64 <= total as u64 * s.max_ejection_percent as u64 {
-        ep.eject(s.base_ejection);
-        svc.shared.ejections.inc();
-        tracing::warn!(service = %ep.service, instance = %ep.id, streak, "outlier ejected");
-    }
-}
-
 /// Everything needed to answer and account for one request.
 struct Ctx<'a> {
     route: &'a Route,
@@ -500,7 +479,7 @@ where
                 Err(e) => {
                     svc.shared.connect_errors.inc();
                     ep.stats.record_failure();
-                    failed(&ep, svc, s);
+                    outlier::record_failure(&ep, svc, s);
                     tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
                     last = if matches!(e, ConnectError::Timeout) {
                         StatusCode::GATEWAY_TIMEOUT
@@ -537,7 +516,7 @@ where
         let resp = match sent {
             Err(_) => {
                 ep.stats.record_failure();
-                failed(&ep, svc, s);
+                outlier::record_failure(&ep, svc, s);
                 return ctx.finish(
                     Some(version),
                     plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n", false),
@@ -579,7 +558,7 @@ where
                     ep.clear_idle();
                 } else {
                     ep.stats.record_failure();
-                    failed(&ep, svc, s);
+                    outlier::record_failure(&ep, svc, s);
                     tried.push(Arc::as_ptr(&ep) as usize);
                 }
                 attempts += 1;
@@ -600,7 +579,7 @@ where
         let status = resp.status;
         ep.stats.record_answer(status.as_u16(), ctx.start.elapsed());
         if status.is_server_error() {
-            failed(&ep, svc, s);
+            outlier::record_failure(&ep, svc, s);
         } else {
             ep.record_success();
         }
@@ -619,7 +598,7 @@ where
                 })),
                 ClientUpgrade::No => {
                     // Switched without being asked: nothing sane to pass on.
-                    failed(&ep, svc, s);
+                    outlier::record_failure(&ep, svc, s);
                     last = StatusCode::BAD_GATEWAY;
                     break;
                 }

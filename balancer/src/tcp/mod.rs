@@ -19,9 +19,10 @@ use tokio::sync::watch;
 
 use crate::client_io::{ClientIo, ClientSetup};
 use crate::config::LbConfig;
-use crate::endpoint::{Endpoint, now_ms};
+use crate::endpoint::Endpoint;
 use crate::l4config::ProxyVersion;
 use crate::l4metrics::L4Metrics;
+use crate::outlier;
 use crate::proxy::Shared;
 use crate::proxy_protocol;
 use crate::server::ConnTracker;
@@ -147,29 +148,6 @@ pub fn spawn_listener(
     });
 }
 
-/// Counts a connect failure and ejects the instance after a streak (as the HTTP path does),
-/// unless too much of the service is ejected already.
-fn connect_failed(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
-    svc.shared.connect_errors.inc();
-    let streak = ep.record_failure();
-    if s.outlier_failures == 0 || streak < s.outlier_failures {
-        return;
-    }
-    let now = now_ms();
-    let total = svc.member_count();
-    let ejected = svc
-        .groups
-        .iter()
-        .flat_map(|g| g.members.iter())
-        .filter(|m| m.ep.is_ejected(now))
-        .count();
-    if ((ejected + 1) * 100) as u64 <= total as u64 * s.max_ejection_percent as u64 {
-        ep.eject(s.base_ejection);
-        svc.shared.ejections.inc();
-        tracing::warn!(service = %ep.service, instance = %ep.id, streak, "outlier ejected");
-    }
-}
-
 /// Picks and connects, trying other instances on failure (bounded by `retries` and the
 /// service's retry budget).
 async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoint>, TcpStream)> {
@@ -192,11 +170,13 @@ async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoi
             }
             Ok(Err(e)) => {
                 tracing::debug!(service = %svc.name, instance = %m.ep.id, error = %e, "connect failed");
-                connect_failed(&m.ep, svc, s);
+                svc.shared.connect_errors.inc();
+                outlier::record_failure(&m.ep, svc, s);
             }
             Err(_) => {
                 tracing::debug!(service = %svc.name, instance = %m.ep.id, "connect timed out");
-                connect_failed(&m.ep, svc, s);
+                svc.shared.connect_errors.inc();
+                outlier::record_failure(&m.ep, svc, s);
             }
         }
     }
