@@ -28,7 +28,7 @@ use crate::endpoint::{Endpoint, InFlight};
 use crate::metrics::Metrics;
 use crate::outlier;
 use crate::select;
-use crate::table::{ListenerSettings, Route, RoutingTable};
+use crate::table::{ListenerSettings, Route, RoutingTable, ServiceTable};
 use crate::upstream::{self, Head, UpConn, UpError};
 
 /// State shared by every connection of every listener.
@@ -278,8 +278,19 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn finish(&self, version: Option<usize>, resp: Response<RespBody>) -> Response<RespBody> {
+        self.finish_after(version, resp, self.start.elapsed())
+    }
+
+    /// `finish` with the duration already measured (the answer path reads the clock once
+    /// for the endpoint's status-page histogram and the request metrics both).
+    fn finish_after(
+        &self,
+        version: Option<usize>,
+        resp: Response<RespBody>,
+        elapsed: Duration,
+    ) -> Response<RespBody> {
         let status = resp.status().as_u16();
-        let seconds = self.start.elapsed().as_secs_f64();
+        let seconds = elapsed.as_secs_f64();
         match version.and_then(|v| self.route.by_version.get(v)) {
             Some(c) => c.record(status, seconds),
             None => self.route.unpicked.record(status, seconds),
@@ -478,8 +489,7 @@ where
                 Ok(up) => up,
                 Err(e) => {
                     svc.shared.connect_errors.inc();
-                    ep.stats.record_failure();
-                    outlier::record_failure(&ep, svc, s);
+                    no_answer(&ep, svc, s);
                     tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
                     last = if matches!(e, ConnectError::Timeout) {
                         StatusCode::GATEWAY_TIMEOUT
@@ -515,8 +525,7 @@ where
         };
         let resp = match sent {
             Err(_) => {
-                ep.stats.record_failure();
-                outlier::record_failure(&ep, svc, s);
+                no_answer(&ep, svc, s);
                 return ctx.finish(
                     Some(version),
                     plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n", false),
@@ -557,8 +566,7 @@ where
                 if stale {
                     ep.clear_idle();
                 } else {
-                    ep.stats.record_failure();
-                    outlier::record_failure(&ep, svc, s);
+                    no_answer(&ep, svc, s);
                     tried.push(Arc::as_ptr(&ep) as usize);
                 }
                 attempts += 1;
@@ -577,7 +585,8 @@ where
         };
 
         let status = resp.status;
-        ep.stats.record_answer(status.as_u16(), ctx.start.elapsed());
+        let elapsed = ctx.start.elapsed();
+        ep.stats.record_answer(status.as_u16(), elapsed);
         if status.is_server_error() {
             outlier::record_failure(&ep, svc, s);
         } else {
@@ -606,7 +615,7 @@ where
             let mut r = Response::new(body);
             *r.status_mut() = status;
             *r.headers_mut() = headers;
-            return ctx.finish(Some(version), r);
+            return ctx.finish_after(Some(version), r, elapsed);
         }
         let mut r = Response::new(RespBody::upstream(Lease {
             conn: up,
@@ -617,7 +626,7 @@ where
         *r.status_mut() = status;
         *r.version_mut() = client_version;
         *r.headers_mut() = headers;
-        return ctx.finish(Some(version), r);
+        return ctx.finish_after(Some(version), r, elapsed);
     }
     let resp = if last == StatusCode::GATEWAY_TIMEOUT {
         plain(last, "upstream connect timed out\n", false)
@@ -631,6 +640,13 @@ where
         plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", false)
     };
     ctx.finish(None, resp)
+}
+
+/// An attempt at `ep` that got no answer (connect error, timeout, broken connection):
+/// an error on the status page and a step towards ejection.
+fn no_answer(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
+    ep.stats.record_failure();
+    outlier::record_failure(ep, svc, s);
 }
 
 /// After a 101: bytes both ways between the client and the upstream until either closes.
