@@ -10,7 +10,9 @@
 #   tcp-conn   GET / with Connection: close via tcp frontend → connections/s
 #   https-ka   GET / over TLS, keep-alive                    → requests/s
 #   https-hs   GET / over TLS, Connection: close             → handshakes/s (full, no resumption)
-# and prints the balancer / HAProxy ratio of each (target: > 1).
+# and prints the balancer / HAProxy ratio of each (target: > 1), and the proxy's CPU time
+# (utime + stime from /proc) per request or per MiB with its ratio (target: < 1): the
+# efficiency figure, which holds up when other work on the machine disturbs throughput.
 #
 # Settings: DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
 #           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer).
@@ -150,17 +152,34 @@ mibs() { awk '/^Transfer\/sec/ { v = $2; u = substr(v, length(v) - 1); n = v + 0
     if (u == "GB") n *= 1024; else if (u == "KB") n /= 1024; print n }'; }
 errors() { awk '/Socket errors|Non-2xx/ { print }'; }
 
-declare -A R
+declare -A R C
+# The proxy's CPU time (user + system) so far, in clock ticks.
+ticks() { awk '{ print $14 + $15 }' "/proc/$PROXY_PID/stat"; }
+# One wrk run: R[proxy,test] = its figure, C[proxy,test] = proxy CPU µs per request (per
+# MiB for bulk) - efficiency, which noise from other work on the machine barely moves.
+run() { # proxy test url extra-args...
+    local p=$1 k=$2 url=$3 t0 t1 out n
+    shift 3
+    t0=$(ticks)
+    out=$(run_wrk "$url" "$@")
+    t1=$(ticks)
+    errors <<<"$out" | sed "s/^/# $p $k: /" >&2
+    if [[ $k == tcp-bulk ]]; then
+        R[$p,$k]=$(mibs <<<"$out")
+        n=$(awk '/ read$/ || / read,/ { for (i = 1; i <= NF; i++) if ($i == "read" || $i == "read,") v = $(i - 1);
+            u = substr(v, length(v) - 1); x = v + 0; if (u == "GB") x *= 1024; else if (u == "KB") x /= 1024; print x }' <<<"$out")
+    else
+        R[$p,$k]=$(rps <<<"$out")
+        n=$(awk '/ requests in / { print $1 }' <<<"$out")
+    fi
+    C[$p,$k]=$(awk -v d="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN { if (n > 0) printf "%.2f", d * 1e6 / hz / n; else print 0 }')
+}
 measure() { # proxy
-    local p=$1 out
-    out=$(run_wrk "http://127.0.0.1:$TCP/big" -c4)
-    R[$p,tcp-bulk]=$(mibs <<<"$out"); errors <<<"$out" | sed "s/^/# $p tcp-bulk: /" >&2
-    out=$(run_wrk "http://127.0.0.1:$TCP/" -H "Connection: close")
-    R[$p,tcp-conn]=$(rps <<<"$out"); errors <<<"$out" | sed "s/^/# $p tcp-conn: /" >&2
-    out=$(run_wrk "https://127.0.0.1:$TLS/")
-    R[$p,https-ka]=$(rps <<<"$out"); errors <<<"$out" | sed "s/^/# $p https-ka: /" >&2
-    out=$(run_wrk "https://127.0.0.1:$TLS/" -H "Connection: close")
-    R[$p,https-hs]=$(rps <<<"$out"); errors <<<"$out" | sed "s/^/# $p https-hs: /" >&2
+    local p=$1
+    run "$p" tcp-bulk "http://127.0.0.1:$TCP/big" -c4
+    run "$p" tcp-conn "http://127.0.0.1:$TCP/" -H "Connection: close"
+    run "$p" https-ka "https://127.0.0.1:$TLS/"
+    run "$p" https-hs "https://127.0.0.1:$TLS/" -H "Connection: close"
 }
 
 start_proxy() { # name
@@ -175,7 +194,7 @@ start_proxy() { # name
 stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.3; }
 
 echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS"
-declare -A SUM
+declare -A SUM CSUM
 for r in $(seq "$ROUNDS"); do
     for p in haproxy balancer; do
         start_proxy "$p"
@@ -183,15 +202,22 @@ for r in $(seq "$ROUNDS"); do
         stop_proxy
         for k in tcp-bulk tcp-conn https-ka https-hs; do
             SUM[$p,$k]=$(awk -v a="${SUM[$p,$k]:-0}" -v b="${R[$p,$k]:-0}" 'BEGIN { print a + b }')
+            CSUM[$p,$k]=$(awk -v a="${CSUM[$p,$k]:-0}" -v b="${C[$p,$k]:-0}" 'BEGIN { print a + b }')
         done
     done
 done
 
-printf '%-10s %14s %14s %8s\n' metric haproxy balancer ratio
+# Throughput (higher is better) and the proxy's CPU per unit of work (lower is better),
+# both as means over the rounds.
+printf '%-10s %10s %10s %6s   %12s %12s %6s\n' metric haproxy balancer ratio "hap-µs-cpu" "bal-µs-cpu" ratio
 for k in tcp-bulk tcp-conn https-ka https-hs; do
     h=$(awk -v s="${SUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.1f", s / n }')
     b=$(awk -v s="${SUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.1f", s / n }')
     ratio=$(awk -v h="$h" -v b="$b" 'BEGIN { if (h > 0) printf "%.2f", b / h; else print "-" }')
-    unit=$([[ $k == tcp-bulk ]] && echo "MiB/s" || echo "/s")
-    printf '%-10s %14s %14s %8s  (%s)\n' "$k" "$h" "$b" "$ratio" "$unit"
+    hc=$(awk -v s="${CSUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.2f", s / n }')
+    bc=$(awk -v s="${CSUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.2f", s / n }')
+    cratio=$(awk -v h="$hc" -v b="$bc" 'BEGIN { if (h > 0) printf "%.2f", b / h; else print "-" }')
+    unit=$([[ $k == tcp-bulk ]] && echo "MiB/s; CPU µs per MiB" || echo "/s; CPU µs per request")
+    printf '%-10s %10s %10s %6s   %12s %12s %6s  (%s)\n' "$k" "$h" "$b" "$ratio" "$hc" "$bc" "$cratio" "$unit"
 done
+echo "# ratio: balancer / HAProxy - throughput target > 1, CPU per unit target < 1; load at end: $(cut -d' ' -f1-3 /proc/loadavg)"

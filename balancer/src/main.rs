@@ -55,6 +55,23 @@ fn init_tracing(format: &str) {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as HAProxy and nginx do: every
+/// client connection costs one descriptor, its upstream another, a spliced TCP
+/// connection two pipes more, and a distribution's default soft limit (1024) would cap a
+/// front door at a few hundred connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
@@ -68,6 +85,7 @@ fn main() -> ExitCode {
     if let Some(Cmd::Upgrade) = cli.command {
         return upgrade_command(&config);
     }
+    raise_fd_limit();
     let threads = cli.threads.or(config.worker_threads).unwrap_or(0);
     let rt = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -6,6 +6,7 @@
 //! (retries), optional PROXY header and TLS to the upstream, then `pump`.
 
 pub mod pump;
+mod splice;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +29,7 @@ use crate::proxy_protocol;
 use crate::server::ConnTracker;
 use crate::table::{ListenerSettings, ServiceTable};
 use crate::tls::upstream::{UpstreamTlsClient, UpstreamTlsError};
-use pump::{End, Metered, until_true};
+use pump::{End, Meter, Metered, until_true};
 
 /// What to do on an upstream connection before streaming: per service, from the config.
 #[derive(Default, Clone)]
@@ -218,8 +219,8 @@ async fn handle(
     };
     result("ok");
     let _in_flight = ep.start_request();
-    let opts = ctx.upstreams.load().get(&*svc.name).cloned();
-    if let Some(v) = opts.as_ref().and_then(|o| o.proxy) {
+    let proxy = ctx.upstreams.load().get(&*svc.name).and_then(|o| o.proxy);
+    if let Some(v) = proxy {
         let dst = client.tcp().local_addr().unwrap_or(ep.addr);
         let header = match v {
             ProxyVersion::V1 => proxy_protocol::encode_v1(client_addr, dst),
@@ -231,17 +232,30 @@ async fn handle(
     }
     let active = &ctx.active;
     active.inc();
-    let mut client = Metered::new(client, ctx.bytes_in.clone(), ctx.bytes_out.clone());
+    let meter = Meter::new(ctx.bytes_in.clone(), ctx.bytes_out.clone());
+    let client_tls = client.is_tls();
+    let tls = ctx
+        .upstreams
+        .load()
+        .get(&*svc.name)
+        .and_then(|o| o.tls.clone());
     drop(table);
-    let end = match opts.as_ref().and_then(|o| o.tls.clone()) {
-        Some(tls) => match tls.connect(ep.addr.ip(), upstream).await {
-            Ok(mut up) => pump_on(ctx, &mut client, &mut up, shutdown).await,
+    let end = match (client, tls) {
+        (ClientIo::Plain(client), None) => match splice::Pipes::take() {
+            Some(pipes) => {
+                let relay = splice::relay(&client, &upstream, pipes, &meter);
+                pump_on(ctx, relay, &meter, shutdown).await
+            }
+            None => buffered(ctx, ClientIo::Plain(client), upstream, &meter, shutdown).await,
+        },
+        (client, None) => buffered(ctx, client, upstream, &meter, shutdown).await,
+        (client, Some(tls)) => match tls.connect(ep.addr.ip(), upstream).await {
+            Ok(up) => buffered(ctx, client, up, &meter, shutdown).await,
             Err(e) => {
                 tracing::warn!(service = %ep.service, instance = %ep.id, error = %e, "upstream TLS handshake failed");
                 End::Done
             }
         },
-        None => pump_on(ctx, &mut client, &mut upstream, shutdown).await,
     };
     active.dec();
     let reason = match end {
@@ -258,9 +272,9 @@ async fn handle(
     if lt_access_log(ctx) {
         tracing::info!(target: "access", listener = %ctx.name, client = %client_addr,
             service = %ep.service, instance = %ep.id, upstream = %ep.addr,
-            bytes_in = client.total_in, bytes_out = client.total_out,
+            bytes_in = meter.totals().0, bytes_out = meter.totals().1,
             ms = start.elapsed().as_millis() as u64, closed = reason.unwrap_or("done"),
-            tls = client.inner.is_tls());
+            tls = client_tls);
     }
 }
 
@@ -272,26 +286,41 @@ fn lt_access_log(ctx: &TcpContext) -> bool {
         .is_some_and(|l| l.settings.access_log)
 }
 
-async fn pump_on<U>(
+/// Streams until the relay ends, the connection idles out or the drain deadline passes.
+async fn pump_on<F>(
     ctx: &TcpContext,
-    client: &mut Metered<ClientIo>,
-    upstream: &mut U,
+    relay: F,
+    meter: &Meter,
+    shutdown: watch::Receiver<bool>,
+) -> End
+where
+    F: Future<Output = std::io::Result<()>>,
+{
+    pump::pump(relay, meter, ctx.idle_timeout, ctx.drain_timeout, shutdown).await
+}
+
+/// The buffered copy (TLS on a side, or no pipe to spare). A connection cut short by
+/// the idle timeout or the drain deadline is told so, bounded (TLS close_notify
+/// included); one that ended by itself was already shut down by the copy.
+async fn buffered<U>(
+    ctx: &TcpContext,
+    client: ClientIo,
+    mut upstream: U,
+    meter: &Meter,
     shutdown: watch::Receiver<bool>,
 ) -> End
 where
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let end = pump::pump(
-        client,
-        upstream,
-        ctx.idle_timeout,
-        ctx.drain_timeout,
-        shutdown,
-    )
-    .await;
-    // Best effort, bounded: tell both sides we are done (TLS close_notify included).
-    let bye = Duration::from_secs(1);
-    let _ = tokio::time::timeout(bye, client.shutdown()).await;
-    let _ = tokio::time::timeout(bye, upstream.shutdown()).await;
+    let mut client = Metered {
+        inner: client,
+        meter,
+    };
+    let end = pump_on(ctx, pump::copy(&mut client, &mut upstream), meter, shutdown).await;
+    if end != End::Done {
+        let bye = Duration::from_secs(1);
+        let _ = tokio::time::timeout(bye, client.shutdown()).await;
+        let _ = tokio::time::timeout(bye, upstream.shutdown()).await;
+    }
     end
 }

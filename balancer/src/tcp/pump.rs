@@ -1,10 +1,11 @@
 //! Streaming bytes both ways between a client and an upstream, with half-close, an idle
 //! timeout and a drain deadline.
 //!
-//! `tokio::io::copy_bidirectional` does the work (one task, two reused buffers; on EOF
-//! from one side it shuts down writing towards the other and keeps the other direction
-//! going). The client side is wrapped in [`Metered`], which counts bytes and stamps the
-//! last activity, so the idle check is one atomic load per timer tick, not per read.
+//! The bytes move either by `splice(2)` between two plain sockets (`super::splice`, zero
+//! copy) or by the buffered [`copy`] (`tokio::io::copy_bidirectional`: TLS on either side,
+//! or no pipe to spare). Both pass an EOF on as a half-close and keep the other direction
+//! going. Both count the client's bytes in a [`Meter`], which also stamps the last
+//! activity, so the idle check is one atomic load per timer tick, not per read.
 
 use std::io;
 use std::pin::Pin;
@@ -22,30 +23,64 @@ use crate::endpoint::now_ms;
 /// Per-direction buffer: large enough for bulk transfers to take few syscalls.
 const BUF: usize = 32 * 1024;
 
-/// Counts bytes and remembers when the last one moved.
-pub struct Metered<S> {
-    pub inner: S,
-    pub bytes_in: IntCounter,
-    pub bytes_out: IntCounter,
+/// Counts bytes from and to the client and remembers when the last one moved.
+pub struct Meter {
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
+    /// Milliseconds ([`now_ms`]) of the last byte moved: read by the idle check.
     pub last: Arc<AtomicU64>,
-    pub total_in: u64,
-    pub total_out: u64,
+    total_in: AtomicU64,
+    total_out: AtomicU64,
 }
 
-impl<S> Metered<S> {
-    pub fn new(inner: S, bytes_in: IntCounter, bytes_out: IntCounter) -> Self {
+impl Meter {
+    pub fn new(bytes_in: IntCounter, bytes_out: IntCounter) -> Self {
         Self {
-            inner,
             bytes_in,
             bytes_out,
             last: Arc::new(AtomicU64::new(now_ms())),
-            total_in: 0,
-            total_out: 0,
+            total_in: AtomicU64::new(0),
+            total_out: AtomicU64::new(0),
         }
+    }
+
+    /// A meter whose counters are registered nowhere (unit tests).
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        let c = || IntCounter::new("bytes", "bytes").expect("valid counter");
+        Self::new(c(), c())
+    }
+
+    /// `n` bytes came from the client.
+    pub fn read(&self, n: u64) {
+        self.bytes_in.inc_by(n);
+        self.total_in.fetch_add(n, Ordering::Relaxed);
+        self.last.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// `n` bytes went to the client.
+    pub fn wrote(&self, n: u64) {
+        self.bytes_out.inc_by(n);
+        self.total_out.fetch_add(n, Ordering::Relaxed);
+        self.last.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// (bytes from the client, bytes to the client).
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.total_in.load(Ordering::Relaxed),
+            self.total_out.load(Ordering::Relaxed),
+        )
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+/// A client stream whose reads and writes are counted in a [`Meter`].
+pub struct Metered<'m, S> {
+    pub inner: S,
+    pub meter: &'m Meter,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -56,15 +91,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let r = Pin::new(&mut me.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            me.bytes_in.inc_by(n);
-            me.total_in += n;
-            me.last.store(now_ms(), Ordering::Relaxed);
+            me.meter.read(n);
         }
         r
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -75,9 +108,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         if let Poll::Ready(Ok(n)) = r
             && n > 0
         {
-            me.bytes_out.inc_by(n as u64);
-            me.total_out += n as u64;
-            me.last.store(now_ms(), Ordering::Relaxed);
+            me.meter.wrote(n as u64);
         }
         r
     }
@@ -89,6 +120,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     }
 }
 
+/// The buffered copy both ways (any stream types: TLS, or when no pipe is available).
+pub async fn copy<C, U>(client: &mut Metered<'_, C>, upstream: &mut U) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(client, upstream, BUF, BUF)
+        .await
+        .map(|_| ())
+}
+
 /// Why a proxied connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -98,28 +140,26 @@ pub enum End {
     DrainDeadline,
 }
 
-/// Streams until both directions end, nothing moves for `idle`, or `drain` has passed
-/// since `shutdown` turned true.
-pub async fn pump<C, U>(
-    client: &mut Metered<C>,
-    upstream: &mut U,
+/// Drives `relay` (the bytes moving both ways) until it ends, nothing moves for `idle`
+/// (per `meter`), or `drain` has passed since `shutdown` turned true.
+pub async fn pump<F>(
+    relay: F,
+    meter: &Meter,
     idle: Duration,
     drain: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> End
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    F: Future<Output = io::Result<()>>,
 {
-    let last = client.last.clone();
-    let copy = tokio::io::copy_bidirectional_with_sizes(client, upstream, BUF, BUF);
-    tokio::pin!(copy);
+    tokio::pin!(relay);
+    let last = &meter.last;
     let idle_ms = idle.as_millis() as u64;
     let mut check = tokio::time::Instant::now() + idle;
     let mut drain_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
-            _ = &mut copy => return End::Done,
+            _ = &mut relay => return End::Done,
             _ = tokio::time::sleep_until(check) => {
                 let quiet = now_ms().saturating_sub(last.load(Ordering::Relaxed));
                 if quiet >= idle_ms {

@@ -1,0 +1,243 @@
+//! Zero-copy relaying between two plain TCP sockets: `splice(2)` moves the received pages
+//! from one socket into a pipe and from the pipe into the other socket, so the bytes never
+//! visit user space (the buffered copy costs two memcpys per byte, which is most of a
+//! bulk transfer's CPU). HAProxy does the same with `option splice-*`.
+//!
+//! Pipes are a scarce kernel resource (two per connection, and a user gets only
+//! `pipe-user-pages-soft` pages of pipe buffers before new pipes shrink to one page), so
+//! they come from a small per-thread pool, are returned only when empty, and at most
+//! [`MAX_PIPES`] exist at once; a connection that finds none left uses the buffered copy.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::pump::Meter;
+
+/// Pipes in existence (in use or pooled), all threads together.
+static PIPES: AtomicUsize = AtomicUsize::new(0);
+/// Upper bound on [`PIPES`]: 1024 pipes of the default 64 KiB stay within Linux's
+/// default per-user soft limit of pipe pages (16,384).
+const MAX_PIPES: usize = 1024;
+/// Idle pipes kept per worker thread.
+const POOL_PER_THREAD: usize = 64;
+/// The most one splice call moves: the default pipe capacity.
+const CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One pipe: what is written to `w` is read from `r`.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Pipe {
+    /// A pooled pipe or a new one; `None` when [`MAX_PIPES`] are out or the kernel says no.
+    fn take() -> Option<Pipe> {
+        if let Some(p) = POOL.with(|pool| pool.borrow_mut().pop()) {
+            return Some(p);
+        }
+        if PIPES.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
+            PIPES.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok((r, w)) => Some(Pipe { r, w }),
+            Err(e) => {
+                PIPES.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "no pipe for splicing; using the buffered copy");
+                None
+            }
+        }
+    }
+
+    /// Back to the pool if it holds no bytes (a pipe with leftovers would leak them into
+    /// the next connection); otherwise closed.
+    fn give(self, empty: bool) {
+        if empty {
+            let refused = POOL.with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < POOL_PER_THREAD {
+                    pool.push(self);
+                    None
+                } else {
+                    Some(self)
+                }
+            });
+            if refused.is_none() {
+                return;
+            }
+        }
+        PIPES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A pipe lent to one direction of a relay; goes back to the pool (if empty) on drop.
+struct Lent {
+    pipe: Option<Pipe>,
+    /// Bytes spliced in and not yet out.
+    held: usize,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(p) = self.pipe.take() {
+            p.give(self.held == 0);
+        }
+    }
+}
+
+/// Two pipes for one connection, or `None` (use the buffered copy).
+pub struct Pipes(Lent, Lent);
+
+impl Pipes {
+    pub fn take() -> Option<Pipes> {
+        let a = Pipe::take()?;
+        let Some(b) = Pipe::take() else {
+            a.give(true);
+            return None;
+        };
+        Some(Pipes(
+            Lent {
+                pipe: Some(a),
+                held: 0,
+            },
+            Lent {
+                pipe: Some(b),
+                held: 0,
+            },
+        ))
+    }
+}
+
+/// Relays both ways until both directions reached EOF (each EOF is passed on as a
+/// half-close) or one failed. Counts bytes from and to `client` in `meter`.
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    pipes: Pipes,
+    meter: &Meter,
+) -> io::Result<()> {
+    let Pipes(mut up, mut down) = pipes;
+    let to_upstream = one_way(client, upstream, &mut up, |n| meter.read(n));
+    let to_client = one_way(upstream, client, &mut down, |n| meter.wrote(n));
+    tokio::try_join!(to_upstream, to_client).map(|_| ())
+}
+
+/// `src` → pipe → `dst` until EOF on `src`, then shuts down writing on `dst`.
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    lent: &mut Lent,
+    moved: impl Fn(u64),
+) -> io::Result<()> {
+    let Some(pipe) = lent.pipe.as_ref() else {
+        return Err(io::Error::other("pipe already returned"));
+    };
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        // Fill: only when the pipe is empty, so a full pipe never blocks the socket read.
+        src.readable().await?;
+        let n = match src.try_io(Interest::READABLE, || {
+            Ok(splice(
+                src.as_fd(),
+                None,
+                pipe.w.as_fd(),
+                None,
+                CHUNK,
+                flags,
+            )?)
+        }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // EOF: pass the half-close on (the other direction may still be streaming).
+            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            return Ok(());
+        }
+        lent.held = n;
+        // Drain.
+        while lent.held > 0 {
+            dst.writable().await?;
+            match dst.try_io(Interest::WRITABLE, || {
+                Ok(splice(
+                    pipe.r.as_fd(),
+                    None,
+                    dst.as_fd(),
+                    None,
+                    lent.held,
+                    flags,
+                )?)
+            }) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => {
+                    lent.held -= m;
+                    moved(m as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// 4 MiB each way through the relay, with half-closes, byte-exact and counted.
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close_and_counts() {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let meter = Meter::detached();
+        let pipes = Pipes::take().expect("pipes");
+        let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+        let relay = relay(&client_side, &upstream_side, pipes, &meter);
+        let d = data.clone();
+        let client_io = async move {
+            let (mut r, mut w) = client.split();
+            let send = async {
+                w.write_all(&d).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let recv = r.read_to_end(&mut got);
+            let (_, n) = tokio::join!(send, recv);
+            n.unwrap();
+            got
+        };
+        let backend_io = async move {
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).await.unwrap();
+            backend.write_all(&got).await.unwrap();
+            backend.shutdown().await.unwrap();
+            got
+        };
+        let (r, echoed, at_backend) = tokio::join!(relay, client_io, backend_io);
+        r.unwrap();
+        assert!(at_backend == data, "backend got other bytes");
+        assert!(echoed == data, "client got other bytes");
+        assert_eq!(meter.totals(), (data.len() as u64, data.len() as u64));
+    }
+}
