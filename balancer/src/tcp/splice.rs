@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
 use tokio::io::Interest;
@@ -128,16 +128,20 @@ pub async fn relay(
     meter: &Meter,
 ) -> io::Result<()> {
     let Pipes(mut up, mut down) = pipes;
-    let to_upstream = one_way(client, upstream, &mut up, |n| meter.read(n));
-    let to_client = one_way(upstream, client, &mut down, |n| meter.wrote(n));
+    let ended = AtomicBool::new(false);
+    let to_upstream = one_way(client, upstream, &mut up, &ended, |n| meter.read(n));
+    let to_client = one_way(upstream, client, &mut down, &ended, |n| meter.wrote(n));
     tokio::try_join!(to_upstream, to_client).map(|_| ())
 }
 
-/// `src` → pipe → `dst` until EOF on `src`, then shuts down writing on `dst`.
+/// `src` → pipe → `dst` until EOF on `src`, then shuts down writing on `dst` — unless
+/// the other direction has already ended (`ended`): then both sockets are about to be
+/// closed, which sends the FIN anyway, and the shutdown would be a wasted syscall.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
     lent: &mut Lent,
+    ended: &AtomicBool,
     moved: impl Fn(u64),
 ) -> io::Result<()> {
     let Some(pipe) = lent.pipe.as_ref() else {
@@ -163,7 +167,9 @@ async fn one_way(
         };
         if n == 0 {
             // EOF: pass the half-close on (the other direction may still be streaming).
-            let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            if !ended.swap(true, Ordering::Relaxed) {
+                let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
+            }
             return Ok(());
         }
         lent.held = n;
@@ -213,7 +219,13 @@ mod tests {
         let meter = Meter::detached();
         let pipes = Pipes::take().expect("pipes");
         let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
-        let relay = relay(&client_side, &upstream_side, pipes, &meter);
+        // Like the listener, the relay's owner closes both sockets once it returns (the
+        // last EOF is passed on by that close, not by a shutdown).
+        let relay = async {
+            let r = relay(&client_side, &upstream_side, pipes, &meter).await;
+            drop((client_side, upstream_side));
+            r
+        };
         let d = data.clone();
         let client_io = async move {
             let (mut r, mut w) = client.split();
