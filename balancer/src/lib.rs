@@ -40,6 +40,7 @@ pub mod tcp;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod upstream_io;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -159,15 +160,17 @@ pub async fn run<S: Store>(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    let upstreams = Arc::new(
+        tcp::upstream_map(&opts.config)
+            .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
+    );
     let l4 = L4Ctx {
         metrics: Arc::new(l4metrics::L4Metrics::register(&metrics.registry)),
-        upstreams: Arc::new(arc_swap::ArcSwap::from_pointee(
-            tcp::upstream_map(&opts.config)
-                .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
-        )),
+        upstreams: Arc::new(arc_swap::ArcSwap::new(upstreams.clone())),
         handover: opts.handover.clone(),
     };
     let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
+    builder.set_upstreams(upstreams);
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(builder.table()),
         metrics: metrics.clone(),
@@ -410,7 +413,9 @@ fn reload(
             }
         }
     }
-    l4.upstreams.store(Arc::new(upstreams));
+    let upstreams = Arc::new(upstreams);
+    l4.upstreams.store(upstreams.clone());
+    builder.set_upstreams(upstreams);
     builder.set_config(config.clone());
     shared.table.store(Arc::new(builder.table()));
     handles.retain(|h| match config.listeners.iter().find(|l| same(h, l)) {

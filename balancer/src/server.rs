@@ -136,6 +136,10 @@ pub fn spawn_listener(
         .metrics
         .active_connections
         .with_label_values(&[&name]);
+    // The destination of PROXY headers sent upstream: the bound address, or per
+    // connection (one getsockname) for a wildcard bind.
+    let bound = listener.local_addr().ok();
+    let local_per_conn = bound.is_none_or(|a| a.ip().is_unspecified());
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -164,6 +168,11 @@ pub fn spawn_listener(
                 };
                 let mut info = ConnInfo::new(name, peer, shared);
                 info.tls = stream.is_tls();
+                info.local = if local_per_conn {
+                    stream.tcp().local_addr().ok()
+                } else {
+                    bound
+                };
                 let info = Arc::new(info);
                 active.inc();
                 h1_server::serve(stream, info, builder, shutdown).await;

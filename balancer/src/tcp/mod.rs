@@ -40,7 +40,8 @@ pub struct UpstreamOpts {
 /// Upstream options of every service that has some; swapped on reload.
 pub type UpstreamMap = ArcSwap<HashMap<String, Arc<UpstreamOpts>>>;
 
-/// Builds the per-service upstream options of `config` (loads CA files).
+/// Builds the per-service upstream options of `config` (loads CA files). Used by tcp
+/// listeners and, through the routing table's routes, by the HTTP upstream client.
 pub fn upstream_map(
     config: &LbConfig,
 ) -> Result<HashMap<String, Arc<UpstreamOpts>>, (String, UpstreamTlsError)> {
@@ -56,6 +57,7 @@ pub fn upstream_map(
             .iter()
             .map(|s| s.name.get_ref().as_str().to_owned()),
     );
+    let tcp = config.tcp_services();
     let mut out = HashMap::new();
     for name in names {
         let (proxy, tls) = config.service_l4(&name);
@@ -63,7 +65,14 @@ pub fn upstream_map(
             continue;
         }
         let tls = tls
-            .map(UpstreamTlsClient::new)
+            .map(|t| {
+                let alpn: &[&[u8]] = if tcp.contains(&name) {
+                    &[]
+                } else {
+                    &[b"http/1.1"]
+                };
+                UpstreamTlsClient::new(t, alpn)
+            })
             .transpose()
             .map_err(|e| (name.clone(), e))?;
         out.insert(name, Arc::new(UpstreamOpts { proxy, tls }));
