@@ -302,9 +302,8 @@ fn start_listener(
     let (stop, stop_rx) = watch::channel(false);
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
-    let tls = tls::listener(l, &l4.metrics, stop_rx.clone()).map_err(|e| e.to_string())?;
+    let setup = Arc::new(ArcSwap::from_pointee(client_setup(l, l4)?));
     l4.keep(&name, &sock);
-    let setup = client_io::ClientSetup::new(l, tls, l4.metrics.clone());
     match l.protocol {
         config::ListenerProtocol::Http => server::spawn_listener(
             sock,
@@ -314,13 +313,13 @@ fn start_listener(
             tracker.clone(),
             stop_rx,
             shutdown.clone(),
-            Arc::new(setup),
+            setup.clone(),
         ),
         config::ListenerProtocol::Tcp => tcp::spawn_listener(
             sock,
             Arc::new(tcp::TcpContext::new(
                 name.as_str().into(),
-                setup,
+                setup.clone(),
                 shared.clone(),
                 l4.upstreams.clone(),
                 l4.metrics.clone(),
@@ -336,8 +335,15 @@ fn start_listener(
         name,
         bind: l.bind,
         builder,
+        setup,
         stop,
     })
+}
+
+/// A listener's PROXY / TLS steps (loads its certificates: the error names the file).
+fn client_setup(l: &config::ListenerConfig, l4: &L4Ctx) -> Result<client_io::ClientSetup, String> {
+    let tls = tls::listener(l, &l4.metrics).map_err(|e| e.to_string())?;
+    Ok(client_io::ClientSetup::new(l, tls, l4.metrics.clone()))
 }
 
 fn reload_failures(shared: &Shared) -> u64 {
@@ -395,8 +401,27 @@ fn reload(
             return;
         }
     };
-    // Listeners that stay keep their TLS and PROXY settings (certificates still follow
-    // their files); new listeners start with the new ones.
+    // Listeners that stay get new TLS / PROXY steps if theirs changed (certificates load
+    // now; a failure keeps everything as it is). Stored below, once nothing can fail: new
+    // connections use them, the socket and established connections are untouched.
+    let mut setups = Vec::new();
+    for h in handles.iter() {
+        let Some(l) = config.listeners.iter().find(|l| same(h, l)) else {
+            continue;
+        };
+        if h.setup.load().config == client_io::SetupConfig::of(l) {
+            continue;
+        }
+        match client_setup(l, l4) {
+            Ok(s) => setups.push((h.setup.clone(), s)),
+            Err(e) => {
+                tracing::error!(listener = %h.name, error = %e,
+                    "reload failed; keeping the running configuration");
+                reloads.with_label_values(&["error"]).inc();
+                return;
+            }
+        }
+    }
     let mut started = Vec::new();
     for (s, l) in fresh {
         match start_listener(s, &l, shared, tracker, shutdown, l4) {
@@ -414,6 +439,11 @@ fn reload(
         }
     }
     let upstreams = Arc::new(upstreams);
+    for (slot, setup) in setups {
+        tracing::info!(listener = %setup.listener, tls = setup.tls.is_some(),
+            proxy_protocol = setup.proxy.is_some(), "listener TLS/PROXY settings replaced");
+        slot.store(Arc::new(setup));
+    }
     l4.upstreams.store(upstreams.clone());
     builder.set_upstreams(upstreams);
     builder.set_config(config.clone());

@@ -116,6 +116,8 @@ pub struct ListenerHandle {
     pub name: String,
     pub bind: std::net::SocketAddr,
     pub builder: Arc<ArcSwap<ConnSettings>>,
+    /// PROXY / TLS steps, read per accepted connection; replaced on SIGHUP when changed.
+    pub setup: crate::client_io::SharedSetup,
     pub stop: watch::Sender<bool>,
 }
 
@@ -130,7 +132,7 @@ pub fn spawn_listener(
     tracker: Arc<ConnTracker>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
-    setup: Arc<crate::client_io::ClientSetup>,
+    setup: crate::client_io::SharedSetup,
 ) {
     let active = shared
         .metrics
@@ -155,7 +157,8 @@ pub fn spawn_listener(
                 _ = until_true(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
-            let (name, shared, setup) = (name.clone(), shared.clone(), setup.clone());
+            // The setup of the moment (a SIGHUP may replace it; this connection keeps its).
+            let (name, shared, setup) = (name.clone(), shared.clone(), setup.load_full());
             let builder = builder.load_full();
             let guard = tracker.enter();
             let active = active.clone();

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::client_io::{ClientIo, ClientSetup};
+use crate::client_io::{ClientIo, SharedSetup};
 use crate::config::LbConfig;
 use crate::endpoint::Endpoint;
 use crate::l4config::ProxyVersion;
@@ -83,7 +83,8 @@ pub fn upstream_map(
 /// Everything a tcp listener's connections share.
 pub struct TcpContext {
     pub name: Arc<str>,
-    pub setup: ClientSetup,
+    /// Read per connection: a SIGHUP may replace it.
+    pub setup: SharedSetup,
     pub shared: Arc<Shared>,
     pub upstreams: Arc<UpstreamMap>,
     pub metrics: Arc<L4Metrics>,
@@ -99,7 +100,7 @@ impl TcpContext {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Arc<str>,
-        setup: ClientSetup,
+        setup: SharedSetup,
         shared: Arc<Shared>,
         upstreams: Arc<UpstreamMap>,
         metrics: Arc<L4Metrics>,
@@ -198,7 +199,8 @@ async fn handle(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Some((client, client_addr)) = ctx.setup.accept(stream, peer).await else {
+    let setup = ctx.setup.load_full();
+    let Some((client, client_addr)) = setup.accept(stream, peer).await else {
         return;
     };
     let start = Instant::now();
