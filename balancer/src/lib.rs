@@ -77,6 +77,11 @@ pub enum Control {
     Reload,
     /// Stop accepting, finish in-flight requests, return (SIGTERM).
     Shutdown,
+    /// A self-upgrade handed the sockets to a new process that is ready: shut down like
+    /// [`Control::Shutdown`], and leave the admin port to the new process at once (stop
+    /// accepting on it, close admin connections after their current answer), so that
+    /// `/metrics`, `/healthz` and `/api/status` describe the serving process only.
+    HandOver,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,9 +191,11 @@ pub async fn run<S: Store>(
         status: status.clone(),
     });
     status::sampler::spawn(admin.clone());
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     server::spawn_admin(
         to_tokio(opts.admin).map_err(RunError::Admin)?,
         admin.clone(),
+        admin_stop_rx,
     );
 
     // Discovery: list-then-watch; the first snapshot is awaited (bounded) so that routes
@@ -261,6 +268,11 @@ pub async fn run<S: Store>(
         let failures = reload_failures(&shared);
                             reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx, &l4);
                             status.reloaded(&builder, reload_failures(&shared) > failures);
+                        }
+                        Some(Control::HandOver) => {
+                            tracing::info!("handed over: the admin port is the new process's");
+                            let _ = admin_stop.send(true);
+                            break;
                         }
                         Some(Control::Shutdown) | None => break,
                     },

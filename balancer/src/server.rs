@@ -249,20 +249,39 @@ pub(crate) async fn admin(
     })
 }
 
-pub fn spawn_admin(listener: TcpListener, st: Arc<AdminState>) {
+/// Serves the admin port until `stop` turns true (a self-upgrade handed it over): then
+/// the socket is closed (the new process holds its own descriptor of it) and each admin
+/// connection closes after its current answer (a status stream ends; its browser
+/// reconnects, to the new process).
+pub fn spawn_admin(listener: TcpListener, st: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = until_true(&mut stop) => break,
             };
-            let st = st.clone();
+            let (st, mut stop) = (st.clone(), stop.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| crate::status::http::admin(req, st.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = until_true(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        // A status stream never ends by itself.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                    }
+                }
             });
         }
+        tracing::info!("admin: stopped accepting");
     });
 }
