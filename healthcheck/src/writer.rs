@@ -143,14 +143,19 @@ impl<S: Store + Clone> Writer<S> {
             }
             let paused = Instant::now() < resume_at && !order.is_empty();
             tokio::select! {
-                req = requests.recv() => match req {
-                    Some(req) => {
+                req = requests.recv() => {
+                    let Some(mut req) = req else { return };
+                    // Take every wish already queued, so that they share transactions.
+                    loop {
                         let item = req.item.clone();
                         if pending.insert(item.clone(), req).is_none() {
                             order.push_back(item);
                         }
+                        match requests.try_recv() {
+                            Ok(next) => req = next,
+                            Err(_) => break,
+                        }
                     }
-                    None => return,
                 },
                 Some(joined) = running.join_next() => {
                     let Ok((batch, result)) = joined else { continue };

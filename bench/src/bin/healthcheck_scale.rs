@@ -104,6 +104,7 @@ struct Counters {
     discarded: f64,
     mark_writes: f64,
     stalls: f64,
+    lease_losses: f64,
     passing: f64,
     pending: f64,
 }
@@ -145,6 +146,8 @@ async fn scrape(admin: SocketAddr) -> Result<Counters> {
             &mut c.mark_writes
         } else if name.starts_with("healthcheck_stalls_total") {
             &mut c.stalls
+        } else if name.starts_with("healthcheck_lease_losses_total") {
+            &mut c.lease_losses
         } else if name == "healthcheck_instances{state=\"passing\"}" {
             &mut c.passing
         } else if name == "healthcheck_instances{state=\"pending\"}" {
@@ -324,8 +327,9 @@ async fn main() -> Result<()> {
         (rev1 - rev0) as f64 / secs
     );
     println!(
-        "  checker stalls   {:.0} (event loop woken >= 250 ms late)",
-        m1.stalls - m0.stalls
+        "  checker stalls   {:.0} (event loop woken >= 250 ms late), lease losses {:.0}",
+        m1.stalls - m0.stalls,
+        m1.lease_losses - m0.lease_losses
     );
     println!("  checker RSS      {:.1} MiB", rss_mib(pid));
     println!(
