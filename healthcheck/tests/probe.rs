@@ -102,7 +102,10 @@ async fn a_status_line_split_over_several_segments_is_put_together() -> Result<(
     assert_eq!(outcome, Outcome::Status(204));
     assert_eq!(verdict, Verdict::Pass);
     // The whole request arrived, with the headers a backend uses to check who asks.
-    assert!(request.starts_with("GET /healthz HTTP/1.1\r\n"), "{request:?}");
+    assert!(
+        request.starts_with("GET /healthz HTTP/1.1\r\n"),
+        "{request:?}"
+    );
     assert!(request.contains("\r\nX-Wharf-Instance: n1-web-0-8080\r\n"));
     assert!(request.contains("\r\nX-Wharf-Checker: hc-test\r\n"));
     Ok(())
