@@ -143,11 +143,11 @@ impl Endpoint {
     /// The most recently used idle connection not older than the idle timeout, if any.
     /// Whether the upstream closed it meanwhile is not checked here (that costs a
     /// syscall): a body-less idempotent request is resent if it was, others check
-    /// [`UpConn::looks_alive`] first.
-    pub fn checkout(&self) -> Option<UpConn> {
+    /// [`UpConn::looks_alive`] first. `now`: the request's start (read once per request).
+    pub fn checkout(&self, now: Instant) -> Option<UpConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < self.idle_timeout {
+            if now.saturating_duration_since(since) < self.idle_timeout {
                 return Some(conn);
             }
         }
