@@ -19,8 +19,10 @@ use crate::h1_head;
 
 /// Response heads larger than this are refused (502): the upstream is broken.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Header lines parsed per response head (on the stack).
+/// Header lines parsed per response head.
 const MAX_RESPONSE_HEADERS: usize = 128;
+/// Header lines parsed on the stack (most responses); more go to a heap array.
+const FEW_RESPONSE_HEADERS: usize = 24;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -136,9 +138,18 @@ impl UpConn {
     }
 
     fn parse_head(&mut self, method: &Method, lines: bool) -> Result<Option<Head>, UpError> {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut resp = httparse::Response::new(&mut raw);
-        let len = match resp.parse(&self.buf) {
+        // A small array first: initialising 128 slots for every response cost more than
+        // parsing the head. A head with more lines is parsed again with the full array.
+        let mut few = [httparse::EMPTY_HEADER; FEW_RESPONSE_HEADERS];
+        let mut many;
+        let mut resp = httparse::Response::new(&mut few);
+        let mut parsed = resp.parse(&self.buf);
+        if let Err(httparse::Error::TooManyHeaders) = parsed {
+            many = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            resp = httparse::Response::new(&mut many);
+            parsed = resp.parse(&self.buf);
+        }
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(UpError::Malformed("unparsable response head")),
