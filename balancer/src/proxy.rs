@@ -96,7 +96,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if present & 1 != 0 {
         let conn = h.get_all(header::CONNECTION);
-        if !conn.iter().all(|v| h1_head::names_no_extra_header(v.as_bytes())) {
+        if !conn
+            .iter()
+            .all(|v| h1_head::names_no_extra_header(v.as_bytes()))
+        {
             // Rare: the header names extra hop-by-hop headers.
             let named: Vec<HeaderName> = conn
                 .iter()

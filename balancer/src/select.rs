@@ -266,7 +266,10 @@ mod tests {
             Arc::as_ptr(&m[2].ep) as usize,
         ];
         // Only the ejected one is left: better than nothing.
-        assert!(Arc::ptr_eq(&pick(&svc, &tried, Instant::now()).unwrap().ep, &m[1].ep));
+        assert!(Arc::ptr_eq(
+            &pick(&svc, &tried, Instant::now()).unwrap().ep,
+            &m[1].ep
+        ));
         let all: Vec<_> = m.iter().map(|x| Arc::as_ptr(&x.ep) as usize).collect();
         assert!(pick(&svc, &all, Instant::now()).is_none());
     }

@@ -199,8 +199,7 @@ impl UpConn {
                 let name = h.name.as_bytes();
                 if h1_head::is_hop_by_hop(name)
                     || (te && name.eq_ignore_ascii_case(b"content-length"))
-                    || (connection_names_more
-                        && h1_head::named_by_connection(resp.headers, name))
+                    || (connection_names_more && h1_head::named_by_connection(resp.headers, name))
                 {
                     continue;
                 }
@@ -386,5 +385,54 @@ mod tests {
         assert_eq!(parse_length(b" 42 "), Some(42));
         assert_eq!(parse_length(b"+4"), None);
         assert_eq!(parse_length(b""), None);
+    }
+
+    /// One response head from a real loopback socket, read as lines (HTTP/1 client) and as
+    /// a map (HTTP/2 client).
+    async fn head_of(raw: &'static [u8], lines: bool) -> Head {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(raw).await.unwrap();
+            s
+        });
+        let mut up = UpConn::connect(addr).await.unwrap();
+        let head = up.read_head(&Method::GET, lines).await.unwrap();
+        drop(server.await.unwrap());
+        head
+    }
+
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive, X-Hop\r\n\
+        X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\
+        Content-Length: 9\r\nX-End: 2\r\n\r\n";
+
+    #[tokio::test]
+    async fn response_lines_for_http1_clients_lose_hop_headers_and_the_ignored_length() {
+        let head = head_of(RESPONSE, true).await;
+        assert!(head.headers.is_empty());
+        let lines = head.lines.unwrap();
+        assert_eq!(
+            String::from_utf8(lines.bytes).unwrap(),
+            "Server: up\r\nX-End: 2\r\n"
+        );
+        assert!(!lines.has_length);
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+
+        let head = head_of(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            true,
+        )
+        .await;
+        assert!(head.lines.unwrap().has_length);
+        assert!(head.keep_alive);
+    }
+
+    #[tokio::test]
+    async fn response_map_for_http2_clients_drops_the_ignored_length() {
+        let head = head_of(RESPONSE, false).await;
+        assert!(head.lines.is_none());
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+        assert_eq!(head.headers["x-end"], "2");
     }
 }
