@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::ListenerConfig;
-use crate::l4config::Cidr;
+use crate::l4config::{AcceptProxy, Cidr, ListenerTls};
 use crate::l4metrics::L4Metrics;
 use crate::proxy_protocol::{self, ProxyError};
 use crate::tls::TlsListener;
@@ -107,6 +107,29 @@ impl AsyncWrite for ClientIo {
 /// first (SMTP, MySQL…) is let through after it.
 const SNIFF: Duration = Duration::from_millis(200);
 
+/// The configuration a [`ClientSetup`] was built from: a SIGHUP that changes it gives a
+/// surviving listener a new setup (its accept loop reads the current one per connection),
+/// without touching the listening socket or established connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetupConfig {
+    tls: Option<ListenerTls>,
+    proxy: Option<AcceptProxy>,
+    handshake_timeout: Duration,
+}
+
+impl SetupConfig {
+    pub fn of(l: &ListenerConfig) -> Self {
+        Self {
+            tls: l.tls.clone(),
+            proxy: l.proxy_protocol.clone(),
+            handshake_timeout: l.header_read_timeout,
+        }
+    }
+}
+
+/// A listener's setup, swapped whole on SIGHUP.
+pub type SharedSetup = Arc<arc_swap::ArcSwap<ClientSetup>>;
+
 /// A listener's pre-proxy steps.
 pub struct ClientSetup {
     pub listener: Arc<str>,
@@ -116,6 +139,8 @@ pub struct ClientSetup {
     /// Time for the PROXY header and the TLS handshake together.
     pub handshake_timeout: Duration,
     pub metrics: Arc<L4Metrics>,
+    /// What it was built from.
+    pub config: SetupConfig,
 }
 
 impl ClientSetup {
@@ -126,6 +151,7 @@ impl ClientSetup {
             proxy: l.proxy_protocol.as_ref().map(|p| p.cidrs()),
             handshake_timeout: l.header_read_timeout,
             metrics,
+            config: SetupConfig::of(l),
         }
     }
 

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::outlier;
 use crate::select;
 use crate::table::{ListenerSettings, Route, RoutingTable, ServiceTable};
+use crate::tcp::UpstreamOpts;
 use crate::upstream::{self, Head, UpConn, UpError};
 
 /// State shared by every connection of every listener.
@@ -47,6 +48,9 @@ pub struct ConnInfo {
     pub shared: Arc<Shared>,
     /// The client connection is TLS: X-Forwarded-Proto is `https`.
     pub tls: bool,
+    /// The address the client connected to (the destination of PROXY headers sent
+    /// upstream); `None`: the instance's address stands in.
+    pub local: Option<SocketAddr>,
 }
 
 impl ConnInfo {
@@ -59,6 +63,7 @@ impl ConnInfo {
             peer_ip,
             shared,
             tls: false,
+            local: None,
         }
     }
 }
@@ -178,11 +183,23 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// Opens a new connection to an endpoint.
-async fn connect(ep: &Endpoint, timeout: Duration) -> Result<UpConn, ConnectError> {
-    tokio::time::timeout(timeout, UpConn::connect(ep.addr))
-        .await
-        .map_err(|_| ConnectError::Timeout)?
+/// Opens a new connection to an endpoint: plain, or as the service's upstream options
+/// say (PROXY header, TLS handshake — both within `timeout`).
+async fn connect(
+    ep: &Endpoint,
+    timeout: Duration,
+    opts: Option<&Arc<UpstreamOpts>>,
+    conn: &ConnInfo,
+) -> Result<UpConn, ConnectError> {
+    let up = match opts {
+        None => tokio::time::timeout(timeout, UpConn::connect(ep.addr)).await,
+        Some(opts) => {
+            let local = conn.local.unwrap_or(ep.addr);
+            let open = UpConn::connect_with(ep.addr, opts, conn.peer, local);
+            tokio::time::timeout(timeout, open).await
+        }
+    };
+    up.map_err(|_| ConnectError::Timeout)?
         .map_err(ConnectError::Io)
 }
 
@@ -455,7 +472,8 @@ where
         // A pooled connection if one is alive, else a new one. A request with a body
         // cannot be resent, so its pooled connection is checked first.
         let mut up = None;
-        while let Some(pooled) = ep.checkout(ctx.start) {
+        let opts = ctx.route.upstream.as_ref();
+        while let Some(mut pooled) = ep.checkout(ctx.start, |c| c.fits(opts, conn.peer)) {
             if !has_body || pooled.looks_alive() {
                 up = Some(pooled);
                 break;
@@ -466,7 +484,7 @@ where
             Some(up) => up,
             // Boxed: a new connection is the rare path, and its large future would
             // otherwise sit in every idle client connection's request slot (RSS).
-            None => match Box::pin(connect(&ep, s.connect_timeout)).await {
+            None => match Box::pin(connect(&ep, s.connect_timeout, opts, conn)).await {
                 Ok(up) => up,
                 Err(e) => {
                     svc.shared.connect_errors.inc();

@@ -98,6 +98,8 @@ pub struct Route {
     pub by_version: Vec<ClassCounters>,
     /// Answers that reached no instance.
     pub unpicked: ClassCounters,
+    /// The service's PROXY header / TLS towards its instances; `None`: plain TCP.
+    pub upstream: Option<Arc<crate::tcp::UpstreamOpts>>,
 }
 
 /// State of a service that survives table swaps.

@@ -2,20 +2,23 @@
 //! future — no connection task, no channels. The request head is encoded into one buffer
 //! and written with one syscall; the response head is parsed with `httparse` straight out
 //! of the read buffer, header values shared with it (no copy); the body is decoded as the
-//! client side pulls it.
+//! client side pulls it. The stream is plain TCP, or TLS / a PROXY header first when the
+//! service asks for them (`upstream_io`).
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::chunked::{self, Decoder, Step};
 use crate::h1_head;
+use crate::tcp::UpstreamOpts;
+use crate::upstream_io::{self, Origin, UpIo};
 
 /// Response heads larger than this are refused (502): the upstream is broken.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -28,9 +31,11 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// One keep-alive connection to an upstream instance.
 pub struct UpConn {
-    io: TcpStream,
+    io: UpIo,
     /// Bytes read but not yet consumed (a response head in progress, body bytes).
     buf: BytesMut,
+    /// `None`: plain TCP opened without upstream options.
+    origin: Option<Box<Origin>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,19 +80,45 @@ impl UpConn {
         let io = TcpStream::connect(addr).await?;
         let _ = io.set_nodelay(true);
         Ok(Self {
+            io: UpIo::Plain(io),
+            buf: BytesMut::new(),
+            origin: None,
+        })
+    }
+
+    /// A connection for a service with upstream options (PROXY header, TLS); `client` and
+    /// `local` are the addresses the PROXY header announces.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        opts: &Arc<UpstreamOpts>,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> io::Result<Self> {
+        let io = upstream_io::open(addr, opts, client, local).await?;
+        Ok(Self {
             io,
             buf: BytesMut::new(),
+            origin: Some(Box::new(Origin {
+                opts: opts.clone(),
+                owner: opts.proxy.map(|_| client),
+            })),
         })
+    }
+
+    /// Whether this (pooled) connection may carry a request of `client` to a service with
+    /// upstream options `opts`.
+    pub fn fits(&self, opts: Option<&Arc<UpstreamOpts>>, client: SocketAddr) -> bool {
+        match (&self.origin, opts) {
+            (None, None) => true,
+            (Some(o), Some(opts)) => o.fits(opts, client),
+            _ => false,
+        }
     }
 
     /// False when the upstream has closed the idle connection (or sent something
     /// unexpected). Costs a syscall only if the reactor saw the socket turn readable.
-    pub fn looks_alive(&self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    pub fn looks_alive(&mut self) -> bool {
+        self.buf.is_empty() && self.io.looks_alive()
     }
 
     pub async fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
@@ -131,7 +162,12 @@ impl UpConn {
                 Ok(0) if !any_byte => return Err(UpError::ClosedBeforeResponse),
                 Ok(0) => return Err(UpError::Malformed("closed inside the response head")),
                 Ok(_) => {}
-                Err(e) if !any_byte && is_reset(&e) => return Err(UpError::ClosedBeforeResponse),
+                // TLS: a peer that closes without close_notify reads as UnexpectedEof.
+                Err(e)
+                    if !any_byte && (is_reset(&e) || e.kind() == io::ErrorKind::UnexpectedEof) =>
+                {
+                    return Err(UpError::ClosedBeforeResponse);
+                }
                 Err(e) => return Err(UpError::Io(e)),
             }
         }
@@ -325,13 +361,21 @@ impl UpConn {
                     ))));
                 }
                 Ok(_) => {}
+                // TLS without close_notify (common for close-delimited bodies).
+                Err(e)
+                    if *framing == Framing::UntilClose
+                        && e.kind() == io::ErrorKind::UnexpectedEof =>
+                {
+                    *framing = Framing::None;
+                    return Poll::Ready(None);
+                }
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
     }
 
-    /// The socket and any bytes already read past the head (for an upgrade tunnel).
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+    /// The stream and any bytes already read past the head (for an upgrade tunnel).
+    pub fn into_parts(self) -> (UpIo, BytesMut) {
         (self.io, self.buf)
     }
 }

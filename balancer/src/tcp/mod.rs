@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::client_io::{ClientIo, ClientSetup};
+use crate::client_io::{ClientIo, SharedSetup};
 use crate::config::LbConfig;
 use crate::endpoint::Endpoint;
 use crate::l4config::ProxyVersion;
@@ -40,7 +40,8 @@ pub struct UpstreamOpts {
 /// Upstream options of every service that has some; swapped on reload.
 pub type UpstreamMap = ArcSwap<HashMap<String, Arc<UpstreamOpts>>>;
 
-/// Builds the per-service upstream options of `config` (loads CA files).
+/// Builds the per-service upstream options of `config` (loads CA files). Used by tcp
+/// listeners and, through the routing table's routes, by the HTTP upstream client.
 pub fn upstream_map(
     config: &LbConfig,
 ) -> Result<HashMap<String, Arc<UpstreamOpts>>, (String, UpstreamTlsError)> {
@@ -56,6 +57,7 @@ pub fn upstream_map(
             .iter()
             .map(|s| s.name.get_ref().as_str().to_owned()),
     );
+    let tcp = config.tcp_services();
     let mut out = HashMap::new();
     for name in names {
         let (proxy, tls) = config.service_l4(&name);
@@ -63,7 +65,14 @@ pub fn upstream_map(
             continue;
         }
         let tls = tls
-            .map(UpstreamTlsClient::new)
+            .map(|t| {
+                let alpn: &[&[u8]] = if tcp.contains(&name) {
+                    &[]
+                } else {
+                    &[b"http/1.1"]
+                };
+                UpstreamTlsClient::new(t, alpn)
+            })
             .transpose()
             .map_err(|e| (name.clone(), e))?;
         out.insert(name, Arc::new(UpstreamOpts { proxy, tls }));
@@ -74,7 +83,8 @@ pub fn upstream_map(
 /// Everything a tcp listener's connections share.
 pub struct TcpContext {
     pub name: Arc<str>,
-    pub setup: ClientSetup,
+    /// Read per connection: a SIGHUP may replace it.
+    pub setup: SharedSetup,
     pub shared: Arc<Shared>,
     pub upstreams: Arc<UpstreamMap>,
     pub metrics: Arc<L4Metrics>,
@@ -90,7 +100,7 @@ impl TcpContext {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Arc<str>,
-        setup: ClientSetup,
+        setup: SharedSetup,
         shared: Arc<Shared>,
         upstreams: Arc<UpstreamMap>,
         metrics: Arc<L4Metrics>,
@@ -189,7 +199,8 @@ async fn handle(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Some((client, client_addr)) = ctx.setup.accept(stream, peer).await else {
+    let setup = ctx.setup.load_full();
+    let Some((client, client_addr)) = setup.accept(stream, peer).await else {
         return;
     };
     let start = Instant::now();

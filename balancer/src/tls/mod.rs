@@ -24,17 +24,19 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// A TLS listener's acceptor; its certificates follow their files while the reload task
-/// (stopped with the listener) runs.
+/// runs — until this value is dropped (the listener stopped, or a SIGHUP replaced its TLS
+/// settings).
 pub struct TlsListener {
     pub acceptor: TlsAcceptor,
+    /// Dropping it stops the reload task.
+    _reload: watch::Sender<bool>,
 }
 
-/// Builds the acceptor of `l` (which must have `[listener.tls]`), loading every certificate
-/// now (an unreadable file at start is an error), and spawns the reload task.
+/// Builds the acceptor of `l` (if it has `[listener.tls]`), loading every certificate now
+/// (an unreadable file is an error), and spawns the reload task.
 pub fn listener(
     l: &ListenerConfig,
     metrics: &Arc<L4Metrics>,
-    stop: watch::Receiver<bool>,
 ) -> Result<Option<TlsListener>, CertError> {
     let Some(tls) = &l.tls else {
         return Ok(None);
@@ -82,8 +84,10 @@ pub fn listener(
             .with_label_values(&[&name, result])
             .inc_by(0);
     }
+    let (reload, stop) = watch::channel(false);
     tokio::spawn(reloader.run(stop));
     Ok(Some(TlsListener {
         acceptor: TlsAcceptor::from(Arc::new(config)),
+        _reload: reload,
     }))
 }
