@@ -434,6 +434,7 @@ mod tests {
     /// One response head from a real loopback socket, read as lines (HTTP/1 client) and as
     /// a map (HTTP/2 client).
     async fn head_of(raw: &'static [u8], lines: bool) -> Head {
+        use tokio::io::AsyncWriteExt as _;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(async move {
