@@ -145,14 +145,15 @@ impl Endpoint {
     /// connections always do for a plain service, so this is a pop) and is not older than
     /// the idle timeout, if any. Whether the upstream closed it meanwhile is not checked
     /// here (that costs a syscall): a body-less idempotent request is resent if it was,
-    /// others check [`UpConn::looks_alive`] first.
-    pub fn checkout(&self, fits: impl Fn(&UpConn) -> bool) -> Option<UpConn> {
+    /// others check [`UpConn::looks_alive`] first. `now`: the request's start (one clock
+    /// read per request).
+    pub fn checkout(&self, now: Instant, fits: impl Fn(&UpConn) -> bool) -> Option<UpConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(i) = idle.iter().rposition(|(c, _)| fits(c)) {
             let Some((conn, since)) = idle.remove(i) else {
                 break;
             };
-            if since.elapsed() < self.idle_timeout {
+            if now.saturating_duration_since(since) < self.idle_timeout {
                 return Some(conn);
             }
         }

@@ -24,6 +24,7 @@ pub mod client_io;
 pub mod config;
 pub mod deadline;
 pub mod endpoint;
+pub mod h1_head;
 pub mod h1_request;
 pub mod h1_server;
 pub mod l4config;
