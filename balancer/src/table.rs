@@ -50,9 +50,8 @@ pub struct ListenerTable {
 }
 
 impl ListenerTable {
-    /// First route matching `host` (port stripped, lowercase) and `path`.
-    /// The first route matching `path` and the request's host. `host` is asked for (and
-    /// the `Host` header looked up) only if a candidate route names a host.
+    /// The first route matching `path` and the request's host (port stripped). `host` is
+    /// asked for (the `Host` header looked up) only if a candidate route names a host.
     pub fn route<'h>(&self, host: impl Fn() -> &'h str, path: &str) -> Option<&Route> {
         let mut known: Option<&str> = None;
         self.routes.iter().find(|r| {
