@@ -8,7 +8,8 @@
 //! written), and the checker's own counters (scraped from its /metrics) say what it did in
 //! it: probes by result, probes discarded by the starved-checker guard, mark writes.
 //!
-//! Usage: healthcheck_scale <path/to/healthcheck> [instances] [window-seconds] [checker args…]
+//! Usage: [CHECK=tcp] healthcheck_scale <path/to/healthcheck> [instances] [window-seconds]
+//! [checker args…]
 //! (bench/healthcheck-scale.sh builds everything in release mode and runs it.)
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -49,11 +50,12 @@ fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
     Ok((f[11].parse::<f64>()? / 100.0, f[12].parse::<f64>()? / 100.0))
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// A `VmRSS:`/`VmHWM:` line of /proc/<pid>/status, in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<f64>().ok())
@@ -178,6 +180,8 @@ async fn main() -> Result<()> {
         .context("usage: healthcheck_scale <healthcheck binary> [instances] [window-seconds]")?;
     let instances: usize = args.get(2).map_or(Ok(10_000), |s| s.parse())?;
     let window = Duration::from_secs(args.get(3).map_or(Ok(20), |s| s.parse())?);
+    // CHECK=tcp: TCP connect checks instead of HTTP GETs (the backends then count nothing).
+    let tcp_checks = std::env::var("CHECK").is_ok_and(|v| v == "tcp");
 
     let etcd = EtcdServer::start()?;
     let store = etcd.store().await?;
@@ -197,8 +201,11 @@ async fn main() -> Result<()> {
 
     // Catalog: SERVICES services, instances spread over every listener, 1 s HTTP checks.
     for s in 0..SERVICES {
-        let cfg =
-            serde_json::json!({"check": {"path": "/healthz", "interval": "1s", "timeout": "1s"}});
+        let cfg = if tcp_checks {
+            serde_json::json!({"check": {"interval": "1s", "timeout": "1s"}})
+        } else {
+            serde_json::json!({"check": {"path": "/healthz", "interval": "1s", "timeout": "1s"}})
+        };
         store
             .put(
                 &ks.config(&format!("svc{s}").parse()?),
@@ -331,7 +338,11 @@ async fn main() -> Result<()> {
         m1.stalls - m0.stalls,
         m1.lease_losses - m0.lease_losses
     );
-    println!("  checker RSS      {:.1} MiB", rss_mib(pid));
+    println!(
+        "  checker RSS      {:.1} MiB (peak {:.1} MiB)",
+        status_mib(pid, "VmRSS:"),
+        status_mib(pid, "VmHWM:")
+    );
     println!(
         "  passing marks    {} of {instances} (checker: {} passing, {} pending)",
         count_passing(&store, &ks).await?,
