@@ -376,25 +376,40 @@ async fn write_response<IO: AsyncWrite + Unpin>(
         RespBody::Upstream(None) | RespBody::Tunnel(_) => Some(0),
         RespBody::Upstream(Some(_)) => body.size_hint().exact(),
     };
-    let lines = lines.map_or_else(Vec::new, |l| l.bytes);
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48 + lines.len());
-    out.extend_from_slice(if version == Version::HTTP_10 {
+    let proto: &[u8] = if version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
         b"HTTP/1.1 "
-    });
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (n, v) in &parts.headers {
-        if (n == header::CONNECTION && !switching) || n == header::TRANSFER_ENCODING {
-            continue;
+    };
+    let status_line = proto
+        .iter()
+        .chain(status.as_str().as_bytes())
+        .chain(b" ")
+        .chain(status.canonical_reason().unwrap_or("").as_bytes())
+        .chain(b"\r\n")
+        .copied();
+    let mut out = match lines {
+        // An upstream's answer: its lines' buffer (sized for the status line and the body
+        // bytes already read, see `UpConn::parse_head`) becomes the output buffer.
+        Some(l) if parts.headers.is_empty() => {
+            let mut out = l.bytes;
+            out.splice(0..0, status_line);
+            out
         }
-        put_header(&mut out, n.as_str(), v);
-    }
-    out.extend_from_slice(&lines);
-    drop(lines);
+        lines => {
+            let lines = lines.map_or_else(Vec::new, |l| l.bytes);
+            let mut out = Vec::with_capacity(256 + parts.headers.len() * 48 + lines.len());
+            out.extend(status_line);
+            for (n, v) in &parts.headers {
+                if (n == header::CONNECTION && !switching) || n == header::TRANSFER_ENCODING {
+                    continue;
+                }
+                put_header(&mut out, n.as_str(), v);
+            }
+            out.extend_from_slice(&lines);
+            out
+        }
+    };
     let mut chunked = false;
     if !no_body && !has_length && !switching {
         match known {

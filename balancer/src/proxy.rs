@@ -354,7 +354,7 @@ where
             true,
         );
     };
-    let Some(route) = listener.route(host_of(&req), req.uri().path()) else {
+    let Some(route) = listener.route(|| host_of(&req), req.uri().path()) else {
         listener.unrouted.inc(404);
         return plain(StatusCode::NOT_FOUND, "no route\n", false);
     };

@@ -230,7 +230,9 @@ impl UpConn {
         let mut headers = HeaderMap::new();
         let mut out_lines = None;
         if as_lines {
-            let mut l = h1_head::Lines::with_capacity(len);
+            // Room for what joins the lines in the client's write: the status line and
+            // framing lines, and the body bytes already read.
+            let mut l = h1_head::Lines::with_capacity(self.buf.len().min(2 * READ_CHUNK) + 96);
             for h in resp.headers.iter() {
                 let name = h.name.as_bytes();
                 if h1_head::is_hop_by_hop(name)
