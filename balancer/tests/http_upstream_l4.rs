@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use l4kit::{WAIT, metric};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use wharf_tests::TestPki;
@@ -167,6 +168,7 @@ fn conn_of(body: &str) -> &str {
 async fn proxy_header_once_per_upstream_connection_with_the_client_address() -> Result<()> {
     let v2 = HttpBackend::start(true, None).await?;
     let v1 = HttpBackend::start(true, None).await?;
+    let front = wharf_tests::free_port()?;
     let config = format!(
         r#"
 [admin]
@@ -177,6 +179,13 @@ bind = "127.0.0.1:@PORT@"
   [[listener.route]]
   path_prefix = "/v1/"
   service = "old"
+  [[listener.route]]
+  service = "app"
+[[listener]]
+name = "behind-lb"
+bind = "127.0.0.1:{front}"
+  [listener.proxy_protocol]
+  trusted = ["127.0.0.0/8"]
   [[listener.route]]
   service = "app"
 [[service]]
@@ -251,6 +260,23 @@ proxy_protocol = "v1"
     let seen = v1.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].destination, Some(listen));
+
+    // Behind a front balancer (accept-proxy): the addresses it announced are relayed.
+    let (src, dst): (SocketAddr, SocketAddr) =
+        ("198.51.100.7:1234".parse()?, "192.0.2.1:443".parse()?);
+    let mut s = TcpStream::connect(("127.0.0.1", front)).await?;
+    s.write_all(&balancer::proxy_protocol::encode_v1(src, dst))
+        .await?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/x")
+        .header("host", "lb.test")
+        .body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(WAIT, tx.send_request(req)).await??;
+    let text = resp.into_body().collect().await?.to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("src=198.51.100.7:1234"));
+    let last = v2.seen().pop().context("no connection")?;
+    assert_eq!((last.source, last.destination), (Some(src), Some(dst)));
     Ok(())
 }
 
