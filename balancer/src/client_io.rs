@@ -118,6 +118,10 @@ pub struct SetupConfig {
 }
 
 impl SetupConfig {
+    pub fn tls(&self) -> Option<&ListenerTls> {
+        self.tls.as_ref()
+    }
+
     pub fn of(l: &ListenerConfig) -> Self {
         Self {
             tls: l.tls.clone(),

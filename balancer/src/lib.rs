@@ -455,7 +455,17 @@ fn reload(
     for (slot, setup) in setups {
         tracing::info!(listener = %setup.listener, tls = setup.tls.is_some(),
             proxy_protocol = setup.proxy.is_some(), "listener TLS/PROXY settings replaced");
-        slot.store(Arc::new(setup));
+        let old = slot.swap(Arc::new(setup));
+        if let Some(t) = &old.tls {
+            t.stop_reloading();
+        }
+        let new = slot.load();
+        tls::forget_expiry(
+            &l4.metrics,
+            &new.listener,
+            old.config.tls(),
+            new.config.tls(),
+        );
     }
     l4.upstreams.store(upstreams.clone());
     builder.set_upstreams(upstreams);
@@ -470,6 +480,11 @@ fn reload(
             // Same name on a new address: the new listener's socket is already kept.
             if !config.listeners.iter().any(|l| *l.name.get_ref() == h.name) {
                 l4.forget(&h.name);
+                let old = h.setup.load();
+                if let Some(t) = &old.tls {
+                    t.stop_reloading();
+                }
+                tls::forget_expiry(&l4.metrics, &h.name, old.config.tls(), None);
             }
             let _ = h.stop.send(true);
             false

@@ -235,5 +235,29 @@ name = "echo"
     let (s, cn) = tls_over(&tls, tcp, "b.test").await?;
     assert_eq!(cn, "b-1");
     assert_eq!(get(&mut http1(s).await?, "/").await?, (200, "web".into()));
+
+    // A certificate dropped from the list loses its expiry series (no alert for a
+    // certificate that is not served); the one still listed keeps its series.
+    let series = |m: &str, crt: &std::path::Path| {
+        m.lines().any(|l| {
+            l.starts_with("balancer_tls_certificate_expiry_seconds")
+                && l.contains(&format!("certificate=\"{}\"", crt.display()))
+        })
+    };
+    assert!(series(&lb.metrics().await?, &a_crt));
+    let only_b = config(true)
+        .replace(&*a_crt.to_string_lossy(), &b_crt.to_string_lossy())
+        .replace(&*a_key.to_string_lossy(), &b_key.to_string_lossy());
+    lb.write_config(&only_b)?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    wharf_tests::eventually("second reload applied", WAIT, || async {
+        let m = lb.metrics().await.ok()?;
+        (metric(&m, "balancer_config_reloads_total", &["result=\"ok\""]) >= 2.0).then_some(())
+    })
+    .await
+    .map_err(|e| e.context(lb.log()))?;
+    let m = lb.metrics().await?;
+    assert!(!series(&m, &a_crt), "{m}");
+    assert!(series(&m, &b_crt), "{m}");
     Ok(())
 }

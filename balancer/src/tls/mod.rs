@@ -19,6 +19,26 @@ use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::l4metrics::L4Metrics;
 use certs::{CertError, CertSet, Reloader, SniResolver};
 
+/// Removes the expiry series of certificates `old` lists and `new` does not (a SIGHUP
+/// replaced or removed a listener's TLS settings), so no alert fires for a certificate
+/// that is no longer served.
+pub fn forget_expiry(
+    metrics: &L4Metrics,
+    listener: &str,
+    old: Option<&crate::l4config::ListenerTls>,
+    new: Option<&crate::l4config::ListenerTls>,
+) {
+    let kept = |p: &std::path::Path| {
+        new.is_some_and(|n| n.certificates.iter().any(|c| c.cert.get_ref() == p))
+    };
+    for c in old.iter().flat_map(|o| o.certificates.iter()) {
+        if !kept(c.cert.get_ref()) {
+            let label = c.cert.get_ref().display().to_string();
+            let _ = metrics.tls_expiry.remove_label_values(&[listener, &label]);
+        }
+    }
+}
+
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -29,7 +49,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub struct TlsListener {
     pub acceptor: TlsAcceptor,
     /// Dropping it stops the reload task.
-    _reload: watch::Sender<bool>,
+    reload: watch::Sender<bool>,
+}
+
+impl TlsListener {
+    /// Stops following the certificate files now (replaced by a SIGHUP), even while
+    /// handshakes that started with this acceptor finish.
+    pub fn stop_reloading(&self) {
+        let _ = self.reload.send(true);
+    }
 }
 
 /// Builds the acceptor of `l` (if it has `[listener.tls]`), loading every certificate now
@@ -88,6 +116,6 @@ pub fn listener(
     tokio::spawn(reloader.run(stop));
     Ok(Some(TlsListener {
         acceptor: TlsAcceptor::from(Arc::new(config)),
-        _reload: reload,
+        reload,
     }))
 }
