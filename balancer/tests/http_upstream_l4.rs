@@ -40,6 +40,8 @@ struct Seen {
 struct HttpBackend {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Ids of the connections the balancer closed.
+    closed: Arc<Mutex<Vec<u64>>>,
     accepted: Arc<AtomicU64>,
     _kill: watch::Sender<bool>,
 }
@@ -49,9 +51,10 @@ impl HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicU64::new(0));
         let (kill, mut kill_rx) = watch::channel(false);
-        let (seen_in, acc) = (seen.clone(), accepted.clone());
+        let (seen_in, acc, closed_in) = (seen.clone(), accepted.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = tokio::select! {
@@ -60,6 +63,7 @@ impl HttpBackend {
                 };
                 let id = acc.fetch_add(1, Ordering::Relaxed) + 1;
                 let (seen, tls, kill_rx) = (seen_in.clone(), tls.clone(), kill_rx.clone());
+                let closed = closed_in.clone();
                 tokio::spawn(async move {
                     let mut record = Seen {
                         id,
@@ -89,12 +93,14 @@ impl HttpBackend {
                             serve(s, record, alpn, kill_rx).await
                         }
                     }
+                    closed.lock().unwrap().push(id);
                 });
             }
         });
         Ok(Self {
             addr,
             seen,
+            closed,
             accepted,
             _kill: kill,
         })
@@ -277,6 +283,25 @@ proxy_protocol = "v1"
     assert!(String::from_utf8_lossy(&text).contains("src=198.51.100.7:1234"));
     let last = v2.seen().pop().context("no connection")?;
     assert_eq!((last.source, last.destination), (Some(src), Some(dst)));
+
+    // Client A leaves: its upstream connection, which nobody else may use, is closed
+    // (when the next connection comes back to the pool) instead of idling there.
+    let a_id: u64 = a_conn
+        .as_deref()
+        .and_then(|c| c.strip_prefix("conn="))
+        .context("id")?
+        .parse()?;
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    while !v2.closed.lock().unwrap().contains(&a_id) {
+        assert!(
+            Instant::now() < deadline,
+            "A's upstream connection still open"
+        );
+        b.send("/y", None).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*v2.closed.lock().unwrap(), vec![a_id]);
     Ok(())
 }
 
