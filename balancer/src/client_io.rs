@@ -130,6 +130,16 @@ impl SetupConfig {
 /// A listener's setup, swapped whole on SIGHUP.
 pub type SharedSetup = Arc<arc_swap::ArcSwap<ClientSetup>>;
 
+/// An accepted client connection, ready for the server loops.
+pub struct Accepted {
+    pub io: ClientIo,
+    /// The real client: the socket's peer, or the source a trusted PROXY header announced.
+    pub client: SocketAddr,
+    /// The destination a trusted PROXY header announced (relayed in PROXY headers sent
+    /// upstream, as HAProxy does); `None`: the socket's own local address.
+    pub destination: Option<SocketAddr>,
+}
+
 /// A listener's pre-proxy steps.
 pub struct ClientSetup {
     pub listener: Arc<str>,
@@ -170,21 +180,28 @@ impl ClientSetup {
 
     /// PROXY header, then TLS. `None`: the connection was refused or failed (logged and
     /// counted); the caller just drops it.
-    pub async fn accept(
-        &self,
-        mut tcp: TcpStream,
-        peer: SocketAddr,
-    ) -> Option<(ClientIo, SocketAddr)> {
+    pub async fn accept(&self, mut tcp: TcpStream, peer: SocketAddr) -> Option<Accepted> {
+        let done = |io, client, destination| {
+            Some(Accepted {
+                io,
+                client,
+                destination,
+            })
+        };
         if self.is_passthrough() {
-            return Some((ClientIo::Plain(tcp), peer));
+            return done(ClientIo::Plain(tcp), peer, None);
         }
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         let mut client = peer;
+        let mut destination = None;
         if let Some(trusted) = &self.proxy {
             if trusted.iter().any(|c| c.contains(peer.ip())) {
                 match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp)).await
                 {
-                    Ok(Ok(h)) => client = h.source.unwrap_or(peer),
+                    Ok(Ok(h)) => {
+                        client = h.source.unwrap_or(peer);
+                        destination = h.destination;
+                    }
                     Ok(Err(e)) => {
                         let reason = match e {
                             ProxyError::Missing => "missing",
@@ -205,7 +222,7 @@ impl ClientSetup {
             }
         }
         let Some(tls) = &self.tls else {
-            return Some((ClientIo::Plain(tcp), client));
+            return done(ClientIo::Plain(tcp), client, destination);
         };
         let result = tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await;
         let label = match &result {
@@ -218,7 +235,7 @@ impl ClientSetup {
             .with_label_values(&[&self.listener, label])
             .inc();
         match result {
-            Ok(Ok(s)) => Some((ClientIo::Tls(Box::new(s)), client)),
+            Ok(Ok(s)) => done(ClientIo::Tls(Box::new(s)), client, destination),
             Ok(Err(e)) => {
                 tracing::debug!(listener = %self.listener, peer = %client, error = %e, "TLS handshake failed");
                 None

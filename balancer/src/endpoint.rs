@@ -161,13 +161,16 @@ impl Endpoint {
     }
 
     /// Returns a connection whose last response is complete. A full pool closes its
-    /// oldest connection for it (the oldest may belong to a client that left, when
-    /// connections carry a PROXY header and serve one client only).
+    /// oldest connection for it. Connections that carry a PROXY header serve one client
+    /// connection only: returning one also closes those whose client has left.
     pub fn checkin(&self, conn: UpConn) {
         if self.is_retired() || self.max_idle == 0 {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.is_owned() {
+            idle.retain(|(c, _)| !c.is_orphan());
+        }
         if idle.len() >= self.max_idle {
             idle.pop_front();
         }

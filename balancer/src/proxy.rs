@@ -51,6 +51,15 @@ pub struct ConnInfo {
     /// The address the client connected to (the destination of PROXY headers sent
     /// upstream); `None`: the instance's address stands in.
     pub local: Option<SocketAddr>,
+    /// Made on first use: upstream connections that sent a PROXY header for this client
+    /// connection hold a `Weak` of it, serve it only, and are closed once it is gone.
+    owner: std::sync::OnceLock<Arc<()>>,
+}
+
+impl ConnInfo {
+    pub fn owner(&self) -> &Arc<()> {
+        self.owner.get_or_init(Arc::default)
+    }
 }
 
 impl ConnInfo {
@@ -64,6 +73,7 @@ impl ConnInfo {
             shared,
             tls: false,
             local: None,
+            owner: std::sync::OnceLock::new(),
         }
     }
 }
@@ -195,7 +205,8 @@ async fn connect(
         None => tokio::time::timeout(timeout, UpConn::connect(ep.addr)).await,
         Some(opts) => {
             let local = conn.local.unwrap_or(ep.addr);
-            let open = UpConn::connect_with(ep.addr, opts, conn.peer, local);
+            let owner = opts.proxy.map(|_| conn.owner());
+            let open = UpConn::connect_with(ep.addr, opts, conn.peer, local, owner);
             tokio::time::timeout(timeout, open).await
         }
     };
@@ -473,7 +484,8 @@ where
         // cannot be resent, so its pooled connection is checked first.
         let mut up = None;
         let opts = ctx.route.upstream.as_ref();
-        while let Some(mut pooled) = ep.checkout(ctx.start, |c| c.fits(opts, conn.peer)) {
+        let owner = opts.filter(|o| o.proxy.is_some()).map(|_| conn.owner());
+        while let Some(mut pooled) = ep.checkout(ctx.start, |c| c.fits(opts, owner)) {
             if !has_body || pooled.looks_alive() {
                 up = Some(pooled);
                 break;

@@ -166,12 +166,15 @@ pub fn spawn_listener(
             tokio::spawn(async move {
                 let _guard = guard;
                 // PROXY header and TLS first: `peer` becomes the real client.
-                let Some((stream, peer)) = setup.accept(stream, peer).await else {
+                let Some(accepted) = setup.accept(stream, peer).await else {
                     return;
                 };
+                let (stream, peer) = (accepted.io, accepted.client);
                 let mut info = ConnInfo::new(name, peer, shared);
                 info.tls = stream.is_tls();
-                info.local = if local_per_conn {
+                info.local = if accepted.destination.is_some() {
+                    accepted.destination
+                } else if local_per_conn {
                     stream.tcp().local_addr().ok()
                 } else {
                     bound

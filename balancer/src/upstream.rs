@@ -87,12 +87,14 @@ impl UpConn {
     }
 
     /// A connection for a service with upstream options (PROXY header, TLS); `client` and
-    /// `local` are the addresses the PROXY header announces.
+    /// `local` are the addresses the PROXY header announces, `owner` the token of the
+    /// client connection it then belongs to (with a PROXY header only).
     pub async fn connect_with(
         addr: SocketAddr,
         opts: &Arc<UpstreamOpts>,
         client: SocketAddr,
         local: SocketAddr,
+        owner: Option<&Arc<()>>,
     ) -> io::Result<Self> {
         let io = upstream_io::open(addr, opts, client, local).await?;
         Ok(Self {
@@ -100,19 +102,30 @@ impl UpConn {
             buf: BytesMut::new(),
             origin: Some(Box::new(Origin {
                 opts: opts.clone(),
-                owner: opts.proxy.map(|_| client),
+                owner: owner.map(Arc::downgrade),
             })),
         })
     }
 
-    /// Whether this (pooled) connection may carry a request of `client` to a service with
-    /// upstream options `opts`.
-    pub fn fits(&self, opts: Option<&Arc<UpstreamOpts>>, client: SocketAddr) -> bool {
+    /// Whether this (pooled) connection may carry a request to a service with upstream
+    /// options `opts` from the client connection `owner` (its token; `None` without a
+    /// PROXY header).
+    pub fn fits(&self, opts: Option<&Arc<UpstreamOpts>>, owner: Option<&Arc<()>>) -> bool {
         match (&self.origin, opts) {
             (None, None) => true,
-            (Some(o), Some(opts)) => o.fits(opts, client),
+            (Some(o), Some(opts)) => o.fits(opts, owner),
             _ => false,
         }
+    }
+
+    /// It belongs to one client connection (it sent a PROXY header).
+    pub fn is_owned(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| o.owner.is_some())
+    }
+
+    /// It belonged to a client connection that has closed.
+    pub fn is_orphan(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| o.is_orphan())
     }
 
     /// False when the upstream has closed the idle connection (or sent something

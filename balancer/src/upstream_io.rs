@@ -6,7 +6,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -25,17 +25,29 @@ pub enum UpIo {
 /// How a connection with upstream options was opened. A pooled connection only serves
 /// requests that would have opened it the same way: the same options (a reload builds new
 /// ones, so connections opened under the old ones age out) and, when a PROXY header was
-/// sent, the same client — like HAProxy, which never reuses a `send-proxy` connection for
-/// another source, since the upstream believes the header it read.
+/// sent, the same client connection — like HAProxy's private `send-proxy` connections,
+/// since the upstream believes the header it read once.
 pub struct Origin {
     pub opts: Arc<UpstreamOpts>,
-    /// The client named in the PROXY header.
-    pub owner: Option<SocketAddr>,
+    /// The client connection named in the PROXY header (its token, see
+    /// `proxy::ConnInfo::owner`): dead once that connection is gone.
+    pub owner: Option<Weak<()>>,
 }
 
 impl Origin {
-    pub fn fits(&self, opts: &Arc<UpstreamOpts>, client: SocketAddr) -> bool {
-        Arc::ptr_eq(&self.opts, opts) && self.owner.is_none_or(|o| o == client)
+    pub fn fits(&self, opts: &Arc<UpstreamOpts>, owner: Option<&Arc<()>>) -> bool {
+        Arc::ptr_eq(&self.opts, opts)
+            && match (&self.owner, owner) {
+                (None, _) => true,
+                // A live Weak keeps its allocation, so the address cannot be reused.
+                (Some(mine), Some(theirs)) => std::ptr::eq(mine.as_ptr(), Arc::as_ptr(theirs)),
+                (Some(_), None) => false,
+            }
+    }
+
+    /// It served a client connection that has closed: nobody may reuse it.
+    pub fn is_orphan(&self) -> bool {
+        self.owner.as_ref().is_some_and(|w| w.strong_count() == 0)
     }
 }
 

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use l4kit::{WAIT, metric};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use wharf_tests::TestPki;
@@ -39,6 +40,8 @@ struct Seen {
 struct HttpBackend {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Ids of the connections the balancer closed.
+    closed: Arc<Mutex<Vec<u64>>>,
     accepted: Arc<AtomicU64>,
     _kill: watch::Sender<bool>,
 }
@@ -48,9 +51,10 @@ impl HttpBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(Mutex::new(Vec::new()));
         let accepted = Arc::new(AtomicU64::new(0));
         let (kill, mut kill_rx) = watch::channel(false);
-        let (seen_in, acc) = (seen.clone(), accepted.clone());
+        let (seen_in, acc, closed_in) = (seen.clone(), accepted.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = tokio::select! {
@@ -59,6 +63,7 @@ impl HttpBackend {
                 };
                 let id = acc.fetch_add(1, Ordering::Relaxed) + 1;
                 let (seen, tls, kill_rx) = (seen_in.clone(), tls.clone(), kill_rx.clone());
+                let closed = closed_in.clone();
                 tokio::spawn(async move {
                     let mut record = Seen {
                         id,
@@ -88,12 +93,14 @@ impl HttpBackend {
                             serve(s, record, alpn, kill_rx).await
                         }
                     }
+                    closed.lock().unwrap().push(id);
                 });
             }
         });
         Ok(Self {
             addr,
             seen,
+            closed,
             accepted,
             _kill: kill,
         })
@@ -167,6 +174,7 @@ fn conn_of(body: &str) -> &str {
 async fn proxy_header_once_per_upstream_connection_with_the_client_address() -> Result<()> {
     let v2 = HttpBackend::start(true, None).await?;
     let v1 = HttpBackend::start(true, None).await?;
+    let front = wharf_tests::free_port()?;
     let config = format!(
         r#"
 [admin]
@@ -177,6 +185,13 @@ bind = "127.0.0.1:@PORT@"
   [[listener.route]]
   path_prefix = "/v1/"
   service = "old"
+  [[listener.route]]
+  service = "app"
+[[listener]]
+name = "behind-lb"
+bind = "127.0.0.1:{front}"
+  [listener.proxy_protocol]
+  trusted = ["127.0.0.0/8"]
   [[listener.route]]
   service = "app"
 [[service]]
@@ -251,6 +266,42 @@ proxy_protocol = "v1"
     let seen = v1.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].destination, Some(listen));
+
+    // Behind a front balancer (accept-proxy): the addresses it announced are relayed.
+    let (src, dst): (SocketAddr, SocketAddr) =
+        ("198.51.100.7:1234".parse()?, "192.0.2.1:443".parse()?);
+    let mut s = TcpStream::connect(("127.0.0.1", front)).await?;
+    s.write_all(&balancer::proxy_protocol::encode_v1(src, dst))
+        .await?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/x")
+        .header("host", "lb.test")
+        .body(Full::new(Bytes::new()))?;
+    let resp = tokio::time::timeout(WAIT, tx.send_request(req)).await??;
+    let text = resp.into_body().collect().await?.to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("src=198.51.100.7:1234"));
+    let last = v2.seen().pop().context("no connection")?;
+    assert_eq!((last.source, last.destination), (Some(src), Some(dst)));
+
+    // Client A leaves: its upstream connection, which nobody else may use, is closed
+    // (when the next connection comes back to the pool) instead of idling there.
+    let a_id: u64 = a_conn
+        .as_deref()
+        .and_then(|c| c.strip_prefix("conn="))
+        .context("id")?
+        .parse()?;
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    while !v2.closed.lock().unwrap().contains(&a_id) {
+        assert!(
+            Instant::now() < deadline,
+            "A's upstream connection still open"
+        );
+        b.send("/y", None).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*v2.closed.lock().unwrap(), vec![a_id]);
     Ok(())
 }
 

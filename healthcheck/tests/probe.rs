@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 /// What a one-connection backend does once it has read the request.
 #[derive(Clone, Copy)]
 enum Act {
-    /// Writes these pieces as separate TCP segments, a pause before each.
-    Pieces(&'static [&'static str], Duration),
+    /// Writes each piece as its own TCP segment, after its pause (ms).
+    Pieces(&'static [(u64, &'static str)]),
     /// Resets the connection (zero linger).
     Reset,
     /// Closes without answering.
@@ -38,10 +38,10 @@ async fn backend(act: Act) -> Result<(SocketAddr, oneshot::Receiver<String>)> {
         let request = read_request(&mut s).await;
         let _ = tx.send(request);
         match act {
-            Act::Pieces(pieces, pause) => {
+            Act::Pieces(pieces) => {
                 let _ = s.set_nodelay(true);
-                for piece in pieces {
-                    tokio::time::sleep(pause).await;
+                for (pause_ms, piece) in pieces {
+                    tokio::time::sleep(Duration::from_millis(*pause_ms)).await;
                     if s.write_all(piece.as_bytes()).await.is_err() {
                         return;
                     }
@@ -96,9 +96,15 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn a_status_line_split_over_several_segments_is_put_together() -> Result<()> {
-    let pieces: &[&str] = &["HT", "TP/1.1 2", "04", " No Content\r\n\r\n"];
-    let (outcome, verdict, request) =
-        probe(Act::Pieces(pieces, Duration::from_millis(30)), TIMEOUT).await?;
+    // The first piece is there for the first read (before the event loop is involved),
+    // the rest arrives later, bit by bit.
+    let pieces = &[
+        (0, "HT"),
+        (30, "TP/1.1 2"),
+        (30, "04"),
+        (30, " No Content\r\n\r\n"),
+    ];
+    let (outcome, verdict, request) = probe(Act::Pieces(pieces), TIMEOUT).await?;
     assert_eq!(outcome, Outcome::Status(204));
     assert_eq!(verdict, Verdict::Pass);
     // The whole request arrived, with the headers a backend uses to check who asks.
@@ -113,11 +119,12 @@ async fn a_status_line_split_over_several_segments_is_put_together() -> Result<(
 
 #[tokio::test]
 async fn fast_and_slow_answers_are_both_read() -> Result<()> {
-    let answer: &[&str] = &["HTTP/1.1 503 Service Unavailable\r\n\r\n"];
     // At once (read without the event loop) and well after the first read (through it).
-    for pause in [Duration::ZERO, Duration::from_millis(80)] {
+    let fast = &[(0, "HTTP/1.1 503 Service Unavailable\r\n\r\n")];
+    let slow = &[(80, "HTTP/1.1 503 Service Unavailable\r\n\r\n")];
+    for (answer, pause) in [(fast, Duration::ZERO), (slow, Duration::from_millis(80))] {
         let started = Instant::now();
-        let (outcome, verdict, _) = probe(Act::Pieces(answer, pause), TIMEOUT).await?;
+        let (outcome, verdict, _) = probe(Act::Pieces(answer), TIMEOUT).await?;
         assert_eq!(outcome, Outcome::Status(503), "pause {pause:?}");
         assert_eq!(verdict, Verdict::Fail);
         assert!(started.elapsed() >= pause);
@@ -127,13 +134,13 @@ async fn fast_and_slow_answers_are_both_read() -> Result<()> {
 
 #[tokio::test]
 async fn an_answer_that_is_not_http_fails() -> Result<()> {
-    let ssh: &[&str] = &["SSH-2.0-OpenSSH_9.6\r\n"];
-    let (outcome, verdict, _) = probe(Act::Pieces(ssh, Duration::ZERO), TIMEOUT).await?;
+    let ssh = &[(0, "SSH-2.0-OpenSSH_9.6\r\n")];
+    let (outcome, verdict, _) = probe(Act::Pieces(ssh), TIMEOUT).await?;
     assert_eq!(outcome, Outcome::Malformed);
     assert_eq!(verdict, Verdict::Fail);
     // Bad from the first bytes: no need to wait for more.
-    let http2: &[&str] = &["HTTP/2 200\r\n\r\n"];
-    let (outcome, _, _) = probe(Act::Pieces(http2, Duration::ZERO), TIMEOUT).await?;
+    let http2 = &[(0, "HTTP/2 200\r\n\r\n")];
+    let (outcome, _, _) = probe(Act::Pieces(http2), TIMEOUT).await?;
     assert_eq!(outcome, Outcome::Malformed);
     Ok(())
 }

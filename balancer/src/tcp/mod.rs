@@ -200,9 +200,10 @@ async fn handle(
     shutdown: watch::Receiver<bool>,
 ) {
     let setup = ctx.setup.load_full();
-    let Some((client, client_addr)) = setup.accept(stream, peer).await else {
+    let Some(accepted) = setup.accept(stream, peer).await else {
         return;
     };
+    let (client, client_addr) = (accepted.io, accepted.client);
     let start = Instant::now();
     let table = ctx.shared.table.load_full();
     let Some(lt) = table.listener(&ctx.name) else {
@@ -231,7 +232,10 @@ async fn handle(
     let _in_flight = ep.start_request();
     let opts = ctx.upstreams.load().get(&*svc.name).cloned();
     if let Some(v) = opts.as_ref().and_then(|o| o.proxy) {
-        let dst = client.tcp().local_addr().unwrap_or(ep.addr);
+        let dst = accepted
+            .destination
+            .or_else(|| client.tcp().local_addr().ok())
+            .unwrap_or(ep.addr);
         let header = match v {
             ProxyVersion::V1 => proxy_protocol::encode_v1(client_addr, dst),
             ProxyVersion::V2 => proxy_protocol::encode_v2(client_addr, dst),

@@ -8,7 +8,10 @@
 //! written), and the checker's own counters (scraped from its /metrics) say what it did in
 //! it: probes by result, probes discarded by the starved-checker guard, mark writes.
 //!
-//! Usage: [CHECK=tcp] healthcheck_scale <path/to/healthcheck> [instances] [window-seconds]
+//! `FLOOR=1` runs no checker: one thread makes the probes' bare system calls at the same
+//! rate, which measures what the kernel alone costs per probe on this box.
+//!
+//! Usage: [CHECK=tcp] [FLOOR=1] healthcheck_scale <path/to/healthcheck> [instances] [window-seconds]
 //! [checker args…]
 //! (bench/healthcheck-scale.sh builds everything in release mode and runs it.)
 
@@ -162,6 +165,63 @@ async fn scrape(admin: SocketAddr) -> Result<Counters> {
     Ok(c)
 }
 
+/// CPU seconds (user + system) of the calling thread.
+fn thread_cpu_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
+    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / 100.0)
+}
+
+/// The kernel's share, measured without the checker: one thread making exactly the system
+/// calls of the checker's fast path (`socket`, `setsockopt` zero linger, `connect`,
+/// `sendto`, `recvfrom` about a millisecond later, `close`) against the same backends, `rate`
+/// probes a second for `window`. Returns (CPU seconds of the thread, probes, seconds).
+fn floor(endpoints: &[SocketAddr], rate: usize, window: Duration) -> Result<(f64, u64, f64)> {
+    use socket2::{Domain, Socket, Type};
+    use std::io::Read;
+    const REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: wharf-healthcheck\r\n\
+        X-Wharf-Instance: n1-app-0-1\r\nX-Wharf-Checker: bench-hc\r\nAccept: */*\r\nConnection: close\r\n\r\n";
+    let per_ms = rate.div_ceil(1000);
+    let mut in_flight: Vec<Socket> = Vec::new();
+    let (mut next, mut probes) = (0usize, 0u64);
+    let started = Instant::now();
+    let cpu0 = thread_cpu_seconds()?;
+    let mut tick = started;
+    while started.elapsed() < window {
+        // Answers to last millisecond's requests; a dropped socket is closed with a RST.
+        in_flight.retain(|s| {
+            let mut buf = [0u8; 32];
+            match (&*s).read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                _ => {
+                    probes += 1;
+                    false
+                }
+            }
+        });
+        for _ in 0..per_ms {
+            let addr = endpoints[next % endpoints.len()];
+            next += 1;
+            let s = Socket::new(Domain::IPV4, Type::STREAM.nonblocking(), None)?;
+            s.set_linger(Some(Duration::ZERO))?;
+            match s.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let _ = s.send(REQUEST);
+            in_flight.push(s);
+        }
+        tick += Duration::from_millis(1);
+        if let Some(wait) = tick.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let cpu = thread_cpu_seconds()? - cpu0;
+    Ok((cpu, probes, started.elapsed().as_secs_f64()))
+}
+
 async fn count_passing(store: &EtcdStore, ks: &Keyspace) -> Result<usize> {
     let listing = store.list(&[ks.services()]).await?;
     Ok(listing
@@ -183,8 +243,13 @@ async fn main() -> Result<()> {
     // CHECK=tcp: TCP connect checks instead of HTTP GETs (the backends then count nothing).
     let tcp_checks = std::env::var("CHECK").is_ok_and(|v| v == "tcp");
 
-    let etcd = EtcdServer::start()?;
-    let store = etcd.store().await?;
+    // FLOOR=1: no checker, no etcd; the bare system calls of the probes (see `floor`).
+    let floor_only = std::env::var("FLOOR").is_ok_and(|v| v == "1");
+    let etcd = if floor_only {
+        None
+    } else {
+        Some(EtcdServer::start()?)
+    };
     let ks = Keyspace::default();
 
     // Listeners: 127.0.0.1..=20, 5 ports each.
@@ -198,6 +263,28 @@ async fn main() -> Result<()> {
             tokio::spawn(serve(l, hits.clone()));
         }
     }
+    let Some(etcd) = etcd else {
+        let (endpoints, load0) = (endpoints.clone(), load_average());
+        let hits0 = hits.load(Ordering::Relaxed);
+        let (cpu, probes, secs) =
+            tokio::task::spawn_blocking(move || floor(&endpoints, instances, window)).await??;
+        println!(
+            "bare probe loop, one thread, {secs:.1} s (load average {load0} at start, {} at end):",
+            load_average()
+        );
+        println!(
+            "  CPU              {:.1} % of one core, {:.1} µs per probe",
+            cpu * 100.0 / secs,
+            cpu * 1e6 / probes.max(1) as f64
+        );
+        println!(
+            "  probes           {:.0} /s, {:.0} /s answered by the backends",
+            probes as f64 / secs,
+            (hits.load(Ordering::Relaxed) - hits0) as f64 / secs
+        );
+        return Ok(());
+    };
+    let store = etcd.store().await?;
 
     // Catalog: SERVICES services, instances spread over every listener, 1 s HTTP checks.
     for s in 0..SERVICES {
