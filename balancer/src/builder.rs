@@ -20,6 +20,7 @@ use crate::table::{
     Group, HostMatch, ListenerSettings, ListenerTable, Member, Route, RoutingTable, ServiceShared,
     ServiceTable,
 };
+use crate::tcp::UpstreamOpts;
 
 /// Why an instance is (not) routable; also the `state` label of `balancer_backends`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub struct TableBuilder {
     first_catalog: bool,
     up_labels: HashSet<EpKey>,
     backend_states: HashSet<(Arc<str>, &'static str)>,
+    /// Per-service upstream options (PROXY header, TLS), copied into every route.
+    upstreams: Arc<HashMap<String, Arc<UpstreamOpts>>>,
 }
 
 impl TableBuilder {
@@ -92,6 +95,7 @@ impl TableBuilder {
             first_catalog: true,
             up_labels: HashSet::new(),
             backend_states: HashSet::new(),
+            upstreams: Arc::default(),
         };
         b.rebuild_static(true);
         b
@@ -103,6 +107,12 @@ impl TableBuilder {
 
     pub fn catalog(&self) -> &CatalogView {
         &self.catalog
+    }
+
+    /// The upstream options the next tables carry (built with the configuration by
+    /// `tcp::upstream_map`, which loads CA files).
+    pub fn set_upstreams(&mut self, upstreams: Arc<HashMap<String, Arc<UpstreamOpts>>>) {
+        self.upstreams = upstreams;
     }
 
     /// A new configuration (SIGHUP): static services and listeners are rebuilt, endpoints
@@ -489,6 +499,7 @@ impl TableBuilder {
                     host: HostMatch::parse(r.host.as_deref()),
                     path_prefix: r.path_prefix.as_str().into(),
                     unpicked: self.class_counters(&lname, &sname, &none),
+                    upstream: self.upstreams.get(&*sname).cloned(),
                     service_name: sname,
                     service,
                     by_version,

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::ListenerConfig;
-use crate::l4config::Cidr;
+use crate::l4config::{AcceptProxy, Cidr, ListenerTls};
 use crate::l4metrics::L4Metrics;
 use crate::proxy_protocol::{self, ProxyError};
 use crate::tls::TlsListener;
@@ -107,6 +107,43 @@ impl AsyncWrite for ClientIo {
 /// first (SMTP, MySQL…) is let through after it.
 const SNIFF: Duration = Duration::from_millis(200);
 
+/// The configuration a [`ClientSetup`] was built from: a SIGHUP that changes it gives a
+/// surviving listener a new setup (its accept loop reads the current one per connection),
+/// without touching the listening socket or established connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetupConfig {
+    tls: Option<ListenerTls>,
+    proxy: Option<AcceptProxy>,
+    handshake_timeout: Duration,
+}
+
+impl SetupConfig {
+    pub fn tls(&self) -> Option<&ListenerTls> {
+        self.tls.as_ref()
+    }
+
+    pub fn of(l: &ListenerConfig) -> Self {
+        Self {
+            tls: l.tls.clone(),
+            proxy: l.proxy_protocol.clone(),
+            handshake_timeout: l.header_read_timeout,
+        }
+    }
+}
+
+/// A listener's setup, swapped whole on SIGHUP.
+pub type SharedSetup = Arc<arc_swap::ArcSwap<ClientSetup>>;
+
+/// An accepted client connection, ready for the server loops.
+pub struct Accepted {
+    pub io: ClientIo,
+    /// The real client: the socket's peer, or the source a trusted PROXY header announced.
+    pub client: SocketAddr,
+    /// The destination a trusted PROXY header announced (relayed in PROXY headers sent
+    /// upstream, as HAProxy does); `None`: the socket's own local address.
+    pub destination: Option<SocketAddr>,
+}
+
 /// A listener's pre-proxy steps.
 pub struct ClientSetup {
     pub listener: Arc<str>,
@@ -116,6 +153,8 @@ pub struct ClientSetup {
     /// Time for the PROXY header and the TLS handshake together.
     pub handshake_timeout: Duration,
     pub metrics: Arc<L4Metrics>,
+    /// What it was built from.
+    pub config: SetupConfig,
 }
 
 impl ClientSetup {
@@ -126,6 +165,7 @@ impl ClientSetup {
             proxy: l.proxy_protocol.as_ref().map(|p| p.cidrs()),
             handshake_timeout: l.header_read_timeout,
             metrics,
+            config: SetupConfig::of(l),
         }
     }
 
@@ -144,21 +184,28 @@ impl ClientSetup {
 
     /// PROXY header, then TLS. `None`: the connection was refused or failed (logged and
     /// counted); the caller just drops it.
-    pub async fn accept(
-        &self,
-        mut tcp: TcpStream,
-        peer: SocketAddr,
-    ) -> Option<(ClientIo, SocketAddr)> {
+    pub async fn accept(&self, mut tcp: TcpStream, peer: SocketAddr) -> Option<Accepted> {
+        let done = |io, client, destination| {
+            Some(Accepted {
+                io,
+                client,
+                destination,
+            })
+        };
         if self.is_passthrough() {
-            return Some((ClientIo::Plain(tcp), peer));
+            return done(ClientIo::Plain(tcp), peer, None);
         }
         let deadline = tokio::time::Instant::now() + self.handshake_timeout;
         let mut client = peer;
+        let mut destination = None;
         if let Some(trusted) = &self.proxy {
             if trusted.iter().any(|c| c.contains(peer.ip())) {
                 match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut tcp)).await
                 {
-                    Ok(Ok(h)) => client = h.source.unwrap_or(peer),
+                    Ok(Ok(h)) => {
+                        client = h.source.unwrap_or(peer);
+                        destination = h.destination;
+                    }
                     Ok(Err(e)) => {
                         let reason = match e {
                             ProxyError::Missing => "missing",
@@ -179,7 +226,7 @@ impl ClientSetup {
             }
         }
         let Some(tls) = &self.tls else {
-            return Some((ClientIo::Plain(tcp), client));
+            return done(ClientIo::Plain(tcp), client, destination);
         };
         let result = tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp)).await;
         let label = match &result {
@@ -192,7 +239,7 @@ impl ClientSetup {
             .with_label_values(&[&self.listener, label])
             .inc();
         match result {
-            Ok(Ok(s)) => Some((ClientIo::Tls(Box::new(s)), client)),
+            Ok(Ok(s)) => done(ClientIo::Tls(Box::new(s)), client, destination),
             Ok(Err(e)) => {
                 tracing::debug!(listener = %self.listener, peer = %client, error = %e, "TLS handshake failed");
                 None

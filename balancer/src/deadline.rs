@@ -16,11 +16,20 @@ pub struct Elapsed;
 
 /// Runs `fut` until it finishes or `dur` has passed, using `timer` for the wake-up.
 pub async fn within<F: Future>(
-    mut timer: Pin<&mut Sleep>,
+    timer: Pin<&mut Sleep>,
     dur: Duration,
     fut: F,
 ) -> Result<F::Output, Elapsed> {
-    let deadline = Instant::now() + dur;
+    within_at(timer, Instant::now() + dur, fut).await
+}
+
+/// Runs `fut` until it finishes or `deadline` has passed (for a caller that already read
+/// the clock).
+pub async fn within_at<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    fut: F,
+) -> Result<F::Output, Elapsed> {
     if timer.deadline() > deadline || timer.is_elapsed() {
         timer.as_mut().reset(deadline);
     }

@@ -5,6 +5,7 @@
 //! in-flight count or outlier state. When it stops being routable it is `retire`d: idle
 //! connections are closed at once, busy ones close when their request finishes.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -34,7 +35,7 @@ pub struct Endpoint {
     /// Idle connections, most recently used last. The mutex is held for a push or a pop
     /// only (never across an await), like hyper-util's pool; on one worker thread it is
     /// never contended.
-    idle: Mutex<Vec<(UpConn, Instant)>>,
+    idle: Mutex<VecDeque<(UpConn, Instant)>>,
     max_idle: usize,
     idle_timeout: Duration,
     /// Answers, errors and latencies for the status page (relaxed atomics only).
@@ -64,7 +65,7 @@ impl Endpoint {
                 .filter(|d| !d.is_zero())
                 .map(|d| (Instant::now(), d)),
             retired: AtomicBool::new(false),
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
             stats: Default::default(),
@@ -140,29 +141,40 @@ impl Endpoint {
         drop(idle);
     }
 
-    /// The most recently used idle connection not older than the idle timeout, if any.
-    /// Whether the upstream closed it meanwhile is not checked here (that costs a
-    /// syscall): a body-less idempotent request is resent if it was, others check
-    /// [`UpConn::looks_alive`] first.
-    pub fn checkout(&self) -> Option<UpConn> {
+    /// The most recently used idle connection that `fits` (see [`UpConn::fits`]: plain
+    /// connections always do for a plain service, so this is a pop) and is not older than
+    /// the idle timeout, if any. Whether the upstream closed it meanwhile is not checked
+    /// here (that costs a syscall): a body-less idempotent request is resent if it was,
+    /// others check [`UpConn::looks_alive`] first. `now`: the request's start (one clock
+    /// read per request).
+    pub fn checkout(&self, now: Instant, fits: impl Fn(&UpConn) -> bool) -> Option<UpConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < self.idle_timeout {
+        while let Some(i) = idle.iter().rposition(|(c, _)| fits(c)) {
+            let Some((conn, since)) = idle.remove(i) else {
+                break;
+            };
+            if now.saturating_duration_since(since) < self.idle_timeout {
                 return Some(conn);
             }
         }
         None
     }
 
-    /// Returns a connection whose last response is complete.
+    /// Returns a connection whose last response is complete. A full pool closes its
+    /// oldest connection for it. Connections that carry a PROXY header serve one client
+    /// connection only: returning one also closes those whose client has left.
     pub fn checkin(&self, conn: UpConn) {
-        if self.is_retired() {
+        if self.is_retired() || self.max_idle == 0 {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.max_idle {
-            idle.push((conn, Instant::now()));
+        if conn.is_owned() {
+            idle.retain(|(c, _)| !c.is_orphan());
         }
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
+        }
+        idle.push_back((conn, Instant::now()));
     }
 
     /// Drops every idle connection: one turned out closed by the upstream, the others

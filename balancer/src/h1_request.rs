@@ -16,6 +16,8 @@ use crate::upstream::{has_token, last_token_is, parse_length};
 
 /// Header lines parsed on the stack; a larger `max_headers` uses a heap array.
 const STACK_HEADERS: usize = 128;
+/// Header positions kept on the stack; a head with more lines uses a heap array.
+const STACK_SPANS: usize = 24;
 
 /// Why a head was refused. Every case closes the connection after the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -89,9 +91,10 @@ pub fn parse(
     let span = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
     let path = span(req.path.unwrap_or("").as_bytes());
     let count = req.headers.len();
-    let mut stack_spans = [((0, 0), (0, 0)); STACK_HEADERS];
+    // Small on purpose: the array is zeroed for every request.
+    let mut stack_spans = [((0, 0), (0, 0)); STACK_SPANS];
     let mut heap_spans = Vec::new();
-    let spans = if count <= STACK_HEADERS {
+    let spans = if count <= STACK_SPANS {
         &mut stack_spans[..count]
     } else {
         heap_spans.resize(count, ((0, 0), (0, 0)));

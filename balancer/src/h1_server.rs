@@ -27,6 +27,7 @@ use tokio::time::Sleep;
 use crate::body::RespBody;
 use crate::chunked::{self, Decoder, Step};
 use crate::deadline;
+use crate::h1_head::Lines;
 use crate::h1_request::{self, BodyKind, HeadError, Parsed};
 use crate::proxy::{self, ClientUpgrade, ConnInfo};
 use crate::server::ConnSettings;
@@ -101,7 +102,7 @@ pub async fn serve<IO>(
                 };
                 tracing::debug!(client = %info.peer, error = %e, "refused request head");
                 let resp = proxy::plain(status, msg, true);
-                let _ = write_response(&mut io, resp, false, Version::HTTP_11, false).await;
+                let _ = write_response(&mut io, resp, None, false, Version::HTTP_11, false).await;
                 let _ = io.shutdown().await;
                 return;
             }
@@ -137,9 +138,15 @@ pub async fn serve<IO>(
             buf: &mut buf,
             state: &mut state,
         };
-        let resp =
-            proxy::serve_request(request.map(|()| body), upgrade, &info, Some(timer.as_mut()))
-                .await;
+        let mut lines = None;
+        let resp = proxy::serve_request(
+            request.map(|()| body),
+            upgrade,
+            &info,
+            Some(timer.as_mut()),
+            Some(&mut lines),
+        )
+        .await;
         // A body the upstream did not take leaves the stream mid-message: close after.
         if state != BodyState::Done || *shutdown.borrow() {
             keep_alive = false;
@@ -147,7 +154,7 @@ pub async fn serve<IO>(
         let resp = match resp.into_parts() {
             (parts, RespBody::Tunnel(Some(tunnel))) => {
                 let head = Response::from_parts(parts, RespBody::empty());
-                if write_response(&mut io, head, false, version, true)
+                if write_response(&mut io, head, None, false, version, true)
                     .await
                     .is_ok()
                 {
@@ -157,7 +164,7 @@ pub async fn serve<IO>(
             }
             (parts, body) => Response::from_parts(parts, body),
         };
-        match write_response(&mut io, resp, is_head, version, keep_alive).await {
+        match write_response(&mut io, resp, lines, is_head, version, keep_alive).await {
             Ok(true) => {}
             Ok(false) => {
                 let _ = io.shutdown().await;
@@ -337,10 +344,12 @@ impl<IO: AsyncRead + Unpin> Body for H1Body<'_, IO> {
     }
 }
 
-/// Writes a response; returns whether the connection stays open.
+/// Writes a response (its header lines: the response's map, then `lines` already encoded
+/// from an upstream's head); returns whether the connection stays open.
 async fn write_response<IO: AsyncWrite + Unpin>(
     io: &mut IO,
     resp: Response<RespBody>,
+    lines: Option<Lines>,
     is_head: bool,
     version: Version,
     mut keep_alive: bool,
@@ -360,28 +369,47 @@ async fn write_response<IO: AsyncWrite + Unpin>(
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+    let has_length = parts.headers.contains_key(header::CONTENT_LENGTH)
+        || lines.as_ref().is_some_and(|l| l.has_length);
     let known = match &body {
         RespBody::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
         RespBody::Upstream(None) | RespBody::Tunnel(_) => Some(0),
         RespBody::Upstream(Some(_)) => body.size_hint().exact(),
     };
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
-    out.extend_from_slice(if version == Version::HTTP_10 {
+    let proto: &[u8] = if version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
         b"HTTP/1.1 "
-    });
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (n, v) in &parts.headers {
-        if (n == header::CONNECTION && !switching) || n == header::TRANSFER_ENCODING {
-            continue;
+    };
+    let status_line = proto
+        .iter()
+        .chain(status.as_str().as_bytes())
+        .chain(b" ")
+        .chain(status.canonical_reason().unwrap_or("").as_bytes())
+        .chain(b"\r\n")
+        .copied();
+    let mut out = match lines {
+        // An upstream's answer: its lines' buffer (sized for the status line and the body
+        // bytes already read, see `UpConn::parse_head`) becomes the output buffer.
+        Some(l) if parts.headers.is_empty() => {
+            let mut out = l.bytes;
+            out.splice(0..0, status_line);
+            out
         }
-        put_header(&mut out, n.as_str(), v);
-    }
+        lines => {
+            let lines = lines.map_or_else(Vec::new, |l| l.bytes);
+            let mut out = Vec::with_capacity(256 + parts.headers.len() * 48 + lines.len());
+            out.extend(status_line);
+            for (n, v) in &parts.headers {
+                if (n == header::CONNECTION && !switching) || n == header::TRANSFER_ENCODING {
+                    continue;
+                }
+                put_header(&mut out, n.as_str(), v);
+            }
+            out.extend_from_slice(&lines);
+            out
+        }
+    };
     let mut chunked = false;
     if !no_body && !has_length && !switching {
         match known {

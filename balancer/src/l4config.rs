@@ -14,7 +14,7 @@ use crate::config::{ConfigError, LbConfig, ListenerProtocol};
 
 /// `[listener.tls]`: certificates chosen by SNI, the first (or the one marked `default`)
 /// for clients that send no or an unknown name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
     #[serde(rename = "certificate")]
@@ -26,7 +26,7 @@ pub struct ListenerTls {
 }
 
 /// `[[listener.tls.certificate]]`: a PEM chain and its key, reloaded when either changes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertConfig {
     pub cert: Spanned<PathBuf>,
@@ -42,7 +42,7 @@ pub struct CertConfig {
 
 /// `[listener.proxy_protocol]`: PROXY v1/v2 headers are required from `trusted` sources and
 /// rejected from everyone else.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AcceptProxy {
     pub trusted: Vec<Spanned<String>>,

@@ -24,6 +24,7 @@ pub mod client_io;
 pub mod config;
 pub mod deadline;
 pub mod endpoint;
+pub mod h1_head;
 pub mod h1_request;
 pub mod h1_server;
 pub mod l4config;
@@ -40,6 +41,7 @@ pub mod tcp;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod upstream_io;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,6 +78,11 @@ pub enum Control {
     Reload,
     /// Stop accepting, finish in-flight requests, return (SIGTERM).
     Shutdown,
+    /// A self-upgrade handed the sockets to a new process that is ready: shut down like
+    /// [`Control::Shutdown`], and leave the admin port to the new process at once (stop
+    /// accepting on it, close admin connections after their current answer), so that
+    /// `/metrics`, `/healthz` and `/api/status` describe the serving process only.
+    HandOver,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,15 +166,17 @@ pub async fn run<S: Store>(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    let upstreams = Arc::new(
+        tcp::upstream_map(&opts.config)
+            .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
+    );
     let l4 = L4Ctx {
         metrics: Arc::new(l4metrics::L4Metrics::register(&metrics.registry)),
-        upstreams: Arc::new(arc_swap::ArcSwap::from_pointee(
-            tcp::upstream_map(&opts.config)
-                .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
-        )),
+        upstreams: Arc::new(arc_swap::ArcSwap::new(upstreams.clone())),
         handover: opts.handover.clone(),
     };
     let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
+    builder.set_upstreams(upstreams);
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(builder.table()),
         metrics: metrics.clone(),
@@ -183,9 +192,11 @@ pub async fn run<S: Store>(
         status: status.clone(),
     });
     status::sampler::spawn(admin.clone());
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
     server::spawn_admin(
         to_tokio(opts.admin).map_err(RunError::Admin)?,
         admin.clone(),
+        admin_stop_rx,
     );
 
     // Discovery: list-then-watch; the first snapshot is awaited (bounded) so that routes
@@ -259,6 +270,11 @@ pub async fn run<S: Store>(
                             reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx, &l4);
                             status.reloaded(&builder, reload_failures(&shared) > failures);
                         }
+                        Some(Control::HandOver) => {
+                            tracing::info!("handed over: the admin port is the new process's");
+                            let _ = admin_stop.send(true);
+                            break;
+                        }
                         Some(Control::Shutdown) | None => break,
                     },
                 }
@@ -299,9 +315,8 @@ fn start_listener(
     let (stop, stop_rx) = watch::channel(false);
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
-    let tls = tls::listener(l, &l4.metrics, stop_rx.clone()).map_err(|e| e.to_string())?;
+    let setup = Arc::new(ArcSwap::from_pointee(client_setup(l, l4)?));
     l4.keep(&name, &sock);
-    let setup = client_io::ClientSetup::new(l, tls, l4.metrics.clone());
     match l.protocol {
         config::ListenerProtocol::Http => server::spawn_listener(
             sock,
@@ -311,13 +326,13 @@ fn start_listener(
             tracker.clone(),
             stop_rx,
             shutdown.clone(),
-            Arc::new(setup),
+            setup.clone(),
         ),
         config::ListenerProtocol::Tcp => tcp::spawn_listener(
             sock,
             Arc::new(tcp::TcpContext::new(
                 name.as_str().into(),
-                setup,
+                setup.clone(),
                 shared.clone(),
                 l4.upstreams.clone(),
                 l4.metrics.clone(),
@@ -333,8 +348,15 @@ fn start_listener(
         name,
         bind: l.bind,
         builder,
+        setup,
         stop,
     })
+}
+
+/// A listener's PROXY / TLS steps (loads its certificates: the error names the file).
+fn client_setup(l: &config::ListenerConfig, l4: &L4Ctx) -> Result<client_io::ClientSetup, String> {
+    let tls = tls::listener(l, &l4.metrics).map_err(|e| e.to_string())?;
+    Ok(client_io::ClientSetup::new(l, tls, l4.metrics.clone()))
 }
 
 fn reload_failures(shared: &Shared) -> u64 {
@@ -392,8 +414,27 @@ fn reload(
             return;
         }
     };
-    // Listeners that stay keep their TLS and PROXY settings (certificates still follow
-    // their files); new listeners start with the new ones.
+    // Listeners that stay get new TLS / PROXY steps if theirs changed (certificates load
+    // now; a failure keeps everything as it is). Stored below, once nothing can fail: new
+    // connections use them, the socket and established connections are untouched.
+    let mut setups = Vec::new();
+    for h in handles.iter() {
+        let Some(l) = config.listeners.iter().find(|l| same(h, l)) else {
+            continue;
+        };
+        if h.setup.load().config == client_io::SetupConfig::of(l) {
+            continue;
+        }
+        match client_setup(l, l4) {
+            Ok(s) => setups.push((h.setup.clone(), s)),
+            Err(e) => {
+                tracing::error!(listener = %h.name, error = %e,
+                    "reload failed; keeping the running configuration");
+                reloads.with_label_values(&["error"]).inc();
+                return;
+            }
+        }
+    }
     let mut started = Vec::new();
     for (s, l) in fresh {
         match start_listener(s, &l, shared, tracker, shutdown, l4) {
@@ -410,7 +451,24 @@ fn reload(
             }
         }
     }
-    l4.upstreams.store(Arc::new(upstreams));
+    let upstreams = Arc::new(upstreams);
+    for (slot, setup) in setups {
+        tracing::info!(listener = %setup.listener, tls = setup.tls.is_some(),
+            proxy_protocol = setup.proxy.is_some(), "listener TLS/PROXY settings replaced");
+        let old = slot.swap(Arc::new(setup));
+        if let Some(t) = &old.tls {
+            t.stop_reloading();
+        }
+        let new = slot.load();
+        tls::forget_expiry(
+            &l4.metrics,
+            &new.listener,
+            old.config.tls(),
+            new.config.tls(),
+        );
+    }
+    l4.upstreams.store(upstreams.clone());
+    builder.set_upstreams(upstreams);
     builder.set_config(config.clone());
     shared.table.store(Arc::new(builder.table()));
     handles.retain(|h| match config.listeners.iter().find(|l| same(h, l)) {
@@ -422,6 +480,11 @@ fn reload(
             // Same name on a new address: the new listener's socket is already kept.
             if !config.listeners.iter().any(|l| *l.name.get_ref() == h.name) {
                 l4.forget(&h.name);
+                let old = h.setup.load();
+                if let Some(t) = &old.tls {
+                    t.stop_reloading();
+                }
+                tls::forget_expiry(&l4.metrics, &h.name, old.config.tls(), None);
             }
             let _ = h.stop.send(true);
             false

@@ -25,10 +25,12 @@ use tokio::time::Sleep;
 use crate::body::{Lease, RespBody, Tunnel};
 use crate::deadline;
 use crate::endpoint::{Endpoint, InFlight};
+use crate::h1_head;
 use crate::metrics::Metrics;
 use crate::outlier;
 use crate::select;
 use crate::table::{ListenerSettings, Route, RoutingTable, ServiceTable};
+use crate::tcp::UpstreamOpts;
 use crate::upstream::{self, Head, UpConn, UpError};
 
 /// State shared by every connection of every listener.
@@ -46,6 +48,18 @@ pub struct ConnInfo {
     pub shared: Arc<Shared>,
     /// The client connection is TLS: X-Forwarded-Proto is `https`.
     pub tls: bool,
+    /// The address the client connected to (the destination of PROXY headers sent
+    /// upstream); `None`: the instance's address stands in.
+    pub local: Option<SocketAddr>,
+    /// Made on first use: upstream connections that sent a PROXY header for this client
+    /// connection hold a `Weak` of it, serve it only, and are closed once it is gone.
+    owner: std::sync::OnceLock<Arc<()>>,
+}
+
+impl ConnInfo {
+    pub fn owner(&self) -> &Arc<()> {
+        self.owner.get_or_init(Arc::default)
+    }
 }
 
 impl ConnInfo {
@@ -58,6 +72,8 @@ impl ConnInfo {
             peer_ip,
             shared,
             tls: false,
+            local: None,
+            owner: std::sync::OnceLock::new(),
         }
     }
 }
@@ -72,27 +88,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Tokens of a `Connection` header that name no extra header to remove: the usual
-/// `keep-alive` / `close`, and `upgrade` (handled by the caller).
-fn names_no_extra_header(v: &HeaderValue) -> bool {
-    v.to_str().unwrap_or("").split(',').all(|t| {
-        let t = t.trim();
-        t.is_empty()
-            || t.eq_ignore_ascii_case("keep-alive")
-            || t.eq_ignore_ascii_case("close")
-            || t.eq_ignore_ascii_case("upgrade")
-    })
-}
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
+/// Removes hop-by-hop headers, including those the `Connection` header names (responses
+/// to HTTP/2 clients and 101s; HTTP/1 heads are filtered as bytes, see [`h1_head`]).
 ///
-/// Hot path (every request and every response): one scan over the names finds which
+/// One scan over the names finds which
 /// hop-by-hop headers are present, and only those are removed; nothing is allocated
 /// unless `Connection` names extra headers.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
@@ -109,7 +111,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if present & 1 != 0 {
         let conn = h.get_all(header::CONNECTION);
-        if !conn.iter().all(names_no_extra_header) {
+        if !conn
+            .iter()
+            .all(|v| h1_head::names_no_extra_header(v.as_bytes()))
+        {
             // Rare: the header names extra hop-by-hop headers.
             let named: Vec<HeaderName> = conn
                 .iter()
@@ -188,11 +193,24 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// Opens a new connection to an endpoint.
-async fn connect(ep: &Endpoint, timeout: Duration) -> Result<UpConn, ConnectError> {
-    tokio::time::timeout(timeout, UpConn::connect(ep.addr))
-        .await
-        .map_err(|_| ConnectError::Timeout)?
+/// Opens a new connection to an endpoint: plain, or as the service's upstream options
+/// say (PROXY header, TLS handshake — both within `timeout`).
+async fn connect(
+    ep: &Endpoint,
+    timeout: Duration,
+    opts: Option<&Arc<UpstreamOpts>>,
+    conn: &ConnInfo,
+) -> Result<UpConn, ConnectError> {
+    let up = match opts {
+        None => tokio::time::timeout(timeout, UpConn::connect(ep.addr)).await,
+        Some(opts) => {
+            let local = conn.local.unwrap_or(ep.addr);
+            let owner = opts.proxy.map(|_| conn.owner());
+            let open = UpConn::connect_with(ep.addr, opts, conn.peer, local, owner);
+            tokio::time::timeout(timeout, open).await
+        }
+    };
+    up.map_err(|_| ConnectError::Timeout)?
         .map_err(ConnectError::Io)
 }
 
@@ -229,6 +247,7 @@ async fn exchange<B>(
     chunked: bool,
     limit: u64,
     method: &Method,
+    lines: bool,
 ) -> Result<Head, Fail>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -266,7 +285,7 @@ where
                 .map_err(Fail::BodyWrite)?;
         }
     }
-    up.read_head(method).await.map_err(Fail::Response)
+    up.read_head(method, lines).await.map_err(Fail::Response)
 }
 
 /// Everything needed to answer and account for one request.
@@ -319,16 +338,19 @@ pub async fn handle(
     } else {
         ClientUpgrade::No
     };
-    Ok(serve_request(req, upgrade, &conn, None).await)
+    Ok(serve_request(req, upgrade, &conn, None, None).await)
 }
 
 /// Routes, forwards and accounts for one request. `timer`: the connection's reusable
-/// timer for the response deadline (else a tokio timer per request).
+/// timer for the response deadline (else a tokio timer per request). `lines`: the client
+/// speaks HTTP/1: an upstream answer's header lines are put there as bytes (the response
+/// then carries no headers of its own), not into a `HeaderMap`.
 pub async fn serve_request<B>(
     req: Request<B>,
     upgrade: ClientUpgrade,
     conn: &ConnInfo,
     timer: Option<Pin<&mut Sleep>>,
+    lines: Option<&mut Option<h1_head::Lines>>,
 ) -> Response<RespBody>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -343,7 +365,7 @@ where
             true,
         );
     };
-    let Some(route) = listener.route(host_of(&req), req.uri().path()) else {
+    let Some(route) = listener.route(|| host_of(&req), req.uri().path()) else {
         listener.unrouted.inc(404);
         return plain(StatusCode::NOT_FOUND, "no route\n", false);
     };
@@ -360,7 +382,7 @@ where
     } else {
         (None, None)
     };
-    let resp = forward(req, upgrade, conn, &ctx, timer).await;
+    let resp = forward(req, upgrade, conn, &ctx, timer, lines).await;
     if let (Some(m), Some(p)) = (method, path) {
         tracing::info!(
             target: "access",
@@ -384,6 +406,7 @@ async fn forward<B>(
     conn: &ConnInfo,
     ctx: &Ctx<'_>,
     mut timer: Option<Pin<&mut Sleep>>,
+    mut lines_out: Option<&mut Option<h1_head::Lines>>,
 ) -> Response<RespBody>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -423,41 +446,27 @@ where
     // The answer speaks the client's protocol version, whatever the upstream spoke.
     let client_version = req.version();
 
-    // Rewrite the head for the upstream hop.
-    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let (mut parts, mut body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    let h = &mut parts.headers;
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
-        None => Some(conn.peer_ip.clone()),
-    };
-    if let Some(v) = xff {
-        h.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    h.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-    );
-    if let Some(host) = original_host {
-        if !h.contains_key(&X_FORWARDED_HOST) {
-            h.insert(X_FORWARDED_HOST.clone(), host.clone());
-        }
-        if !h.contains_key(header::HOST) {
-            h.insert(header::HOST, host);
-        }
-    }
+    let (parts, mut body) = req.into_parts();
     let has_body = !body.is_end_stream();
     // A body of unknown length (chunked from an HTTP/1.1 client, or HTTP/2 without
     // content-length) goes upstream chunked.
     let chunked = has_body && declared.is_none();
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // The head for the upstream hop, encoded straight from the client's headers.
     let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
-    upstream::encode_request_head(&mut head, &parts.method, target, &parts.headers, chunked);
+    h1_head::encode_request(
+        &mut head,
+        &parts.method,
+        target,
+        &parts.headers,
+        &h1_head::Forwarded {
+            peer_ip: &conn.peer_ip,
+            tls: conn.tls,
+            authority: parts.uri.authority().map(|a| a.as_str()),
+            upgrade,
+            chunked,
+        },
+    );
     // An idempotent, body-less request whose connection is reset before any answer (a
     // reused keep-alive connection the upstream closed as we wrote, or a crash) is
     // resent: the head is still in `head`.
@@ -466,7 +475,7 @@ where
     let mut tried: Vec<usize> = Vec::new();
     let mut attempts = 0u32;
     let mut last = StatusCode::BAD_GATEWAY;
-    while let Some(member) = select::pick(svc, &tried) {
+    while let Some(member) = select::pick(svc, &tried, ctx.start) {
         let ep = member.ep.clone();
         let version = member.version;
         let in_flight = ep.start_request();
@@ -474,7 +483,9 @@ where
         // A pooled connection if one is alive, else a new one. A request with a body
         // cannot be resent, so its pooled connection is checked first.
         let mut up = None;
-        while let Some(pooled) = ep.checkout() {
+        let opts = ctx.route.upstream.as_ref();
+        let owner = opts.filter(|o| o.proxy.is_some()).map(|_| conn.owner());
+        while let Some(mut pooled) = ep.checkout(ctx.start, |c| c.fits(opts, owner)) {
             if !has_body || pooled.looks_alive() {
                 up = Some(pooled);
                 break;
@@ -485,7 +496,7 @@ where
             Some(up) => up,
             // Boxed: a new connection is the rare path, and its large future would
             // otherwise sit in every idle client connection's request slot (RSS).
-            None => match Box::pin(connect(&ep, s.connect_timeout)).await {
+            None => match Box::pin(connect(&ep, s.connect_timeout, opts, conn)).await {
                 Ok(up) => up,
                 Err(e) => {
                     svc.shared.connect_errors.inc();
@@ -514,11 +525,22 @@ where
             chunked,
             s.max_body_bytes,
             &parts.method,
+            lines_out.is_some(),
         );
         let sent = match timer.as_mut() {
-            Some(t) => deadline::within(t.as_mut(), s.response_timeout, exchanged)
-                .await
-                .map_err(|_| ()),
+            Some(t) => {
+                // The request's start stands for "now" on the first attempt over a pooled
+                // connection (microseconds ago): one clock read less per request.
+                let from = if reused && attempts == 0 {
+                    ctx.start
+                } else {
+                    Instant::now()
+                };
+                let at = tokio::time::Instant::from_std(from + s.response_timeout);
+                deadline::within_at(t.as_mut(), at, exchanged)
+                    .await
+                    .map_err(|_| ())
+            }
             None => tokio::time::timeout(s.response_timeout, exchanged)
                 .await
                 .map_err(|_| ()),
@@ -594,7 +616,10 @@ where
         }
         let mut headers = resp.headers;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-        strip_hop_by_hop(&mut headers, switching);
+        match (resp.lines, lines_out.as_deref_mut()) {
+            (Some(l), Some(out)) => *out = Some(l),
+            _ => strip_hop_by_hop(&mut headers, switching),
+        }
         if switching {
             let body = match client_upgrade {
                 ClientUpgrade::Hyper(client) => {

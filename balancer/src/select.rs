@@ -38,7 +38,8 @@ pub fn random_below(n: u64) -> u64 {
 
 /// Picks an instance that is not in `tried`, preferring instances that are not ejected.
 /// `None` when the service has no instance left to try.
-pub fn pick<'a>(svc: &'a ServiceTable, tried: &[usize]) -> Option<&'a Member> {
+/// `now`: the request's start (slow-start ramps are read against it).
+pub fn pick<'a>(svc: &'a ServiceTable, tried: &[usize], now: Instant) -> Option<&'a Member> {
     if svc.groups.is_empty() {
         return None;
     }
@@ -50,7 +51,6 @@ pub fn pick<'a>(svc: &'a ServiceTable, tried: &[usize]) -> Option<&'a Member> {
         svc.shares.partition_point(|s| *s <= r)
     };
     let group = &svc.groups[g.min(svc.groups.len() - 1)];
-    let now = Instant::now();
     let usable = |m: &Member, ms: &mut Option<u64>, ejection: bool| {
         if tried.contains(&(std::sync::Arc::as_ptr(&m.ep) as usize)) {
             return false;
@@ -213,7 +213,7 @@ mod tests {
     fn shares(svc: &ServiceTable, n: usize) -> Vec<f64> {
         let mut counts = vec![0usize; svc.groups[0].members.len()];
         for _ in 0..n {
-            let m = pick(svc, &[]).unwrap();
+            let m = pick(svc, &[], Instant::now()).unwrap();
             let i = svc.groups[0]
                 .members
                 .iter()
@@ -258,7 +258,7 @@ mod tests {
         m[1].ep.eject(Duration::from_secs(60));
         let tried = [Arc::as_ptr(&m[0].ep) as usize];
         for _ in 0..50 {
-            let p = pick(&svc, &tried).unwrap();
+            let p = pick(&svc, &tried, Instant::now()).unwrap();
             assert!(Arc::ptr_eq(&p.ep, &m[2].ep));
         }
         let tried = [
@@ -266,8 +266,11 @@ mod tests {
             Arc::as_ptr(&m[2].ep) as usize,
         ];
         // Only the ejected one is left: better than nothing.
-        assert!(Arc::ptr_eq(&pick(&svc, &tried).unwrap().ep, &m[1].ep));
+        assert!(Arc::ptr_eq(
+            &pick(&svc, &tried, Instant::now()).unwrap().ep,
+            &m[1].ep
+        ));
         let all: Vec<_> = m.iter().map(|x| Arc::as_ptr(&x.ep) as usize).collect();
-        assert!(pick(&svc, &all).is_none());
+        assert!(pick(&svc, &all, Instant::now()).is_none());
     }
 }

@@ -116,6 +116,8 @@ pub struct ListenerHandle {
     pub name: String,
     pub bind: std::net::SocketAddr,
     pub builder: Arc<ArcSwap<ConnSettings>>,
+    /// PROXY / TLS steps, read per accepted connection; replaced on SIGHUP when changed.
+    pub setup: crate::client_io::SharedSetup,
     pub stop: watch::Sender<bool>,
 }
 
@@ -130,12 +132,16 @@ pub fn spawn_listener(
     tracker: Arc<ConnTracker>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
-    setup: Arc<crate::client_io::ClientSetup>,
+    setup: crate::client_io::SharedSetup,
 ) {
     let active = shared
         .metrics
         .active_connections
         .with_label_values(&[&name]);
+    // The destination of PROXY headers sent upstream: the bound address, or per
+    // connection (one getsockname) for a wildcard bind.
+    let bound = listener.local_addr().ok();
+    let local_per_conn = bound.is_none_or(|a| a.ip().is_unspecified());
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -151,7 +157,8 @@ pub fn spawn_listener(
                 _ = until_true(&mut stop) => break,
             };
             let _ = stream.set_nodelay(true);
-            let (name, shared, setup) = (name.clone(), shared.clone(), setup.clone());
+            // The setup of the moment (a SIGHUP may replace it; this connection keeps its).
+            let (name, shared, setup) = (name.clone(), shared.clone(), setup.load_full());
             let builder = builder.load_full();
             let guard = tracker.enter();
             let active = active.clone();
@@ -159,11 +166,19 @@ pub fn spawn_listener(
             tokio::spawn(async move {
                 let _guard = guard;
                 // PROXY header and TLS first: `peer` becomes the real client.
-                let Some((stream, peer)) = setup.accept(stream, peer).await else {
+                let Some(accepted) = setup.accept(stream, peer).await else {
                     return;
                 };
+                let (stream, peer) = (accepted.io, accepted.client);
                 let mut info = ConnInfo::new(name, peer, shared);
                 info.tls = stream.is_tls();
+                info.local = if accepted.destination.is_some() {
+                    accepted.destination
+                } else if local_per_conn {
+                    stream.tcp().local_addr().ok()
+                } else {
+                    bound
+                };
                 let info = Arc::new(info);
                 active.inc();
                 h1_server::serve(stream, info, builder, shutdown).await;
@@ -237,20 +252,39 @@ pub(crate) async fn admin(
     })
 }
 
-pub fn spawn_admin(listener: TcpListener, st: Arc<AdminState>) {
+/// Serves the admin port until `stop` turns true (a self-upgrade handed it over): then
+/// the socket is closed (the new process holds its own descriptor of it) and each admin
+/// connection closes after its current answer (a status stream ends; its browser
+/// reconnects, to the new process).
+pub fn spawn_admin(listener: TcpListener, st: Arc<AdminState>, mut stop: watch::Receiver<bool>) {
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = until_true(&mut stop) => break,
             };
-            let st = st.clone();
+            let (st, mut stop) = (st.clone(), stop.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| crate::status::http::admin(req, st.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = until_true(&mut stop) => {
+                        conn.as_mut().graceful_shutdown();
+                        // A status stream never ends by itself.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                    }
+                }
             });
         }
+        tracing::info!("admin: stopped accepting");
     });
 }

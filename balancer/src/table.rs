@@ -50,11 +50,15 @@ pub struct ListenerTable {
 }
 
 impl ListenerTable {
-    /// First route matching `host` (port stripped, lowercase) and `path`.
-    pub fn route(&self, host: &str, path: &str) -> Option<&Route> {
-        self.routes
-            .iter()
-            .find(|r| r.host.matches(host) && path.starts_with(&*r.path_prefix))
+    /// The first route matching `path` and the request's host (port stripped). `host` is
+    /// asked for (the `Host` header looked up) only if a candidate route names a host.
+    pub fn route<'h>(&self, host: impl Fn() -> &'h str, path: &str) -> Option<&Route> {
+        let mut known: Option<&str> = None;
+        self.routes.iter().find(|r| {
+            path.starts_with(&*r.path_prefix)
+                && (matches!(r.host, HostMatch::Any)
+                    || r.host.matches(known.get_or_insert_with(&host)))
+        })
     }
 }
 
@@ -98,6 +102,8 @@ pub struct Route {
     pub by_version: Vec<ClassCounters>,
     /// Answers that reached no instance.
     pub unpicked: ClassCounters,
+    /// The service's PROXY header / TLS towards its instances; `None`: plain TCP.
+    pub upstream: Option<Arc<crate::tcp::UpstreamOpts>>,
 }
 
 /// State of a service that survives table swaps.

@@ -2,32 +2,40 @@
 //! future — no connection task, no channels. The request head is encoded into one buffer
 //! and written with one syscall; the response head is parsed with `httparse` straight out
 //! of the read buffer, header values shared with it (no copy); the body is decoded as the
-//! client side pulls it.
+//! client side pulls it. The stream is plain TCP, or TLS / a PROXY header first when the
+//! service asks for them (`upstream_io`).
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::chunked::{self, Decoder, Step};
+use crate::h1_head;
+use crate::tcp::UpstreamOpts;
+use crate::upstream_io::{self, Origin, UpIo};
 
 /// Response heads larger than this are refused (502): the upstream is broken.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// Header lines parsed per response head (on the stack).
+/// Header lines parsed per response head.
 const MAX_RESPONSE_HEADERS: usize = 128;
+/// Header lines parsed on the stack (most responses); more go to a heap array.
+const FEW_RESPONSE_HEADERS: usize = 24;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 8 * 1024;
 
 /// One keep-alive connection to an upstream instance.
 pub struct UpConn {
-    io: TcpStream,
+    io: UpIo,
     /// Bytes read but not yet consumed (a response head in progress, body bytes).
     buf: BytesMut,
+    /// `None`: plain TCP opened without upstream options.
+    origin: Option<Box<Origin>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +65,11 @@ pub enum Framing {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// Empty when the head was asked for as `lines` (and is not a 101).
     pub headers: HeaderMap,
+    /// For an HTTP/1 client: the end-to-end header lines, encoded as they go out (see
+    /// [`crate::h1_head`]); `None` when `headers` holds them.
+    pub lines: Option<h1_head::Lines>,
     pub framing: Framing,
     /// The connection may carry another request once the body is done.
     pub keep_alive: bool,
@@ -68,19 +80,58 @@ impl UpConn {
         let io = TcpStream::connect(addr).await?;
         let _ = io.set_nodelay(true);
         Ok(Self {
+            io: UpIo::Plain(io),
+            buf: BytesMut::new(),
+            origin: None,
+        })
+    }
+
+    /// A connection for a service with upstream options (PROXY header, TLS); `client` and
+    /// `local` are the addresses the PROXY header announces, `owner` the token of the
+    /// client connection it then belongs to (with a PROXY header only).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        opts: &Arc<UpstreamOpts>,
+        client: SocketAddr,
+        local: SocketAddr,
+        owner: Option<&Arc<()>>,
+    ) -> io::Result<Self> {
+        let io = upstream_io::open(addr, opts, client, local).await?;
+        Ok(Self {
             io,
             buf: BytesMut::new(),
+            origin: Some(Box::new(Origin {
+                opts: opts.clone(),
+                owner: owner.map(Arc::downgrade),
+            })),
         })
+    }
+
+    /// Whether this (pooled) connection may carry a request to a service with upstream
+    /// options `opts` from the client connection `owner` (its token; `None` without a
+    /// PROXY header).
+    pub fn fits(&self, opts: Option<&Arc<UpstreamOpts>>, owner: Option<&Arc<()>>) -> bool {
+        match (&self.origin, opts) {
+            (None, None) => true,
+            (Some(o), Some(opts)) => o.fits(opts, owner),
+            _ => false,
+        }
+    }
+
+    /// It belongs to one client connection (it sent a PROXY header).
+    pub fn is_owned(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| o.owner.is_some())
+    }
+
+    /// It belonged to a client connection that has closed.
+    pub fn is_orphan(&self) -> bool {
+        self.origin.as_ref().is_some_and(|o| o.is_orphan())
     }
 
     /// False when the upstream has closed the idle connection (or sent something
     /// unexpected). Costs a syscall only if the reactor saw the socket turn readable.
-    pub fn looks_alive(&self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    pub fn looks_alive(&mut self) -> bool {
+        self.buf.is_empty() && self.io.looks_alive()
     }
 
     pub async fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
@@ -101,13 +152,14 @@ impl UpConn {
         std::future::poll_fn(|cx| self.poll_fill(cx)).await
     }
 
-    /// Reads the response head (skipping interim 1xx answers other than 101).
-    pub async fn read_head(&mut self, method: &Method) -> Result<Head, UpError> {
+    /// Reads the response head (skipping interim 1xx answers other than 101). `lines`:
+    /// the caller wants the header lines as bytes for an HTTP/1 client, not a `HeaderMap`.
+    pub async fn read_head(&mut self, method: &Method, lines: bool) -> Result<Head, UpError> {
         let mut any_byte = false;
         loop {
             if !self.buf.is_empty() {
                 any_byte = true;
-                if let Some(head) = self.parse_head(method)? {
+                if let Some(head) = self.parse_head(method, lines)? {
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -123,16 +175,30 @@ impl UpConn {
                 Ok(0) if !any_byte => return Err(UpError::ClosedBeforeResponse),
                 Ok(0) => return Err(UpError::Malformed("closed inside the response head")),
                 Ok(_) => {}
-                Err(e) if !any_byte && is_reset(&e) => return Err(UpError::ClosedBeforeResponse),
+                // TLS: a peer that closes without close_notify reads as UnexpectedEof.
+                Err(e)
+                    if !any_byte && (is_reset(&e) || e.kind() == io::ErrorKind::UnexpectedEof) =>
+                {
+                    return Err(UpError::ClosedBeforeResponse);
+                }
                 Err(e) => return Err(UpError::Io(e)),
             }
         }
     }
 
-    fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, UpError> {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-        let mut resp = httparse::Response::new(&mut raw);
-        let len = match resp.parse(&self.buf) {
+    fn parse_head(&mut self, method: &Method, lines: bool) -> Result<Option<Head>, UpError> {
+        // A small array first: initialising 128 slots for every response cost more than
+        // parsing the head. A head with more lines is parsed again with the full array.
+        let mut few = [httparse::EMPTY_HEADER; FEW_RESPONSE_HEADERS];
+        let mut many;
+        let mut resp = httparse::Response::new(&mut few);
+        let mut parsed = resp.parse(&self.buf);
+        if let Err(httparse::Error::TooManyHeaders) = parsed {
+            many = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            resp = httparse::Response::new(&mut many);
+            parsed = resp.parse(&self.buf);
+        }
+        let len = match parsed {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(UpError::Malformed("unparsable response head")),
@@ -146,49 +212,83 @@ impl UpConn {
         } else {
             Version::HTTP_11
         };
-        // Header positions inside the buffer, so that the head can then be split off
-        // and its values shared with the `HeaderMap` without copying.
-        let base = self.buf.as_ptr() as usize;
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
-        let count = resp.headers.len();
-        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            *span = (
-                (h.name.as_ptr() as usize - base) as u32,
-                h.name.len() as u32,
-                (h.value.as_ptr() as usize - base) as u32,
-                h.value.len() as u32,
-            );
-        }
-        let head = self.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // A 101's headers go to the tunnel code as a map (rare); everything else that an
+        // HTTP/1 client gets is forwarded as bytes: no `HeaderMap`, no per-value refcount.
+        let as_lines = lines && status != StatusCode::SWITCHING_PROTOCOLS;
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut te = false;
         let mut close = version == Version::HTTP_10;
-        for &(ns, nl, vs, vl) in &spans[..count] {
-            let raw_name = &head[ns as usize..(ns + nl) as usize];
-            let raw_value = head.slice(vs as usize..(vs + vl) as usize);
-            let name = HeaderName::from_bytes(raw_name)
-                .map_err(|_| UpError::Malformed("bad header name"))?;
-            if name == header::CONTENT_LENGTH {
-                let n = parse_length(&raw_value).ok_or(UpError::Malformed("bad content-length"))?;
+        let mut connection_names_more = false;
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let n = parse_length(h.value).ok_or(UpError::Malformed("bad content-length"))?;
                 if length.is_some_and(|l| l != n) {
                     return Err(UpError::Malformed("conflicting content-lengths"));
                 }
                 length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 te = true;
-                chunked = last_token_is(&raw_value, "chunked");
-            } else if name == header::CONNECTION {
-                if has_token(&raw_value, "close") {
+                chunked = last_token_is(h.value, "chunked");
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                if has_token(h.value, "close") {
                     close = true;
-                } else if version == Version::HTTP_10 && has_token(&raw_value, "keep-alive") {
+                } else if version == Version::HTTP_10 && has_token(h.value, "keep-alive") {
                     close = false;
                 }
+                connection_names_more |= !h1_head::names_no_extra_header(h.value);
             }
-            let value = HeaderValue::from_maybe_shared(raw_value)
-                .map_err(|_| UpError::Malformed("bad header value"))?;
-            headers.append(name, value);
+        }
+        let mut headers = HeaderMap::new();
+        let mut out_lines = None;
+        if as_lines {
+            // Room for what joins the lines in the client's write: the status line and
+            // framing lines, and the body bytes already read.
+            let mut l = h1_head::Lines::with_capacity(self.buf.len().min(2 * READ_CHUNK) + 96);
+            for h in resp.headers.iter() {
+                let name = h.name.as_bytes();
+                if h1_head::is_hop_by_hop(name)
+                    || (te && name.eq_ignore_ascii_case(b"content-length"))
+                    || (connection_names_more && h1_head::named_by_connection(resp.headers, name))
+                {
+                    continue;
+                }
+                l.push(name, h.value);
+            }
+            // Both: the length is ignored (RFC 9112 §6.3) and never forwarded.
+            l.has_length = length.is_some() && !te;
+            out_lines = Some(l);
+            self.buf.advance(len);
+        } else {
+            // Header positions inside the buffer, so that the head can then be split off
+            // and its values shared with the `HeaderMap` without copying.
+            let base = self.buf.as_ptr() as usize;
+            let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
+            let count = resp.headers.len();
+            for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+                *span = (
+                    (h.name.as_ptr() as usize - base) as u32,
+                    h.name.len() as u32,
+                    (h.value.as_ptr() as usize - base) as u32,
+                    h.value.len() as u32,
+                );
+            }
+            let head = self.buf.split_to(len).freeze();
+            headers.reserve(count);
+            for &(ns, nl, vs, vl) in &spans[..count] {
+                let raw_name = &head[ns as usize..(ns + nl) as usize];
+                let raw_value = head.slice(vs as usize..(vs + vl) as usize);
+                let name = HeaderName::from_bytes(raw_name)
+                    .map_err(|_| UpError::Malformed("bad header name"))?;
+                let value = HeaderValue::from_maybe_shared(raw_value)
+                    .map_err(|_| UpError::Malformed("bad header value"))?;
+                headers.append(name, value);
+            }
+            if te {
+                // Both: the length is ignored (RFC 9112 §6.3); never forward it.
+                headers.remove(header::CONTENT_LENGTH);
+            }
         }
         let framing = if *method == Method::HEAD
             || status.is_informational()
@@ -214,14 +314,11 @@ impl UpConn {
                 }
             }
         };
-        if te {
-            // Both: the length is ignored (RFC 9112 §6.3); never forward it.
-            headers.remove(header::CONTENT_LENGTH);
-        }
         Ok(Some(Head {
             status,
             version,
             headers,
+            lines: out_lines,
             framing,
             keep_alive: !close && status != StatusCode::SWITCHING_PROTOCOLS,
         }))
@@ -279,13 +376,21 @@ impl UpConn {
                     ))));
                 }
                 Ok(_) => {}
+                // TLS without close_notify (common for close-delimited bodies).
+                Err(e)
+                    if *framing == Framing::UntilClose
+                        && e.kind() == io::ErrorKind::UnexpectedEof =>
+                {
+                    *framing = Framing::None;
+                    return Poll::Ready(None);
+                }
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
     }
 
-    /// The socket and any bytes already read past the head (for an upgrade tunnel).
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+    /// The stream and any bytes already read past the head (for an upgrade tunnel).
+    pub fn into_parts(self) -> (UpIo, BytesMut) {
         (self.io, self.buf)
     }
 }
@@ -324,31 +429,6 @@ pub fn last_token_is(v: &[u8], token: &str) -> bool {
         .is_some_and(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Encodes a request head for the upstream: `METHOD target HTTP/1.1`, the headers as they
-/// are (already rewritten), and, if asked, `transfer-encoding: chunked`.
-pub fn encode_request_head(
-    out: &mut Vec<u8>,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    chunked: bool,
-) {
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (n, v) in headers {
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
 pub use chunked::{LAST_CHUNK, chunk_head};
 
 #[cfg(test)]
@@ -366,15 +446,53 @@ mod tests {
         assert_eq!(parse_length(b""), None);
     }
 
-    #[test]
-    fn request_head_is_one_buffer() {
-        let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("x"));
-        let mut out = Vec::new();
-        encode_request_head(&mut out, &Method::POST, "/a?b", &h, true);
+    /// One response head from a real loopback socket, read as lines (HTTP/1 client) and as
+    /// a map (HTTP/2 client).
+    async fn head_of(raw: &'static [u8], lines: bool) -> Head {
+        use tokio::io::AsyncWriteExt as _;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            s.write_all(raw).await.unwrap();
+            s
+        });
+        let mut up = UpConn::connect(addr).await.unwrap();
+        let head = up.read_head(&Method::GET, lines).await.unwrap();
+        drop(server.await.unwrap());
+        head
+    }
+
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive, X-Hop\r\n\
+        X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\n\
+        Content-Length: 9\r\nX-End: 2\r\n\r\n";
+
+    #[tokio::test]
+    async fn response_lines_for_http1_clients_lose_hop_headers_and_the_ignored_length() {
+        let head = head_of(RESPONSE, true).await;
+        assert!(head.headers.is_empty());
+        let lines = head.lines.unwrap();
         assert_eq!(
-            out,
-            b"POST /a?b HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            String::from_utf8(lines.bytes).unwrap(),
+            "Server: up\r\nX-End: 2\r\n"
         );
+        assert!(!lines.has_length);
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+
+        let head = head_of(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
+            true,
+        )
+        .await;
+        assert!(head.lines.unwrap().has_length);
+        assert!(head.keep_alive);
+    }
+
+    #[tokio::test]
+    async fn response_map_for_http2_clients_drops_the_ignored_length() {
+        let head = head_of(RESPONSE, false).await;
+        assert!(head.lines.is_none());
+        assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
+        assert_eq!(head.headers["x-end"], "2");
     }
 }

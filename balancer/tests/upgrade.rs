@@ -1,6 +1,7 @@
 //! Zero-downtime self-upgrade of the real binary under continuous HTTP load: `balancer
 //! upgrade` (control socket), then SIGUSR2 on the new process. Zero failed requests, the
-//! old process finishes its in-flight request and exits, the new one serves.
+//! old process finishes its in-flight request and exits, the new one serves — and from
+//! the moment it is ready, it alone answers the admin port.
 
 mod common;
 
@@ -33,6 +34,29 @@ fn alive(pid: i32) -> bool {
 
 fn read_pid(path: &std::path::Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `GET path` on a new admin connection: (status, the `x-balancer-pid` that answered).
+async fn admin_get(port: u16, path: &str) -> Result<(u16, i32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(common::WAIT, s.read_to_end(&mut out)).await??;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .context("status")?;
+    let pid = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-balancer-pid: "))
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("no pid in {text:.200}"))?;
+    Ok((status, pid))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +101,7 @@ name = "web"
     .await?;
 
     // A request in flight on the old process when it hands over: it must complete.
-    let slow_url = lb.url("/slow/1500");
+    let slow_url = lb.url("/slow/3000");
     let slow = tokio::spawn(async move { get_with(&common::client(), &slow_url).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -104,6 +128,20 @@ name = "web"
     let _second_guard = KillOnDrop(second);
     assert_ne!(second, first);
     assert_eq!(read_pid(&pid_file), Some(second));
+
+    // The old process is still draining, but the admin port is the new one's alone.
+    assert_eq!(admin_get(lb.admin, "/healthz").await?.1, second);
+    for _ in 0..10 {
+        for path in ["/healthz", "/metrics"] {
+            assert_eq!(admin_get(lb.admin, path).await?, (200, second), "{path}");
+        }
+        // (503 until the new process's first status sample, a second after its start.)
+        assert_eq!(admin_get(lb.admin, "/api/status").await?.1, second);
+    }
+    assert!(
+        alive(first),
+        "the old process was expected to be still draining"
+    );
 
     // The old process drains (the slow request finishes) and exits cleanly.
     let (status, body) = slow.await??;

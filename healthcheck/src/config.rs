@@ -6,7 +6,7 @@
 //! lease_ttl = "15s"           # the checker lease; a dead checker's work moves within it
 //! admin = "127.0.0.1:9101"    # /metrics and /healthz
 //! mark_refresh = "30m"        # rewrite unchanged marks this often; "0s" never
-//! write_concurrency = 32      # etcd transactions in flight at once
+//! write_concurrency = 8       # etcd transactions in flight at once (up to 100 writes each)
 //!
 //! [etcd]
 //! endpoints = ["http://127.0.0.1:2379"]
@@ -75,7 +75,7 @@ fn default_mark_refresh() -> Duration {
     Duration::from_secs(30 * 60)
 }
 fn default_write_concurrency() -> usize {
-    32
+    8
 }
 
 impl Default for FileConfig {

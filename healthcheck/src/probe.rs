@@ -7,7 +7,8 @@
 //! checks the same way). Redirects are never followed: a 3XX is just a status code.
 
 use std::fmt;
-use std::io;
+use std::future::Future;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,9 +16,16 @@ use catalog::{CheckSpec, Instance, InstanceId, Protocol, StatusRange};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// Shortest accepted probe interval and timeout; anything lower is raised to it.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How long an HTTP probe waits after sending its request before it first reads. Answers
+/// from loopback and LAN backends are usually in by then and are read with one `recv`,
+/// without registering the socket with the event loop; slower ones are then awaited
+/// through it. The price: a probe never reports a duration shorter than this.
+pub const FIRST_READ_AFTER: Duration = Duration::from_millis(1);
 
 /// How an instance is probed, prepared once and shared by every probe of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,18 +141,13 @@ impl Target {
 
     /// Runs one probe, bounded by the timeout.
     pub async fn probe(&self) -> Outcome {
-        let attempt = async {
-            match &self.method {
-                Method::Tcp => connect(self.addr).await.map(|()| Outcome::Connected),
-                Method::Http { request } => http(self.addr, request).await,
-                Method::Invalid(_) => Ok(Outcome::Invalid),
-            }
+        let deadline = Instant::now() + self.timeout;
+        let result = match &self.method {
+            Method::Tcp => connect(self.addr, deadline).await,
+            Method::Http { request } => http(self.addr, request, deadline).await,
+            Method::Invalid(_) => Ok(Outcome::Invalid),
         };
-        match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => Outcome::Io(e.kind()),
-            Err(_) => Outcome::Timeout,
-        }
+        result.unwrap_or_else(|e| Outcome::Io(e.kind()))
     }
 
     /// Human text of an outcome, for the mark's `output` and the logs.
@@ -233,24 +236,71 @@ async fn finish_connect(stream: &TcpStream) -> io::Result<()> {
     }
 }
 
+/// `Outcome::Timeout` if `work` is not done by `deadline`.
+async fn until(
+    deadline: Instant,
+    work: impl Future<Output = io::Result<Outcome>>,
+) -> io::Result<Outcome> {
+    tokio::time::timeout_at(deadline, work)
+        .await
+        .unwrap_or(Ok(Outcome::Timeout))
+}
+
 /// A TCP connect check. The common case costs `socket`, `setsockopt`, `connect`,
 /// `getpeername` and `close`: the event loop is involved only if the handshake is slow.
-async fn connect(addr: SocketAddr) -> io::Result<()> {
+async fn connect(addr: SocketAddr, deadline: Instant) -> io::Result<Outcome> {
     let socket = start_connect(addr)?;
     match socket.peer_addr() {
-        Ok(_) => return Ok(()),
+        Ok(_) => return Ok(Outcome::Connected),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
         Err(e) => return Err(e),
     }
     let stream = TcpStream::from_std(socket.into())?;
-    finish_connect(&stream).await
+    until(deadline, async {
+        finish_connect(&stream).await.map(|()| Outcome::Connected)
+    })
+    .await
 }
 
-/// An HTTP check. The request is written straight after `connect` (the handshake is
-/// usually done by then), and the socket joins the event loop only to wait for the
-/// answer: `socket`, `setsockopt`, `connect`, `write`, `epoll_ctl`, `read`, `epoll_ctl`,
-/// `close` per probe, one wake-up of the probe task.
-async fn http(addr: SocketAddr, request: &[u8]) -> io::Result<Outcome> {
+/// The status line read so far.
+struct StatusBuf {
+    buf: [u8; 32],
+    filled: usize,
+}
+
+impl StatusBuf {
+    fn new() -> Self {
+        Self {
+            buf: [0; 32],
+            filled: 0,
+        }
+    }
+
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.buf[self.filled..]
+    }
+
+    /// Takes `n` more bytes (0: the peer closed); `Some` once the answer is known.
+    fn add(&mut self, n: usize) -> Option<Outcome> {
+        if n == 0 {
+            return Some(Outcome::Closed);
+        }
+        self.filled += n;
+        match parse_status_line(&self.buf[..self.filled]) {
+            None if self.filled == self.buf.len() => Some(Outcome::Malformed),
+            answer => answer,
+        }
+    }
+}
+
+/// An HTTP check. The request is written straight after `connect` (on loopback and fast
+/// LANs the handshake is done by then) and the answer is read [`FIRST_READ_AFTER`] later
+/// with a plain non-blocking `recv`: a fast backend's probe costs `socket`, `setsockopt`,
+/// `connect`, `sendto`, `recvfrom`, `close` and one timer wake-up of the probe task, and
+/// its socket never joins the event loop. Only slower answers (or a handshake still in
+/// progress) are awaited through the event loop, which costs two more `epoll_ctl` calls
+/// and a registration.
+async fn http(addr: SocketAddr, request: &[u8], deadline: Instant) -> io::Result<Outcome> {
     let socket = start_connect(addr)?;
     let early = match socket.send(request) {
         Ok(n) => n,
@@ -258,28 +308,39 @@ async fn http(addr: SocketAddr, request: &[u8]) -> io::Result<Outcome> {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
     };
+    let mut answer = StatusBuf::new();
+    if early == request.len() {
+        tokio::time::sleep_until((Instant::now() + FIRST_READ_AFTER).min(deadline)).await;
+        loop {
+            match (&socket).read(answer.space()) {
+                Ok(n) => {
+                    if let Some(outcome) = answer.add(n) {
+                        return Ok(outcome);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    // Slow path: through the event loop, until the deadline.
     let mut stream = TcpStream::from_std(socket.into())?;
-    if early < request.len() {
-        if early == 0 {
-            finish_connect(&stream).await?;
+    until(deadline, async {
+        if early < request.len() {
+            if early == 0 {
+                finish_connect(&stream).await?;
+            }
+            stream.write_all(&request[early..]).await?;
         }
-        stream.write_all(&request[early..]).await?;
-    }
-    let mut buf = [0u8; 32];
-    let mut filled = 0;
-    loop {
-        let n = stream.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            return Ok(Outcome::Closed);
+        loop {
+            let n = stream.read(answer.space()).await?;
+            if let Some(outcome) = answer.add(n) {
+                return Ok(outcome);
+            }
         }
-        filled += n;
-        if let Some(outcome) = parse_status_line(&buf[..filled]) {
-            return Ok(outcome);
-        }
-        if filled == buf.len() {
-            return Ok(Outcome::Malformed);
-        }
-    }
+    })
+    .await
 }
 
 /// Parses `HTTP/1.x NNN` from the start of a response. `None` while more bytes are needed.

@@ -114,7 +114,48 @@ impl ProbeJob {
             }
             // ±10 % jitter keeps probes from lining up again over time.
             let jittered = interval.mul_f64(rand::rng().random_range(0.9..1.1));
-            next = (started + jittered).max(Instant::now());
+            next = next_due(next, jittered, Instant::now());
         }
+    }
+}
+
+/// When the probe after one that was due at `due` is due: one (jittered) interval later,
+/// counted from when it was *due*, not from when it ran. Counting from a late wake-up made
+/// every probe of a busy checker drift later, and the fleet's probe rate fell well below one
+/// per interval (6,700/s for 10,000 instances at 1 s). Never in the past: a task that fell
+/// behind probes again at once, then keeps its rhythm.
+fn next_due(due: Instant, jittered: Duration, now: Instant) -> Instant {
+    (due + jittered).max(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_does_not_drift_with_late_wake_ups() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        // Due at t0, woken and probed 300 ms late: the next one is still due at t0 + 1 s.
+        assert_eq!(next_due(t0, s, t0 + ms(300)), t0 + s);
+        // A busy checker that runs the task only every 1.3 s still probes once a second:
+        // 39 probes in 39 s (counting from the wake-ups gave one per wake-up, 30).
+        let (mut due, mut probes) = (t0, 0);
+        for wake in 1..=30u32 {
+            let now = t0 + ms(1300) * wake;
+            while due <= now {
+                probes += 1;
+                due = next_due(due, s, now);
+                if due == now {
+                    // Behind: probed again at once (the next wake of the task), then on time.
+                    probes += 1;
+                    due = next_due(due, s, now + ms(1));
+                }
+            }
+        }
+        assert!((38..=40).contains(&probes), "{probes} probes in 39 s");
+        // Never in the past.
+        assert_eq!(next_due(t0, s, t0 + ms(2500)), t0 + ms(2500));
     }
 }

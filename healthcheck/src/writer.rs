@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use catalog::store::{Compare, LeaseId, Op};
+use catalog::store::{Compare, Guarded, LeaseId, MAX_BATCH, Op};
 use catalog::watch::Backoff;
 use catalog::{Health, InstanceId, Keyspace, ServiceName, Store, StoreError};
 use tokio::sync::{mpsc, watch};
@@ -84,9 +84,13 @@ pub struct Writer<S> {
     pub store: S,
     pub keyspace: Keyspace,
     pub metrics: std::sync::Arc<Metrics>,
-    /// Transactions in flight at once (a fleet-wide flip is thousands of writes).
+    /// Transactions in flight at once, each carrying up to [`MAX_BATCH`] instances' writes
+    /// (a fleet-wide flip, or a start-up, is thousands of writes).
     pub concurrency: usize,
 }
+
+/// A batch of wishes on its way to etcd, and how it ended.
+type Sent = (Vec<WriteRequest>, Result<Vec<WriteResult>, StoreError>);
 
 impl<S: Store + Clone> Writer<S> {
     /// Runs until `requests` closes.
@@ -99,82 +103,100 @@ impl<S: Store + Clone> Writer<S> {
         let mut pending: HashMap<Item, WriteRequest> = HashMap::new();
         let mut order: VecDeque<Item> = VecDeque::new();
         let mut in_flight: HashSet<Item> = HashSet::new();
-        let mut running: JoinSet<(WriteRequest, Result<WriteResult, StoreError>)> = JoinSet::new();
+        let mut running: JoinSet<Sent> = JoinSet::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut resume_at = Instant::now();
         let mut failing = false;
         loop {
             let current = *lease.borrow();
             // Start what may start: not paused by a failure, and with a lease for marks.
+            // Whatever queued up while the previous transactions were in flight goes out
+            // together: one etcd commit for up to MAX_BATCH instances.
             while running.len() < self.concurrency.max(1) && Instant::now() >= resume_at {
-                let Some(item) = order.pop_front() else { break };
-                if in_flight.contains(&item) {
-                    continue; // queued again when the running write ends
-                }
-                let Some(req) = pending.remove(&item) else {
-                    continue;
-                };
-                let lease_now = match (&req.kind, current) {
-                    (WriteKind::Mark(_), None) => {
+                let mut batch = Vec::new();
+                while batch.len() < MAX_BATCH {
+                    let Some(item) = order.pop_front() else { break };
+                    if in_flight.contains(&item) {
+                        continue; // queued again when the running write ends
+                    }
+                    let Some(req) = pending.remove(&item) else {
+                        continue;
+                    };
+                    if matches!(req.kind, WriteKind::Mark(_)) && current.is_none() {
                         // No lease right now: wait for the next one.
                         pending.insert(item.clone(), req);
                         order.push_front(item);
                         break;
                     }
-                    (_, l) => l,
-                };
-                in_flight.insert(item);
+                    in_flight.insert(item);
+                    batch.push(req);
+                }
+                if batch.is_empty() {
+                    break;
+                }
                 let store = self.store.clone();
                 let keyspace = self.keyspace.clone();
                 running.spawn(async move {
-                    let result = attempt(&store, &keyspace, &req, lease_now).await;
-                    (req, result)
+                    let result = attempt(&store, &keyspace, &batch, current).await;
+                    (batch, result)
                 });
             }
             let paused = Instant::now() < resume_at && !order.is_empty();
             tokio::select! {
-                req = requests.recv() => match req {
-                    Some(req) => {
+                req = requests.recv() => {
+                    let Some(mut req) = req else { return };
+                    // Take every wish already queued, so that they share transactions.
+                    loop {
                         let item = req.item.clone();
                         if pending.insert(item.clone(), req).is_none() {
                             order.push_back(item);
                         }
+                        match requests.try_recv() {
+                            Ok(next) => req = next,
+                            Err(_) => break,
+                        }
                     }
-                    None => return,
                 },
                 Some(joined) = running.join_next() => {
-                    let Ok((req, result)) = joined else { continue };
-                    let item = req.item.clone();
-                    in_flight.remove(&item);
+                    let Ok((batch, result)) = joined else { continue };
                     match result {
-                        Ok(result) => {
+                        Ok(results) => {
                             if failing {
                                 warn!("etcd writes succeed again");
                                 failing = false;
                             }
                             backoff.reset();
-                            let label = match result {
-                                WriteResult::Applied { .. } => "applied",
-                                WriteResult::Stale => "stale",
-                            };
-                            self.metrics.writes.with_label_values(&[req.kind.name(), label]).inc();
-                            let _ = done.send(WriteDone { item: item.clone(), ticket: req.ticket, kind: req.kind.name(), result });
+                            for (req, result) in batch.into_iter().zip(results) {
+                                let label = match result {
+                                    WriteResult::Applied { .. } => "applied",
+                                    WriteResult::Stale => "stale",
+                                };
+                                self.metrics.writes.with_label_values(&[req.kind.name(), label]).inc();
+                                let item = req.item;
+                                in_flight.remove(&item);
+                                if pending.contains_key(&item) {
+                                    order.push_back(item.clone());
+                                }
+                                let _ = done.send(WriteDone { item, ticket: req.ticket, kind: req.kind.name(), result });
+                            }
                         }
                         Err(e) => {
                             self.metrics.write_errors.inc();
                             if !failing {
-                                warn!(error = %e, "etcd write failed; retrying with backoff");
+                                warn!(error = %e, writes = batch.len(), "etcd write failed; retrying with backoff");
                                 failing = true;
                             } else {
-                                debug!(error = %e, service = %item.0, instance = %item.1, "etcd write failed again");
+                                debug!(error = %e, writes = batch.len(), "etcd write failed again");
                             }
                             resume_at = Instant::now() + backoff.next_delay();
-                            // Retry unless a newer wish replaced this one meanwhile.
-                            pending.entry(item.clone()).or_insert(req);
+                            for req in batch {
+                                let item = req.item.clone();
+                                in_flight.remove(&item);
+                                // Retry unless a newer wish replaced this one meanwhile.
+                                pending.entry(item.clone()).or_insert(req);
+                                order.push_back(item);
+                            }
                         }
-                    }
-                    if pending.contains_key(&item) {
-                        order.push_back(item);
                     }
                 },
                 _ = tokio::time::sleep_until(resume_at), if paused => {},
@@ -188,12 +210,12 @@ impl<S: Store + Clone> Writer<S> {
     }
 }
 
-async fn attempt<S: Store>(
-    store: &S,
+/// The guarded transaction of one wish: `if mod_revision(instance) == guard then …`.
+fn guarded(
     keyspace: &Keyspace,
     req: &WriteRequest,
     lease: Option<LeaseInfo>,
-) -> Result<WriteResult, StoreError> {
+) -> Result<Guarded, StoreError> {
     let (svc, id) = &req.item;
     let instance_key = keyspace.instance(svc, id);
     let health_key = keyspace.health(svc, id);
@@ -202,29 +224,48 @@ async fn attempt<S: Store>(
     } else {
         vec![Compare::ModRevision(instance_key.clone(), req.guard)]
     };
-    let (ops, lease_generation) = match &req.kind {
+    let ops = match &req.kind {
         WriteKind::Mark(health) => {
             let lease = lease.ok_or_else(|| StoreError::Other("no checker lease".into()))?;
             let value = serde_json::to_vec(health).map_err(|e| StoreError::Other(e.to_string()))?;
-            let op = Op::Put {
+            vec![Op::Put {
                 key: health_key,
                 value,
                 lease: Some(lease.id),
-            };
-            (vec![op], lease.generation)
+            }]
         }
-        WriteKind::Unmark => (vec![Op::Delete { key: health_key }], 0),
-        WriteKind::Deregister => (
-            vec![
-                Op::Delete { key: instance_key },
-                Op::Delete { key: health_key },
-            ],
-            0,
-        ),
+        WriteKind::Unmark => vec![Op::Delete { key: health_key }],
+        WriteKind::Deregister => vec![
+            Op::Delete { key: instance_key },
+            Op::Delete { key: health_key },
+        ],
     };
-    if store.txn(compares, ops).await? {
-        Ok(WriteResult::Applied { lease_generation })
-    } else {
-        Ok(WriteResult::Stale)
-    }
+    Ok(Guarded { compares, ops })
+}
+
+/// Writes a batch of wishes (distinct instances, so distinct keys) in one request.
+async fn attempt<S: Store>(
+    store: &S,
+    keyspace: &Keyspace,
+    batch: &[WriteRequest],
+    lease: Option<LeaseInfo>,
+) -> Result<Vec<WriteResult>, StoreError> {
+    let txns = batch
+        .iter()
+        .map(|req| guarded(keyspace, req, lease))
+        .collect::<Result<Vec<_>, _>>()?;
+    let applied = store.txn_batch(txns).await?;
+    Ok(batch
+        .iter()
+        .zip(applied)
+        .map(|(req, applied)| match (applied, &req.kind) {
+            (false, _) => WriteResult::Stale,
+            (true, WriteKind::Mark(_)) => WriteResult::Applied {
+                lease_generation: lease.map_or(0, |l| l.generation),
+            },
+            (true, _) => WriteResult::Applied {
+                lease_generation: 0,
+            },
+        })
+        .collect())
 }

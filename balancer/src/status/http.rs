@@ -34,11 +34,15 @@ pub async fn admin(
     req: Request<Incoming>,
     st: Arc<AdminState>,
 ) -> Result<Response<AdminBody>, Infallible> {
-    if let Some(r) = status_route(&req, &st) {
-        return Ok(r.map(Either::Right));
-    }
-    let r = crate::server::admin(req, st).await?;
-    Ok(r.map(Either::Left))
+    let mut r = match status_route(&req, &st) {
+        Some(r) => r.map(Either::Right),
+        None => crate::server::admin(req, st).await?.map(Either::Left),
+    };
+    // Which process answered (two share the port while a self-upgrade is under way).
+    static PID: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+    let pid = PID.get_or_init(|| HeaderValue::from(std::process::id()));
+    r.headers_mut().insert("x-balancer-pid", pid.clone());
+    Ok(r)
 }
 
 fn full(b: impl Into<Bytes>) -> StatusBody {

@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::client_io::{ClientIo, ClientSetup};
+use crate::client_io::{ClientIo, SharedSetup};
 use crate::config::LbConfig;
 use crate::endpoint::Endpoint;
 use crate::l4config::ProxyVersion;
@@ -41,7 +41,8 @@ pub struct UpstreamOpts {
 /// Upstream options of every service that has some; swapped on reload.
 pub type UpstreamMap = ArcSwap<HashMap<String, Arc<UpstreamOpts>>>;
 
-/// Builds the per-service upstream options of `config` (loads CA files).
+/// Builds the per-service upstream options of `config` (loads CA files). Used by tcp
+/// listeners and, through the routing table's routes, by the HTTP upstream client.
 pub fn upstream_map(
     config: &LbConfig,
 ) -> Result<HashMap<String, Arc<UpstreamOpts>>, (String, UpstreamTlsError)> {
@@ -57,6 +58,7 @@ pub fn upstream_map(
             .iter()
             .map(|s| s.name.get_ref().as_str().to_owned()),
     );
+    let tcp = config.tcp_services();
     let mut out = HashMap::new();
     for name in names {
         let (proxy, tls) = config.service_l4(&name);
@@ -64,7 +66,14 @@ pub fn upstream_map(
             continue;
         }
         let tls = tls
-            .map(UpstreamTlsClient::new)
+            .map(|t| {
+                let alpn: &[&[u8]] = if tcp.contains(&name) {
+                    &[]
+                } else {
+                    &[b"http/1.1"]
+                };
+                UpstreamTlsClient::new(t, alpn)
+            })
             .transpose()
             .map_err(|e| (name.clone(), e))?;
         out.insert(name, Arc::new(UpstreamOpts { proxy, tls }));
@@ -75,7 +84,8 @@ pub fn upstream_map(
 /// Everything a tcp listener's connections share.
 pub struct TcpContext {
     pub name: Arc<str>,
-    pub setup: ClientSetup,
+    /// Read per connection: a SIGHUP may replace it.
+    pub setup: SharedSetup,
     pub shared: Arc<Shared>,
     pub upstreams: Arc<UpstreamMap>,
     pub metrics: Arc<L4Metrics>,
@@ -91,7 +101,7 @@ impl TcpContext {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Arc<str>,
-        setup: ClientSetup,
+        setup: SharedSetup,
         shared: Arc<Shared>,
         upstreams: Arc<UpstreamMap>,
         metrics: Arc<L4Metrics>,
@@ -165,7 +175,7 @@ async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoi
             }
             svc.shared.retries_connect.inc();
         }
-        let m = crate::select::pick(svc, &tried)?;
+        let m = crate::select::pick(svc, &tried, std::time::Instant::now())?;
         tried.push(Arc::as_ptr(&m.ep) as usize);
         match tokio::time::timeout(s.connect_timeout, TcpStream::connect(m.ep.addr)).await {
             Ok(Ok(up)) => {
@@ -194,9 +204,11 @@ async fn handle(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
-    let Some((client, client_addr)) = ctx.setup.accept(stream, peer).await else {
+    let setup = ctx.setup.load_full();
+    let Some(accepted) = setup.accept(stream, peer).await else {
         return;
     };
+    let (client, client_addr) = (accepted.io, accepted.client);
     let start = Instant::now();
     let table = ctx.shared.table.load_full();
     let Some(lt) = table.listener(&ctx.name) else {
@@ -223,9 +235,12 @@ async fn handle(
     };
     result("ok");
     let _in_flight = ep.start_request();
-    let proxy = ctx.upstreams.load().get(&*svc.name).and_then(|o| o.proxy);
-    if let Some(v) = proxy {
-        let dst = client.tcp().local_addr().unwrap_or(ep.addr);
+    let opts = ctx.upstreams.load().get(&*svc.name).cloned();
+    if let Some(v) = opts.as_ref().and_then(|o| o.proxy) {
+        let dst = accepted
+            .destination
+            .or_else(|| client.tcp().local_addr().ok())
+            .unwrap_or(ep.addr);
         let header = match v {
             ProxyVersion::V1 => proxy_protocol::encode_v1(client_addr, dst),
             ProxyVersion::V2 => proxy_protocol::encode_v2(client_addr, dst),
@@ -238,11 +253,7 @@ async fn handle(
     active.inc();
     let meter = Meter::new(ctx.bytes_in.clone(), ctx.bytes_out.clone());
     let client_tls = client.is_tls();
-    let tls = ctx
-        .upstreams
-        .load()
-        .get(&*svc.name)
-        .and_then(|o| o.tls.clone());
+    let tls = opts.and_then(|o| o.tls.clone());
     drop(table);
     let end = match (client, tls) {
         (ClientIo::Plain(client), None) => match splice::Pipes::take() {

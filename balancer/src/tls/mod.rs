@@ -19,22 +19,52 @@ use crate::config::{ListenerConfig, ListenerProtocol};
 use crate::l4metrics::L4Metrics;
 use certs::{CertError, CertSet, Reloader, SniResolver};
 
+/// Removes the expiry series of certificates `old` lists and `new` does not (a SIGHUP
+/// replaced or removed a listener's TLS settings), so no alert fires for a certificate
+/// that is no longer served.
+pub fn forget_expiry(
+    metrics: &L4Metrics,
+    listener: &str,
+    old: Option<&crate::l4config::ListenerTls>,
+    new: Option<&crate::l4config::ListenerTls>,
+) {
+    let kept = |p: &std::path::Path| {
+        new.is_some_and(|n| n.certificates.iter().any(|c| c.cert.get_ref() == p))
+    };
+    for c in old.iter().flat_map(|o| o.certificates.iter()) {
+        if !kept(c.cert.get_ref()) {
+            let label = c.cert.get_ref().display().to_string();
+            let _ = metrics.tls_expiry.remove_label_values(&[listener, &label]);
+        }
+    }
+}
+
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A TLS listener's acceptor; its certificates follow their files while the reload task
-/// (stopped with the listener) runs.
+/// runs — until this value is dropped (the listener stopped, or a SIGHUP replaced its TLS
+/// settings).
 pub struct TlsListener {
     pub acceptor: TlsAcceptor,
+    /// Dropping it stops the reload task.
+    reload: watch::Sender<bool>,
 }
 
-/// Builds the acceptor of `l` (which must have `[listener.tls]`), loading every certificate
-/// now (an unreadable file at start is an error), and spawns the reload task.
+impl TlsListener {
+    /// Stops following the certificate files now (replaced by a SIGHUP), even while
+    /// handshakes that started with this acceptor finish.
+    pub fn stop_reloading(&self) {
+        let _ = self.reload.send(true);
+    }
+}
+
+/// Builds the acceptor of `l` (if it has `[listener.tls]`), loading every certificate now
+/// (an unreadable file is an error), and spawns the reload task.
 pub fn listener(
     l: &ListenerConfig,
     metrics: &Arc<L4Metrics>,
-    stop: watch::Receiver<bool>,
 ) -> Result<Option<TlsListener>, CertError> {
     let Some(tls) = &l.tls else {
         return Ok(None);
@@ -82,8 +112,10 @@ pub fn listener(
             .with_label_values(&[&name, result])
             .inc_by(0);
     }
+    let (reload, stop) = watch::channel(false);
     tokio::spawn(reloader.run(stop));
     Ok(Some(TlsListener {
         acceptor: TlsAcceptor::from(Arc::new(config)),
+        reload,
     }))
 }

@@ -28,7 +28,8 @@ pub struct UpstreamTlsClient {
 }
 
 impl UpstreamTlsClient {
-    pub fn new(cfg: &UpstreamTls) -> Result<Self, UpstreamTlsError> {
+    /// `alpn`: protocols offered (`http/1.1` for HTTP services, none for tcp ones).
+    pub fn new(cfg: &UpstreamTls, alpn: &[&[u8]]) -> Result<Self, UpstreamTlsError> {
         let provider = super::provider();
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -36,7 +37,7 @@ impl UpstreamTlsClient {
                 path: "rustls".into(),
                 msg: e.to_string(),
             })?;
-        let config = match (&cfg.ca, cfg.verify) {
+        let mut config = match (&cfg.ca, cfg.verify) {
             (_, false) => builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
@@ -65,6 +66,7 @@ impl UpstreamTlsClient {
                 });
             }
         };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let sni = cfg
             .sni
             .as_ref()

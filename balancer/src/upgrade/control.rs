@@ -1,6 +1,7 @@
 //! The running balancer's side of an upgrade request: SIGUSR2 or a `upgrade` line on the
 //! control socket (`[upgrade] socket`, what `balancer upgrade` writes to) start
-//! [`super::hand_over`]; on success the process drains and exits (`Control::Shutdown`).
+//! [`super::hand_over`]; on success the process leaves the admin port to the new one,
+//! drains and exits (`Control::HandOver`).
 //!
 //! PID 1 (one process per container): the container lives as long as PID 1, so the old
 //! process does not exit after draining; it stays as a small parent that forwards
@@ -71,7 +72,7 @@ impl Upgrader {
                 tracing::info!(pid, "upgrade: new process ready; draining and exiting");
                 *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(up);
                 *done = Some(pid);
-                let _ = self.control.send(Control::Shutdown);
+                let _ = self.control.send(Control::HandOver);
                 Ok(pid)
             }
             Err(e) => {

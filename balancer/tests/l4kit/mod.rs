@@ -264,6 +264,16 @@ pub async fn tls_connect(
     sni: &str,
 ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, String)> {
     let tcp = TcpStream::connect(addr).await?;
+    tls_over(connector, tcp, sni).await
+}
+
+/// Handshakes with `sni` over an established connection (which may have sent a PROXY
+/// header already); returns the stream and the CN of the certificate served.
+pub async fn tls_over(
+    connector: &tokio_rustls::TlsConnector,
+    tcp: TcpStream,
+    sni: &str,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, String)> {
     let name = match sni.parse::<std::net::IpAddr>() {
         Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
         Err(_) => rustls::pki_types::ServerName::try_from(sni.to_owned())?,

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, WatchOptions, WatchStream,
+    Txn, TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
 use serde::Deserialize;
 
 use super::{
-    Compare, EventKind, Head, KeyValue, Lease, LeaseId, Listing, Op, RawEvent, Revision, Store,
-    StoreError, WatchMessage, WatchSession,
+    Compare, EventKind, Guarded, Head, KeyValue, Lease, LeaseId, Listing, MAX_BATCH, Op, RawEvent,
+    Revision, Store, StoreError, WatchMessage, WatchSession,
 };
 
 /// How to reach etcd. Embedded in every part's configuration file as `[etcd]` or
@@ -336,28 +336,43 @@ impl Store for EtcdStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<bool, StoreError> {
-        let compares: Vec<EtcdCompare> = compares
-            .into_iter()
-            .map(|c| match c {
-                Compare::ModRevision(k, r) => EtcdCompare::mod_revision(k, CompareOp::Equal, r),
-                Compare::CreateRevision(k, r) => {
-                    EtcdCompare::create_revision(k, CompareOp::Equal, r)
-                }
-            })
-            .collect();
-        let ops: Vec<TxnOp> = ops
-            .into_iter()
-            .map(|op| match op {
-                Op::Put { key, value, lease } => {
-                    TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)))
-                }
-                Op::Delete { key } => TxnOp::delete(key, None),
-            })
-            .collect();
         let mut kv = self.client.kv_client();
-        let txn = Txn::new().when(compares).and_then(ops);
+        let txn = etcd_txn(compares, ops);
         let resp = self.bounded(async move { kv.txn(txn).await }).await?;
         Ok(resp.succeeded())
+    }
+
+    async fn txn_batch(&self, txns: Vec<Guarded>) -> Result<Vec<bool>, StoreError> {
+        if txns.is_empty() {
+            return Ok(Vec::new());
+        }
+        if txns.len() > MAX_BATCH {
+            return Err(StoreError::Other(format!(
+                "{} transactions in one batch (at most {MAX_BATCH})",
+                txns.len()
+            )));
+        }
+        let count = txns.len();
+        let nested: Vec<TxnOp> = txns
+            .into_iter()
+            .map(|t| TxnOp::txn(etcd_txn(t.compares, t.ops)))
+            .collect();
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .bounded(async move { kv.txn(Txn::new().and_then(nested)).await })
+            .await?;
+        let applied: Vec<bool> = resp
+            .op_responses()
+            .into_iter()
+            .map(|r| matches!(r, TxnOpResponse::Txn(t) if t.succeeded()))
+            .collect();
+        if applied.len() != count {
+            return Err(StoreError::Other(format!(
+                "etcd answered {} results to a batch of {count} transactions",
+                applied.len()
+            )));
+        }
+        Ok(applied)
     }
 
     async fn lease_grant(&self, ttl: Duration) -> Result<Lease, StoreError> {
@@ -503,4 +518,25 @@ impl WatchSession for EtcdWatch {
         self.stream.request_progress().await?;
         Ok(())
     }
+}
+
+/// One etcd transaction: `ops` if every compare holds.
+fn etcd_txn(compares: Vec<Compare>, ops: Vec<Op>) -> Txn {
+    let compares: Vec<EtcdCompare> = compares
+        .into_iter()
+        .map(|c| match c {
+            Compare::ModRevision(k, r) => EtcdCompare::mod_revision(k, CompareOp::Equal, r),
+            Compare::CreateRevision(k, r) => EtcdCompare::create_revision(k, CompareOp::Equal, r),
+        })
+        .collect();
+    let ops: Vec<TxnOp> = ops
+        .into_iter()
+        .map(|op| match op {
+            Op::Put { key, value, lease } => {
+                TxnOp::put(key, value, lease.map(|l| PutOptions::new().with_lease(l)))
+            }
+            Op::Delete { key } => TxnOp::delete(key, None),
+        })
+        .collect();
+    Txn::new().when(compares).and_then(ops)
 }

@@ -1,0 +1,268 @@
+//! HTTP/1 heads forwarded as bytes: the request head for an upstream is encoded straight
+//! from the client's headers (hop-by-hop ones left out, `X-Forwarded-*` added), and an
+//! upstream's response head for an HTTP/1 client is copied line by line out of the parsed
+//! buffer. No `HeaderMap` is edited on the way: no hashing, no removals, no refcounted
+//! values — the hot path's user-space cost was mostly building, editing and re-encoding
+//! two maps per request.
+
+use http::Method;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop header names (RFC 9110 §7.6.1 and the usual non-standard ones), never
+/// forwarded as they are. `name` in any case.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    // By length first: most names are ruled out without a comparison.
+    let candidates: &[&[u8]] = match name.len() {
+        2 => &[b"te"],
+        7 => &[b"trailer", b"upgrade"],
+        10 => &[b"connection", b"keep-alive"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        18 => &[b"proxy-authenticate"],
+        19 => &[b"proxy-authorization"],
+        _ => return false,
+    };
+    candidates.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// A `Connection` value whose tokens name no extra header to remove: the usual
+/// `keep-alive` / `close`, and `upgrade` (handled by the caller).
+pub fn names_no_extra_header(v: &[u8]) -> bool {
+    v.split(|&c| c == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty()
+            || t.eq_ignore_ascii_case(b"keep-alive")
+            || t.eq_ignore_ascii_case(b"close")
+            || t.eq_ignore_ascii_case(b"upgrade")
+    })
+}
+
+fn named_in<'a>(connection: impl Iterator<Item = &'a [u8]>, name: &[u8]) -> bool {
+    connection
+        .flat_map(|v| v.split(|&c| c == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+}
+
+/// `name` is listed by one of the `Connection` lines among `headers` (a response head).
+pub fn named_by_connection(headers: &[httparse::Header<'_>], name: &[u8]) -> bool {
+    named_in(
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value),
+        name,
+    )
+}
+
+/// End-to-end header lines of a response, encoded (`name: value\r\n`) for an HTTP/1
+/// client.
+#[derive(Debug, Default)]
+pub struct Lines {
+    pub bytes: Vec<u8>,
+    /// A `Content-Length` line is among them.
+    pub has_length: bool,
+}
+
+impl Lines {
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(n),
+            has_length: false,
+        }
+    }
+
+    pub fn push(&mut self, name: &[u8], value: &[u8]) {
+        put(&mut self.bytes, name, value);
+    }
+}
+
+fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What the balancer adds to a forwarded request.
+pub struct Forwarded<'a> {
+    /// The client's IP (X-Forwarded-For).
+    pub peer_ip: &'a HeaderValue,
+    /// The client connection is TLS (X-Forwarded-Proto).
+    pub tls: bool,
+    /// The request's authority when it has no `Host` header (HTTP/2).
+    pub authority: Option<&'a str>,
+    /// An upgrade request: `Upgrade` is kept, `Connection: upgrade` sent.
+    pub upgrade: bool,
+    /// The body goes upstream chunked.
+    pub chunked: bool,
+}
+
+/// Encodes the request head for the upstream hop: `METHOD target HTTP/1.1`, the client's
+/// end-to-end headers in their order, then `Connection: upgrade` (upgrades),
+/// `X-Forwarded-For` (the client's list plus its IP), `X-Forwarded-Proto`,
+/// `X-Forwarded-Host` (unless the client sent one), `Host` (from the authority when the
+/// client sent none) and `Transfer-Encoding: chunked` if asked.
+pub fn encode_request(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    fwd: &Forwarded<'_>,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let connection_names_more = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| !names_no_extra_header(v.as_bytes()));
+    let mut prev_xff: Option<&HeaderValue> = None;
+    let mut host: Option<&[u8]> = None;
+    let mut has_xfh = false;
+    for (n, v) in headers {
+        let name = n.as_str().as_bytes();
+        if n == header::HOST {
+            host.get_or_insert(v.as_bytes());
+        }
+        let keep_upgrade = fwd.upgrade && n == header::UPGRADE;
+        if !keep_upgrade
+            && (is_hop_by_hop(name)
+                || (connection_names_more
+                    && named_in(
+                        headers
+                            .get_all(header::CONNECTION)
+                            .iter()
+                            .map(|v| v.as_bytes()),
+                        name,
+                    )))
+        {
+            continue;
+        }
+        if *n == X_FORWARDED_FOR {
+            prev_xff.get_or_insert(v);
+            continue;
+        }
+        if *n == X_FORWARDED_PROTO {
+            continue;
+        }
+        has_xfh |= *n == X_FORWARDED_HOST;
+        put(out, name, v.as_bytes());
+    }
+    if fwd.upgrade {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    // A previous list that is not visible ASCII is replaced, not extended.
+    if let Some(prev) = prev_xff.filter(|v| v.to_str().is_ok()) {
+        out.extend_from_slice(prev.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(fwd.peer_ip.as_bytes());
+    out.extend_from_slice(if fwd.tls {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
+    if let Some(h) = host.or(fwd.authority.map(str::as_bytes)) {
+        if !has_xfh {
+            put(out, b"x-forwarded-host", h);
+        }
+        if host.is_none() {
+            put(out, b"host", h);
+        }
+    }
+    if fwd.chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn encode(h: &HeaderMap, fwd: &Forwarded<'_>) -> String {
+        let mut out = Vec::new();
+        encode_request(&mut out, &Method::GET, "/a?b", h, fwd);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn fwd(ip: &HeaderValue) -> Forwarded<'_> {
+        Forwarded {
+            peer_ip: ip,
+            tls: false,
+            authority: None,
+            upgrade: false,
+            chunked: false,
+        }
+    }
+
+    #[test]
+    fn request_loses_hop_headers_and_gains_forwarded_ones() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let h = map(&[
+            ("host", "a.example:8080"),
+            ("connection", "keep-alive"),
+            ("connection", "X-Secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("x-kept", "1"),
+        ]);
+        assert_eq!(
+            encode(&h, &fwd(&ip)),
+            "GET /a?b HTTP/1.1\r\nhost: a.example:8080\r\nx-kept: 1\r\n\
+             x-forwarded-for: 1.2.3.4, 10.0.0.9\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: a.example:8080\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_and_h2_authority_becomes_host() {
+        let ip = HeaderValue::from_static("::1");
+        let h = map(&[
+            ("connection", "Upgrade, x-drop"),
+            ("upgrade", "websocket"),
+            ("x-drop", "1"),
+            ("x-forwarded-host", "front"),
+        ]);
+        let f = Forwarded {
+            tls: true,
+            authority: Some("b.example"),
+            upgrade: true,
+            chunked: true,
+            ..fwd(&ip)
+        };
+        assert_eq!(
+            encode(&h, &f),
+            "GET /a?b HTTP/1.1\r\nupgrade: websocket\r\nx-forwarded-host: front\r\n\
+             connection: upgrade\r\nx-forwarded-for: ::1\r\nx-forwarded-proto: https\r\n\
+             host: b.example\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_names_in_any_case() {
+        assert!(is_hop_by_hop(b"Keep-Alive") && is_hop_by_hop(b"TRANSFER-ENCODING"));
+        assert!(!is_hop_by_hop(b"content-length") && !is_hop_by_hop(b"tee"));
+        assert!(names_no_extra_header(b"Keep-Alive, Upgrade"));
+        assert!(!names_no_extra_header(b"close, x-a"));
+    }
+}

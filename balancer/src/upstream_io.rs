@@ -1,0 +1,162 @@
+//! The byte stream under a pooled upstream HTTP connection: plain TCP (the common case:
+//! one enum branch, no box, no extra buffer) or TLS, opened after an optional PROXY
+//! protocol header — the per-service `proxy_protocol` / `tls` options that tcp services
+//! use too (`tcp::UpstreamOpts`).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::l4config::ProxyVersion;
+use crate::proxy_protocol;
+use crate::tcp::UpstreamOpts;
+
+pub enum UpIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// How a connection with upstream options was opened. A pooled connection only serves
+/// requests that would have opened it the same way: the same options (a reload builds new
+/// ones, so connections opened under the old ones age out) and, when a PROXY header was
+/// sent, the same client connection — like HAProxy's private `send-proxy` connections,
+/// since the upstream believes the header it read once.
+pub struct Origin {
+    pub opts: Arc<UpstreamOpts>,
+    /// The client connection named in the PROXY header (its token, see
+    /// `proxy::ConnInfo::owner`): dead once that connection is gone.
+    pub owner: Option<Weak<()>>,
+}
+
+impl Origin {
+    pub fn fits(&self, opts: &Arc<UpstreamOpts>, owner: Option<&Arc<()>>) -> bool {
+        Arc::ptr_eq(&self.opts, opts)
+            && match (&self.owner, owner) {
+                (None, _) => true,
+                // A live Weak keeps its allocation, so the address cannot be reused.
+                (Some(mine), Some(theirs)) => std::ptr::eq(mine.as_ptr(), Arc::as_ptr(theirs)),
+                (Some(_), None) => false,
+            }
+    }
+
+    /// It served a client connection that has closed: nobody may reuse it.
+    pub fn is_orphan(&self) -> bool {
+        self.owner.as_ref().is_some_and(|w| w.strong_count() == 0)
+    }
+}
+
+/// Connects to `addr` as `opts` asks: the PROXY header first (HAProxy's `send-proxy`: the
+/// client's address and the address it connected to), then the TLS handshake (ALPN
+/// http/1.1, SNI and verification as configured).
+pub async fn open(
+    addr: SocketAddr,
+    opts: &UpstreamOpts,
+    client: SocketAddr,
+    local: SocketAddr,
+) -> io::Result<UpIo> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    if let Some(v) = opts.proxy {
+        let header = match v {
+            ProxyVersion::V1 => proxy_protocol::encode_v1(client, local),
+            ProxyVersion::V2 => proxy_protocol::encode_v2(client, local),
+        };
+        tcp.write_all(&header).await?;
+    }
+    Ok(match &opts.tls {
+        Some(tls) => UpIo::Tls(Box::new(tls.connect(addr.ip(), tcp).await?)),
+        None => UpIo::Plain(tcp),
+    })
+}
+
+impl UpIo {
+    pub async fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        match self {
+            UpIo::Plain(s) => s.write_all(b).await,
+            // rustls may keep records buffered: a request piece must leave now.
+            UpIo::Tls(t) => {
+                t.write_all(b).await?;
+                t.flush().await
+            }
+        }
+    }
+
+    /// False when the upstream has closed the idle connection (or sent something
+    /// unexpected). Plain: costs a syscall only if the reactor saw the socket turn
+    /// readable. TLS: one read attempt at the TLS layer, which also takes in records the
+    /// server sends unasked (TLS 1.3 session tickets) — they are not a sign of death.
+    pub fn looks_alive(&mut self) -> bool {
+        match self {
+            UpIo::Plain(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            UpIo::Tls(t) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                let mut probe = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut probe);
+                Pin::new(&mut **t).poll_read(&mut cx, &mut buf).is_pending()
+            }
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            UpIo::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            UpIo::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpIo::Plain(s) => s.is_write_vectored(),
+            UpIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
