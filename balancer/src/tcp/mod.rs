@@ -154,10 +154,12 @@ pub fn spawn_listener(
             let guard = tracker.enter();
             let ctx = ctx.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            // Boxed: the connection's future is several KiB (TLS and connect states), and
+            // tokio moves a task's stage in place when it finishes — a pointer is cheaper.
+            tokio::spawn(Box::pin(async move {
                 let _guard = guard;
                 handle(&ctx, stream, peer, shutdown).await;
-            });
+            }));
         }
         tracing::info!(listener = %ctx.name, "stopped accepting");
     });
