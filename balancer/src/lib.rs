@@ -31,6 +31,7 @@ pub mod l4config;
 pub mod l4metrics;
 pub mod metrics;
 pub mod outlier;
+mod plain_or_tls;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod select;
