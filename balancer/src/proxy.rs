@@ -78,38 +78,22 @@ impl ConnInfo {
     }
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
-
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Removes hop-by-hop headers, including those the `Connection` header names (responses
-/// to HTTP/2 clients and 101s; HTTP/1 heads are filtered as bytes, see [`h1_head`]).
+/// Removes hop-by-hop headers (the names of [`h1_head::is_hop_by_hop`], the one list for
+/// both paths), including those the `Connection` header names (responses to HTTP/2 clients
+/// and 101s; HTTP/1 heads are filtered as bytes, see [`h1_head`]).
 ///
-/// One scan over the names finds which
-/// hop-by-hop headers are present, and only those are removed; nothing is allocated
-/// unless `Connection` names extra headers.
+/// One scan over the names finds which hop-by-hop headers are present (at most nine, kept
+/// in a fixed array), and only those are removed; nothing is allocated unless `Connection`
+/// names extra headers.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    // Bit i: HOP_BY_HOP[i] present; bit 7: keep-alive; bit 8: proxy-connection.
-    let mut present = 0u16;
-    for n in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == n) {
-            present |= 1 << i;
-        } else if n == KEEP_ALIVE {
-            present |= 1 << 7;
-        } else if n == PROXY_CONNECTION {
-            present |= 1 << 8;
-        }
+    let mut present: [Option<HeaderName>; 9] = Default::default();
+    for (slot, n) in present.iter_mut().zip(
+        h.keys()
+            .filter(|n| h1_head::is_hop_by_hop(n.as_str().as_bytes())),
+    ) {
+        *slot = Some(n.clone());
     }
-    if present & 1 != 0 {
+    if present.iter().flatten().any(|n| n == header::CONNECTION) {
         let conn = h.get_all(header::CONNECTION);
         if !conn
             .iter()
@@ -127,19 +111,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             }
         }
     }
-    for (i, n) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) == 0
-            || (keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION))
-        {
+    for n in present.into_iter().flatten() {
+        if keep_upgrade && (n == header::UPGRADE || n == header::CONNECTION) {
             continue;
         }
         h.remove(n);
-    }
-    if present & (1 << 7) != 0 {
-        h.remove(&KEEP_ALIVE);
-    }
-    if present & (1 << 8) != 0 {
-        h.remove(&PROXY_CONNECTION);
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
