@@ -256,6 +256,8 @@ async fn handle(
     let meter = Meter::new(ctx.bytes_in.clone(), ctx.bytes_out.clone());
     let client_tls = client.is_tls();
     let tls = opts.and_then(|o| o.tls.clone());
+    // Read while the table is at hand: the connection may outlive this table.
+    let access_log = lt.settings.access_log;
     drop(table);
     let end = match (client, tls) {
         (ClientIo::Plain(client), None) => match splice::Pipes::take() {
@@ -286,21 +288,13 @@ async fn handle(
             .with_label_values(&[&ctx.name, r])
             .inc();
     }
-    if lt_access_log(ctx) {
+    if access_log {
         tracing::info!(target: "access", listener = %ctx.name, client = %client_addr,
             service = %ep.service, instance = %ep.id, upstream = %ep.addr,
             bytes_in = meter.totals().0, bytes_out = meter.totals().1,
             ms = start.elapsed().as_millis() as u64, closed = reason.unwrap_or("done"),
             tls = client_tls);
     }
-}
-
-fn lt_access_log(ctx: &TcpContext) -> bool {
-    ctx.shared
-        .table
-        .load()
-        .listener(&ctx.name)
-        .is_some_and(|l| l.settings.access_log)
 }
 
 /// Streams until the relay ends, the connection idles out or the drain deadline passes.
