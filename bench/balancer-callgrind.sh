@@ -9,7 +9,11 @@
 # a `wrk -c 8` run of SECONDS, and prints requests, instructions and instructions/request.
 # The profile stays in $OUT (callgrind_annotate it to see where the instructions go).
 #
+# MODE=tcp measures a `protocol = "tcp"` listener instead, one connection per request
+# (`Connection: close`): instructions per proxied TCP connection.
+#
 # Usage: bench/balancer-callgrind.sh                     (bench-fast build, 3 s)
+#        MODE=tcp bench/balancer-callgrind.sh
 #        BALANCER_BIN=/path/to/balancer SECONDS_=5 OUT=/tmp/cg bench/balancer-callgrind.sh
 # Needs: valgrind nginx wrk curl (Debian packages).
 set -euo pipefail
@@ -19,6 +23,15 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
 PROFILE=${PROFILE:-bench-fast}
 BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/$PROFILE/balancer}
 RUN=${SECONDS_:-3}
+MODE=${MODE:-http}
+WRK_ARGS=()
+LISTENER='  [[listener.route]]
+  service = "bench"'
+if [[ $MODE == tcp ]]; then
+    WRK_ARGS=(-H "Connection: close")
+    LISTENER='protocol = "tcp"
+service = "bench"'
+fi
 [[ -n ${BALANCER_BIN:-} ]] || (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer)
 
 WORK=$(mktemp -d)
@@ -52,8 +65,7 @@ bind = "127.0.0.1:0"
 [[listener]]
 name = "bench"
 bind = "127.0.0.1:$LBP"
-  [[listener.route]]
-  service = "bench"
+$LISTENER
 [[service]]
 name = "bench"
 algorithm = "round_robin"
@@ -70,9 +82,9 @@ for _ in $(seq 100); do
     curl -s -o /dev/null "http://127.0.0.1:$LBP/" && break
     sleep 0.3
 done
-wrk -c 8 -t 1 -d 1s "http://127.0.0.1:$LBP/" >/dev/null
+wrk -c 8 -t 1 -d 1s "${WRK_ARGS[@]}" "http://127.0.0.1:$LBP/" >/dev/null
 callgrind_control -i on "$VG" >/dev/null
-wrk -c 8 -t 1 -d "${RUN}s" "http://127.0.0.1:$LBP/" >"$OUT/wrk.txt"
+wrk -c 8 -t 1 -d "${RUN}s" "${WRK_ARGS[@]}" "http://127.0.0.1:$LBP/" >"$OUT/wrk.txt"
 callgrind_control -i off "$VG" >/dev/null
 callgrind_control -d "$VG" >/dev/null
 REQ=$(awk '/requests in/ {print $1}' "$OUT/wrk.txt")

@@ -14,12 +14,14 @@
 # (utime + stime from /proc) per request or per MiB with its ratio (target: < 1): the
 # efficiency figure, which holds up when other work on the machine disturbs throughput.
 #
-# Settings: DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
+# Settings: TESTS ["tcp-bulk tcp-conn https-ka https-hs"] (a subset runs only those),
+#           DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
 #           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer).
 # Needs: haproxy nginx wrk openssl taskset (Debian packages), a Rust toolchain.
 # Cleanup: every process started is killed by PID on exit.
 set -euo pipefail
 
+TESTS=${TESTS:-tcp-bulk tcp-conn https-ka https-hs}
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-32}
 ROUNDS=${ROUNDS:-1}
@@ -175,11 +177,16 @@ run() { # proxy test url extra-args...
     C[$p,$k]=$(awk -v d="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN { if (n > 0) printf "%.2f", d * 1e6 / hz / n; else print 0 }')
 }
 measure() { # proxy
-    local p=$1
-    run "$p" tcp-bulk "http://127.0.0.1:$TCP/big" -c4
-    run "$p" tcp-conn "http://127.0.0.1:$TCP/" -H "Connection: close"
-    run "$p" https-ka "https://127.0.0.1:$TLS/"
-    run "$p" https-hs "https://127.0.0.1:$TLS/" -H "Connection: close"
+    local p=$1 k
+    for k in $TESTS; do
+        case $k in
+            tcp-bulk) run "$p" tcp-bulk "http://127.0.0.1:$TCP/big" -c4 ;;
+            tcp-conn) run "$p" tcp-conn "http://127.0.0.1:$TCP/" -H "Connection: close" ;;
+            https-ka) run "$p" https-ka "https://127.0.0.1:$TLS/" ;;
+            https-hs) run "$p" https-hs "https://127.0.0.1:$TLS/" -H "Connection: close" ;;
+            *) echo "balancer-l4: unknown test $k" >&2; exit 1 ;;
+        esac
+    done
 }
 
 start_proxy() { # name
@@ -200,7 +207,7 @@ for r in $(seq "$ROUNDS"); do
         start_proxy "$p"
         measure "$p"
         stop_proxy
-        for k in tcp-bulk tcp-conn https-ka https-hs; do
+        for k in $TESTS; do
             SUM[$p,$k]=$(awk -v a="${SUM[$p,$k]:-0}" -v b="${R[$p,$k]:-0}" 'BEGIN { print a + b }')
             CSUM[$p,$k]=$(awk -v a="${CSUM[$p,$k]:-0}" -v b="${C[$p,$k]:-0}" 'BEGIN { print a + b }')
         done
@@ -210,7 +217,7 @@ done
 # Throughput (higher is better) and the proxy's CPU per unit of work (lower is better),
 # both as means over the rounds.
 printf '%-10s %10s %10s %6s   %12s %12s %6s\n' metric haproxy balancer ratio "hap-µs-cpu" "bal-µs-cpu" ratio
-for k in tcp-bulk tcp-conn https-ka https-hs; do
+for k in $TESTS; do
     h=$(awk -v s="${SUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.1f", s / n }')
     b=$(awk -v s="${SUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.1f", s / n }')
     ratio=$(awk -v h="$h" -v b="$b" 'BEGIN { if (h > 0) printf "%.2f", b / h; else print "-" }')

@@ -9,16 +9,18 @@ pub mod pump;
 mod splice;
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use tokio::io::AsyncWriteExt;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use crate::client_io::{ClientIo, SharedSetup};
+use crate::client_io::{Accepted, ClientIo, SharedSetup};
 use crate::config::LbConfig;
 use crate::endpoint::Endpoint;
 use crate::l4config::ProxyVersion;
@@ -95,6 +97,9 @@ pub struct TcpContext {
     pub active: prometheus::IntGauge,
     pub bytes_in: prometheus::IntCounter,
     pub bytes_out: prometheus::IntCounter,
+    /// `tcp_connections{listener, service, "ok"}` of the service last routed to: one
+    /// label lookup per reload instead of per connection.
+    ok: ArcSwapOption<(Arc<str>, prometheus::IntCounter)>,
 }
 
 impl TcpContext {
@@ -112,6 +117,7 @@ impl TcpContext {
             active: metrics.tcp_active.with_label_values(&[&name]),
             bytes_in: metrics.tcp_bytes.with_label_values(&[&name, "in"]),
             bytes_out: metrics.tcp_bytes.with_label_values(&[&name, "out"]),
+            ok: ArcSwapOption::empty(),
             name,
             setup,
             shared,
@@ -120,6 +126,32 @@ impl TcpContext {
             idle_timeout,
             drain_timeout,
         }
+    }
+}
+
+impl TcpContext {
+    /// Counts a connection of `service` by result.
+    fn count(&self, service: &str, result: &str) {
+        self.metrics
+            .tcp_connections
+            .with_label_values(&[&self.name, service, result])
+            .inc();
+    }
+
+    /// Counts a connection streamed to `service`.
+    fn count_ok(&self, service: &Arc<str>) {
+        if let Some(ok) = &*self.ok.load()
+            && ok.0 == *service
+        {
+            ok.1.inc();
+            return;
+        }
+        let counter = self
+            .metrics
+            .tcp_connections
+            .with_label_values(&[&self.name, service, "ok"]);
+        counter.inc();
+        self.ok.store(Some(Arc::new((service.clone(), counter))));
     }
 }
 
@@ -138,8 +170,20 @@ pub fn spawn_listener(
     }
     tokio::spawn(async move {
         let mut shut = shutdown.clone();
+        // One future for both stop signals, kept across accepts: re-creating the two
+        // watch waits per accepted connection cost more than the accept itself.
+        let stopped = async {
+            tokio::select! {
+                _ = until_true(&mut stop) => {}
+                _ = until_true(&mut shut) => {}
+            }
+        };
+        tokio::pin!(stopped);
         loop {
             let (stream, peer) = tokio::select! {
+                // Accept first: the stop signals are then polled only when no connection
+                // is waiting (tokio's coop budget makes accept pend now and then).
+                biased;
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -148,13 +192,12 @@ pub fn spawn_listener(
                         continue;
                     }
                 },
-                _ = until_true(&mut stop) => break,
-                _ = until_true(&mut shut) => break,
+                _ = &mut stopped => break,
             };
             let guard = tracker.enter();
             let ctx = ctx.clone();
             let shutdown = shutdown.clone();
-            // Boxed: the connection's future is several KiB (TLS and connect states), and
+            // Boxed: the connection's future is ~2 KiB (the TLS and PROXY states apart), and
             // tokio moves a task's stage in place when it finishes — a pointer is cheaper.
             tokio::spawn(Box::pin(async move {
                 let _guard = guard;
@@ -179,10 +222,9 @@ async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoi
         }
         let m = crate::select::pick(svc, &tried, std::time::Instant::now())?;
         tried.push(Arc::as_ptr(&m.ep) as usize);
-        match tokio::time::timeout(s.connect_timeout, TcpStream::connect(m.ep.addr)).await {
+        match tokio::time::timeout(s.connect_timeout, connect_tcp(m.ep.addr)).await {
             Ok(Ok(up)) => {
                 m.ep.record_success();
-                let _ = up.set_nodelay(true);
                 return Some((m.ep.clone(), up));
             }
             Ok(Err(e)) => {
@@ -200,6 +242,37 @@ async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoi
     None
 }
 
+/// `TcpStream::connect` with TCP_NODELAY, minus a syscall: tokio reads `SO_ERROR` after
+/// every connect; here it is read only when the socket reports a hang-up (a refused or
+/// reset connect sets EPOLLERR|EPOLLHUP), so a connect that succeeded costs socket,
+/// setsockopt, connect and the epoll registration only (as HAProxy's does).
+async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if ready.is_write_closed()
+        && let Some(e) = stream.take_error()?
+    {
+        return Err(e);
+    }
+    Ok(stream)
+}
+
+/// A plain client connection's first steps are inline; TLS, PROXY headers and the
+/// buffered copy are boxed (`slow_path`, `setup.accept`): their states are several KiB,
+/// and the task's future is as large as its largest state — allocated, and copied once,
+/// per connection.
 async fn handle(
     ctx: &TcpContext,
     stream: TcpStream,
@@ -207,10 +280,20 @@ async fn handle(
     shutdown: watch::Receiver<bool>,
 ) {
     let setup = ctx.setup.load_full();
-    let Some(accepted) = setup.accept(stream, peer).await else {
-        return;
+    let accepted = if setup.is_passthrough() {
+        Accepted {
+            io: ClientIo::Plain(stream),
+            client: peer,
+            destination: None,
+        }
+    } else {
+        match Box::pin(setup.accept(stream, peer)).await {
+            Some(a) => a,
+            None => return,
+        }
     };
-    let (client, client_addr) = (accepted.io, accepted.client);
+    drop(setup);
+    let client_addr = accepted.client;
     let start = Instant::now();
     let table = ctx.shared.table.load_full();
     let Some(lt) = table.listener(&ctx.name) else {
@@ -219,64 +302,36 @@ async fn handle(
     let Some(route) = lt.routes.first() else {
         return;
     };
-    let result = |r: &str| {
-        ctx.metrics
-            .tcp_connections
-            .with_label_values(&[&ctx.name, &route.service_name, r])
-            .inc();
-    };
     let Some(svc) = route.service.as_deref().filter(|s| !s.is_empty()) else {
         tracing::warn!(listener = %ctx.name, service = %route.service_name, "no instance to send a connection to");
-        result("no_instance");
+        ctx.count(&route.service_name, "no_instance");
         return;
     };
-    let Some((ep, mut upstream)) = connect(svc, &lt.settings).await else {
+    let Some((ep, upstream)) = connect(svc, &lt.settings).await else {
         tracing::warn!(listener = %ctx.name, service = %svc.name, client = %client_addr, "no instance accepted the connection");
-        result("connect_error");
+        ctx.count(&route.service_name, "connect_error");
         return;
     };
-    result("ok");
+    ctx.count_ok(&route.service_name);
     let _in_flight = ep.start_request();
     let opts = ctx.upstreams.load().get(&*svc.name).cloned();
-    if let Some(v) = opts.as_ref().and_then(|o| o.proxy) {
-        let dst = accepted
-            .destination
-            .or_else(|| client.tcp().local_addr().ok())
-            .unwrap_or(ep.addr);
-        let header = match v {
-            ProxyVersion::V1 => proxy_protocol::encode_v1(client_addr, dst),
-            ProxyVersion::V2 => proxy_protocol::encode_v2(client_addr, dst),
-        };
-        if upstream.write_all(&header).await.is_err() {
-            return;
-        }
-    }
-    let active = &ctx.active;
-    active.inc();
-    let meter = Meter::new(ctx.bytes_in.clone(), ctx.bytes_out.clone());
-    let client_tls = client.is_tls();
-    let tls = opts.and_then(|o| o.tls.clone());
     // Read while the table is at hand: the connection may outlive this table.
     let access_log = lt.settings.access_log;
     drop(table);
-    let end = match (client, tls) {
-        (ClientIo::Plain(client), None) => match splice::Pipes::take() {
-            Some(pipes) => {
-                let relay = splice::relay(&client, &upstream, pipes, &meter);
-                pump_on(ctx, relay, &meter, shutdown).await
-            }
-            None => buffered(ctx, ClientIo::Plain(client), upstream, &meter, shutdown).await,
-        },
-        (client, None) => buffered(ctx, client, upstream, &meter, shutdown).await,
-        (client, Some(tls)) => match tls.connect(ep.addr.ip(), upstream).await {
-            Ok(up) => buffered(ctx, client, up, &meter, shutdown).await,
-            Err(e) => {
-                tracing::warn!(service = %ep.service, instance = %ep.id, error = %e, "upstream TLS handshake failed");
-                End::Done
-            }
-        },
+    let client_tls = accepted.io.is_tls();
+    let meter = Meter::new(&ctx.bytes_in, &ctx.bytes_out);
+    ctx.active.inc();
+    let end = match (accepted.io, opts) {
+        (ClientIo::Plain(client), None) => plain(ctx, client, upstream, &meter, shutdown).await,
+        (client, opts) => {
+            let a = (accepted.client, accepted.destination);
+            Box::pin(slow_path(
+                ctx, client, a, upstream, &ep, opts, &meter, shutdown,
+            ))
+            .await
+        }
     };
-    active.dec();
+    ctx.active.dec();
     let reason = match end {
         End::Done => None,
         End::IdleTimeout => Some("idle_timeout"),
@@ -297,11 +352,72 @@ async fn handle(
     }
 }
 
+/// A connection with TLS on a side or a PROXY header to send upstream: header, upstream
+/// TLS, then the buffered copy.
+#[allow(clippy::too_many_arguments)]
+async fn slow_path(
+    ctx: &TcpContext,
+    client: ClientIo,
+    (client_addr, destination): (SocketAddr, Option<SocketAddr>),
+    mut upstream: TcpStream,
+    ep: &Endpoint,
+    opts: Option<Arc<UpstreamOpts>>,
+    meter: &Meter<'_>,
+    shutdown: watch::Receiver<bool>,
+) -> End {
+    if let Some(v) = opts.as_ref().and_then(|o| o.proxy) {
+        let dst = destination
+            .or_else(|| client.tcp().local_addr().ok())
+            .unwrap_or(ep.addr);
+        let header = match v {
+            ProxyVersion::V1 => proxy_protocol::encode_v1(client_addr, dst),
+            ProxyVersion::V2 => proxy_protocol::encode_v2(client_addr, dst),
+        };
+        if upstream.write_all(&header).await.is_err() {
+            return End::Done;
+        }
+    }
+    match (client, opts.and_then(|o| o.tls.clone())) {
+        (ClientIo::Plain(client), None) => plain(ctx, client, upstream, meter, shutdown).await,
+        (client, None) => buffered(ctx, client, upstream, meter, shutdown).await,
+        (client, Some(tls)) => match tls.connect(ep.addr.ip(), upstream).await {
+            Ok(up) => buffered(ctx, client, up, meter, shutdown).await,
+            Err(e) => {
+                tracing::warn!(service = %ep.service, instance = %ep.id, error = %e, "upstream TLS handshake failed");
+                End::Done
+            }
+        },
+    }
+}
+
+/// Two plain sockets: spliced (zero copy) when two pipes are to be had, else copied
+/// (boxed: the buffered copy's state is large and rarely needed).
+async fn plain(
+    ctx: &TcpContext,
+    client: TcpStream,
+    upstream: TcpStream,
+    meter: &Meter<'_>,
+    shutdown: watch::Receiver<bool>,
+) -> End {
+    match splice::Pipes::take() {
+        Some(pipes) => {
+            let relay = pin!(splice::relay(&client, &upstream, pipes, meter));
+            pump_on(ctx, relay, meter, shutdown).await
+        }
+        None => {
+            let client = ClientIo::Plain(client);
+            Box::pin(buffered(ctx, client, upstream, meter, shutdown)).await
+        }
+    }
+}
+
 /// Streams until the relay ends, the connection idles out or the drain deadline passes.
+/// `relay` is pinned by the caller: passed by value, it would be stored again in each
+/// enclosing future (rustc keeps an async fn's arguments and their moved copies apart).
 async fn pump_on<F>(
     ctx: &TcpContext,
-    relay: F,
-    meter: &Meter,
+    relay: Pin<&mut F>,
+    meter: &Meter<'_>,
     shutdown: watch::Receiver<bool>,
 ) -> End
 where
@@ -317,7 +433,7 @@ async fn buffered<U>(
     ctx: &TcpContext,
     client: ClientIo,
     mut upstream: U,
-    meter: &Meter,
+    meter: &Meter<'_>,
     shutdown: watch::Receiver<bool>,
 ) -> End
 where
@@ -327,7 +443,10 @@ where
         inner: client,
         meter,
     };
-    let end = pump_on(ctx, pump::copy(&mut client, &mut upstream), meter, shutdown).await;
+    let end = {
+        let copy = pin!(pump::copy(&mut client, &mut upstream));
+        pump_on(ctx, copy, meter, shutdown).await
+    };
     if end != End::Done {
         let bye = Duration::from_secs(1);
         let _ = tokio::time::timeout(bye, client.shutdown()).await;

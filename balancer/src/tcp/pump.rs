@@ -9,7 +9,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,22 +22,23 @@ use crate::endpoint::now_ms;
 /// Per-direction buffer: large enough for bulk transfers to take few syscalls.
 const BUF: usize = 32 * 1024;
 
-/// Counts bytes from and to the client and remembers when the last one moved.
-pub struct Meter {
-    bytes_in: IntCounter,
-    bytes_out: IntCounter,
+/// Counts bytes from and to the client and remembers when the last one moved. Borrows
+/// the listener's counters (no reference counting per connection).
+pub struct Meter<'c> {
+    bytes_in: &'c IntCounter,
+    bytes_out: &'c IntCounter,
     /// Milliseconds ([`now_ms`]) of the last byte moved: read by the idle check.
-    pub last: Arc<AtomicU64>,
+    pub last: AtomicU64,
     total_in: AtomicU64,
     total_out: AtomicU64,
 }
 
-impl Meter {
-    pub fn new(bytes_in: IntCounter, bytes_out: IntCounter) -> Self {
+impl<'c> Meter<'c> {
+    pub fn new(bytes_in: &'c IntCounter, bytes_out: &'c IntCounter) -> Self {
         Self {
             bytes_in,
             bytes_out,
-            last: Arc::new(AtomicU64::new(now_ms())),
+            last: AtomicU64::new(now_ms()),
             total_in: AtomicU64::new(0),
             total_out: AtomicU64::new(0),
         }
@@ -46,9 +46,13 @@ impl Meter {
 
     /// A meter whose counters are registered nowhere (unit tests).
     #[cfg(test)]
-    pub fn detached() -> Self {
-        let c = || IntCounter::new("bytes", "bytes").expect("valid counter");
-        Self::new(c(), c())
+    pub fn detached() -> Meter<'static> {
+        let c = || {
+            &*Box::leak(Box::new(
+                IntCounter::new("bytes", "bytes").expect("valid counter"),
+            ))
+        };
+        Meter::new(c(), c())
     }
 
     /// `n` bytes came from the client.
@@ -77,7 +81,7 @@ impl Meter {
 /// A client stream whose reads and writes are counted in a [`Meter`].
 pub struct Metered<'m, S> {
     pub inner: S,
-    pub meter: &'m Meter,
+    pub meter: &'m Meter<'m>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
@@ -143,8 +147,8 @@ pub enum End {
 /// Drives `relay` (the bytes moving both ways) until it ends, nothing moves for `idle`
 /// (per `meter`), or `drain` has passed since `shutdown` turned true.
 pub async fn pump<F>(
-    relay: F,
-    meter: &Meter,
+    mut relay: Pin<&mut F>,
+    meter: &Meter<'_>,
     idle: Duration,
     drain: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -152,7 +156,6 @@ pub async fn pump<F>(
 where
     F: Future<Output = io::Result<()>>,
 {
-    tokio::pin!(relay);
     let last = &meter.last;
     let idle_ms = idle.as_millis() as u64;
     let mut check = tokio::time::Instant::now() + idle;

@@ -11,10 +11,11 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use nix::sys::socket::{MsgFlags, recv};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -125,7 +126,7 @@ pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
     pipes: Pipes,
-    meter: &Meter,
+    meter: &Meter<'_>,
 ) -> io::Result<()> {
     let Pipes(mut up, mut down) = pipes;
     let ended = AtomicBool::new(false);
@@ -134,9 +135,15 @@ pub async fn relay(
     tokio::try_join!(to_upstream, to_client).map(|_| ())
 }
 
-/// `src` → pipe → `dst` until EOF on `src`, then shuts down writing on `dst` — unless
-/// the other direction has already ended (`ended`): then both sockets are about to be
-/// closed, which sends the FIN anyway, and the shutdown would be a wasted syscall.
+/// `src` → `dst` until EOF on `src`, then shuts down writing on `dst` — unless the other
+/// direction has already ended (`ended`): then both sockets are about to be closed,
+/// which sends the FIN anyway, and the shutdown would be a wasted syscall.
+///
+/// Small reads go by `recv` into a per-thread scratch buffer and `send` ([`relay_small`]):
+/// for a request or a short answer that costs the kernel less than two splices through a
+/// pipe, and a short read tells that the socket is drained, so the next read waits for
+/// readiness instead of ending in EAGAIN. A read that fills the scratch buffer marks a
+/// bulk transfer: from then on the direction splices (`src` → pipe → `dst`).
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -148,20 +155,27 @@ async fn one_way(
         return Err(io::Error::other("pipe already returned"));
     };
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut bulk = false;
     loop {
         // Fill: only when the pipe is empty, so a full pipe never blocks the socket read.
         src.readable().await?;
-        let n = match src.try_io(Interest::READABLE, || {
-            Ok(splice(
-                src.as_fd(),
-                None,
-                pipe.w.as_fd(),
-                None,
-                CHUNK,
-                flags,
-            )?)
-        }) {
-            Ok(n) => n,
+        let read = if bulk {
+            src.try_io(Interest::READABLE, || {
+                Ok(splice(
+                    src.as_fd(),
+                    None,
+                    pipe.w.as_fd(),
+                    None,
+                    CHUNK,
+                    flags,
+                )?)
+            })
+            .map(|n| (n, n))
+        } else {
+            relay_small(src, dst, pipe, &moved)
+        };
+        let (n, held) = match read {
+            Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
@@ -172,7 +186,8 @@ async fn one_way(
             }
             return Ok(());
         }
-        lent.held = n;
+        bulk = bulk || n == SCRATCH;
+        lent.held = held;
         // Drain.
         while lent.held > 0 {
             dst.writable().await?;
@@ -196,6 +211,70 @@ async fn one_way(
             }
         }
     }
+}
+
+/// Bytes a direction reads by `recv` before it turns to splicing.
+const SCRATCH: usize = 16 * 1024;
+
+thread_local! {
+    /// Holds bytes only within one [`relay_small`] call (no await in between).
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// Reads what `src` holds (at most [`SCRATCH`] bytes) and sends it to `dst`; what `dst`
+/// does not take at once goes into the (empty) pipe, for the caller to drain by splice.
+/// Returns (bytes read, bytes left in the pipe); `(0, 0)` is EOF.
+fn relay_small(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    moved: &impl Fn(u64),
+) -> io::Result<(usize, usize)> {
+    SCRATCH_BUF.with_borrow_mut(|buf| {
+        let mut n = 0;
+        let read = src.try_io(Interest::READABLE, || {
+            n = recv(src.as_raw_fd(), buf, MsgFlags::empty())?;
+            // A short read emptied the socket: reporting WouldBlock makes tokio clear
+            // the readiness (as its own reads do), unless an event came in meanwhile.
+            // A pending EOF stays flagged (tokio keeps the closed state).
+            if n > 0 && n < buf.len() {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        match read {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
+            Err(e) => return Err(e),
+        }
+        let mut sent = 0;
+        while sent < n {
+            match dst.try_write(&buf[sent..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(m) => {
+                    sent += m;
+                    moved(m as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // The pipe is empty and holds 64 KiB: the rest (< SCRATCH) fits at once.
+        let mut parked = 0;
+        while sent + parked < n {
+            match nix::unistd::write(&pipe.w, &buf[sent + parked..n]) {
+                Ok(m) if m > 0 => parked += m,
+                r => {
+                    let why = r.map_or_else(|e| e.to_string(), |_| "pipe full".into());
+                    return Err(io::Error::other(format!(
+                        "cannot park bytes in a pipe: {why}"
+                    )));
+                }
+            }
+        }
+        Ok((n, parked))
+    })
 }
 
 #[cfg(test)]
@@ -251,5 +330,63 @@ mod tests {
         assert!(at_backend == data, "backend got other bytes");
         assert!(echoed == data, "client got other bytes");
         assert_eq!(meter.totals(), (data.len() as u64, data.len() as u64));
+    }
+
+    /// Request/answer rounds smaller than the scratch buffer (the `recv`/`send` path),
+    /// through sockets with the smallest buffers: `send` takes part of a message,
+    /// the rest waits in the pipe and is spliced out. Byte-exact, counted, and the EOFs
+    /// still end the relay.
+    #[tokio::test]
+    async fn relays_small_messages_through_small_send_buffers() {
+        let (mut client, client_side) = pair().await;
+        // The backend's small receive window fills the relay's small send buffer.
+        let l = tokio::net::TcpSocket::new_v4().unwrap();
+        l.set_recv_buffer_size(1).unwrap();
+        l.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = l.listen(4).unwrap();
+        let upstream_side = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut backend, _) = l.accept().await.unwrap();
+        for s in [&client_side, &upstream_side] {
+            socket2::SockRef::from(s).set_send_buffer_size(1).unwrap();
+        }
+        let meter = Meter::detached();
+        let pipes = Pipes::take().expect("pipes");
+        let relay = async {
+            let r = relay(&client_side, &upstream_side, pipes, &meter).await;
+            drop((client_side, upstream_side));
+            r
+        };
+        const ROUNDS: usize = 20;
+        const SIZE: usize = 12 * 1024;
+        let message =
+            |i: usize| -> Vec<u8> { (0..SIZE).map(|j| ((i * 7 + j) % 251) as u8).collect() };
+        let client_io = async move {
+            for i in 0..ROUNDS {
+                client.write_all(&message(i)).await.unwrap();
+                let mut answer = vec![0; SIZE];
+                client.read_exact(&mut answer).await.unwrap();
+                assert!(answer == message(i), "round {i}: the answer differs");
+            }
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+        };
+        let backend_io = async move {
+            let mut buf = vec![0; SIZE];
+            for i in 0..ROUNDS {
+                backend.read_exact(&mut buf).await.unwrap();
+                assert!(buf == message(i), "round {i}: the request differs");
+                backend.write_all(&buf).await.unwrap();
+            }
+            let mut rest = Vec::new();
+            backend.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            backend.shutdown().await.unwrap();
+        };
+        let (r, (), ()) = tokio::join!(relay, client_io, backend_io);
+        r.unwrap();
+        let n = (ROUNDS * SIZE) as u64;
+        assert_eq!(meter.totals(), (n, n));
     }
 }
