@@ -109,13 +109,15 @@ pub async fn serve<IO>(
         };
         let Parsed {
             request,
+            head,
             body: kind,
             mut keep_alive,
             expect_continue,
+            upgrade,
         } = parsed;
         let is_head = request.method() == Method::HEAD;
         let version = request.version();
-        let upgrade = if proxy::is_upgrade(&request) {
+        let upgrade = if upgrade {
             ClientUpgrade::Inline
         } else {
             ClientUpgrade::No
@@ -143,8 +145,11 @@ pub async fn serve<IO>(
             request.map(|()| body),
             upgrade,
             &info,
-            Some(timer.as_mut()),
-            Some(&mut lines),
+            Some(proxy::H1Client {
+                head: &head,
+                timer: timer.as_mut(),
+                lines: &mut lines,
+            }),
         )
         .await;
         // A body the upstream did not take leaves the stream mid-message: close after.
