@@ -27,11 +27,32 @@ impl<'a> ReqHeaders<'a> {
         }
     }
 
-    /// The first value of `name` (lower case).
-    pub fn get(self, name: &str) -> Option<&'a [u8]> {
+    /// The first `Host` value.
+    pub fn host(self) -> Option<&'a [u8]> {
         match self {
-            Self::Raw(h) => h.get(name.as_bytes()),
-            Self::Map(m) => m.get(name).map(HeaderValue::as_bytes),
+            Self::Raw(h) => h.host(),
+            Self::Map(m) => m.get(http::header::HOST).map(HeaderValue::as_bytes),
+        }
+    }
+
+    /// The declared body length: `Some(None)` for an unparsable `Content-Length` (the
+    /// HTTP/1 parser refuses those; an HTTP/2 request may carry one).
+    pub fn content_length(self) -> Option<Option<u64>> {
+        match self {
+            Self::Raw(h) => h.content_length().map(Some),
+            Self::Map(m) => m
+                .get(http::header::CONTENT_LENGTH)
+                .map(|v| crate::upstream::parse_length(v.as_bytes())),
+        }
+    }
+
+    fn connection_names_more(self) -> bool {
+        match self {
+            Self::Raw(h) => h.connection_names_more(),
+            Self::Map(m) => m
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .any(|v| !names_no_extra_header(v.as_bytes())),
         }
     }
 }
@@ -164,14 +185,11 @@ pub fn encode_request(
             .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
             .map(|(_, v)| v)
     };
-    let connection_names_more = connection().any(|v| !names_no_extra_header(v));
+    let connection_names_more = headers.connection_names_more();
     let mut prev_xff: Option<&[u8]> = None;
-    let mut host: Option<&[u8]> = None;
+    let host = headers.host();
     let mut has_xfh = false;
     for (name, value) in headers.iter() {
-        if name.eq_ignore_ascii_case(b"host") {
-            host.get_or_insert(value);
-        }
         let keep_upgrade = fwd.upgrade && name.eq_ignore_ascii_case(b"upgrade");
         if !keep_upgrade
             && (is_hop_by_hop(name) || (connection_names_more && named_in(connection(), name)))

@@ -60,6 +60,12 @@ pub struct RawHead {
     bytes: Bytes,
     /// Where the header lines start (after the request line).
     lines_at: usize,
+    /// What the parser saw on its way, so that the proxy reads the lines only once (to
+    /// forward them): the declared body length, where the first `Host` value is, and
+    /// whether a `Connection` line names headers other than keep-alive/close/upgrade.
+    content_length: Option<u64>,
+    host: Option<(usize, usize)>,
+    connection_names_more: bool,
 }
 
 impl RawHead {
@@ -81,6 +87,20 @@ impl RawHead {
         self.lines()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
+    }
+
+    pub fn content_length(&self) -> Option<u64> {
+        self.content_length
+    }
+
+    /// The first `Host` value.
+    pub fn host(&self) -> Option<&[u8]> {
+        self.host.map(|(at, len)| &self.bytes[at..at + len])
+    }
+
+    /// A `Connection` line names other headers to drop (beyond keep-alive/close/upgrade).
+    pub fn connection_names_more(&self) -> bool {
+        self.connection_names_more
     }
 }
 
@@ -105,7 +125,8 @@ impl<'a> Iterator for RawLines<'a> {
                 self.rest = &[];
                 return None;
             }
-            let Some(colon) = memchr::memchr(b':', line) else {
+            // Names are short: a plain scan beats a vectorised search here.
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
                 continue;
             };
             let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
@@ -162,6 +183,8 @@ pub fn parse(
     let mut expect_continue = false;
     let mut has_upgrade = false;
     let mut connection_upgrade = false;
+    let mut connection_names_more = false;
+    let mut host = None;
     for h in req.headers.iter() {
         let (name, raw) = (h.name.as_bytes(), h.value);
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -180,6 +203,9 @@ pub fn parse(
                 close = false;
             }
             connection_upgrade |= has_token(raw, "upgrade");
+            connection_names_more |= !crate::h1_head::names_no_extra_header(raw);
+        } else if name.eq_ignore_ascii_case(b"host") {
+            host.get_or_insert((raw.as_ptr() as usize - buf.as_ptr() as usize, raw.len()));
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             has_upgrade = true;
         } else if name.eq_ignore_ascii_case(b"expect")
@@ -212,7 +238,13 @@ pub fn parse(
     *request.version_mut() = version;
     Ok(Some(Parsed {
         request,
-        head: RawHead { bytes, lines_at },
+        head: RawHead {
+            bytes,
+            lines_at,
+            content_length: length,
+            host,
+            connection_names_more,
+        },
         body,
         keep_alive: !close,
         expect_continue: expect_continue && body != BodyKind::None,

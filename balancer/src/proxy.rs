@@ -151,7 +151,7 @@ pub fn plain(status: StatusCode, msg: &'static str, close: bool) -> Response<Res
 /// Host of the request without port, from `Host` or the URI authority (HTTP/2).
 fn host_of<'a>(headers: h1_head::ReqHeaders<'a>, uri: &'a http::Uri) -> &'a str {
     let raw = headers
-        .get("host")
+        .host()
         .and_then(|h| std::str::from_utf8(h).ok())
         .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
@@ -422,7 +422,7 @@ where
     };
     // Body limit: a declared length is checked now; a chunked body is cut off while it
     // streams (see `exchange`).
-    let declared = headers.get("content-length").map(upstream::parse_length);
+    let declared = headers.content_length();
     if let Some(Some(len)) = declared
         && len > s.max_body_bytes
     {
