@@ -152,7 +152,7 @@ pub async fn serve<IO>(
             state: &mut state,
         };
         let mut lines = None;
-        let resp = proxy::serve_request(
+        let mut resp = proxy::serve_request(
             request.map(|()| body),
             upgrade,
             &info,
@@ -167,19 +167,21 @@ pub async fn serve<IO>(
         if state != BodyState::Done || *shutdown.borrow() {
             keep_alive = false;
         }
-        let resp = match resp.into_parts() {
-            (parts, RespBody::Tunnel(Some(tunnel))) => {
-                let head = Response::from_parts(parts, RespBody::empty());
-                if write_response(&mut io, head, None, false, version, true)
-                    .await
-                    .is_ok()
-                {
-                    tunnel.run(&mut io, buf.split().freeze()).await;
-                }
-                return;
-            }
-            (parts, body) => Response::from_parts(parts, body),
+        // A 101 whose tunnel this loop runs (matched in place: moving the response out
+        // and back costs two copies of it per request).
+        let tunnel = match resp.body_mut() {
+            RespBody::Tunnel(t) => t.take(),
+            _ => None,
         };
+        if let Some(tunnel) = tunnel {
+            if write_response(&mut io, resp, None, false, version, true)
+                .await
+                .is_ok()
+            {
+                tunnel.run(&mut io, buf.split().freeze()).await;
+            }
+            return;
+        }
         match write_response(&mut io, resp, lines, is_head, version, keep_alive).await {
             Ok(true) => {}
             Ok(false) => {
