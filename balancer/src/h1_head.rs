@@ -6,11 +6,73 @@
 //! two maps per request.
 
 use http::Method;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+use crate::h1_request::{RawHead, RawLines};
+
+/// A request's header lines as the proxy reads them: an HTTP/1 client's head as it came
+/// (no map built), or an HTTP/2 request's map.
+#[derive(Clone, Copy)]
+pub enum ReqHeaders<'a> {
+    Raw(&'a RawHead),
+    Map(&'a HeaderMap),
+}
+
+impl<'a> ReqHeaders<'a> {
+    /// `(name, value)` pairs in order (names of a map are lower case, raw ones as sent).
+    pub fn iter(self) -> ReqLines<'a> {
+        match self {
+            Self::Raw(h) => ReqLines::Raw(h.lines()),
+            Self::Map(m) => ReqLines::Map(m.iter()),
+        }
+    }
+
+    /// The first `Host` value.
+    pub fn host(self) -> Option<&'a [u8]> {
+        match self {
+            Self::Raw(h) => h.host(),
+            Self::Map(m) => m.get(http::header::HOST).map(HeaderValue::as_bytes),
+        }
+    }
+
+    /// The declared body length: `Some(None)` for an unparsable `Content-Length` (the
+    /// HTTP/1 parser refuses those; an HTTP/2 request may carry one).
+    pub fn content_length(self) -> Option<Option<u64>> {
+        match self {
+            Self::Raw(h) => h.content_length().map(Some),
+            Self::Map(m) => m
+                .get(http::header::CONTENT_LENGTH)
+                .map(|v| crate::upstream::parse_length(v.as_bytes())),
+        }
+    }
+
+    fn connection_names_more(self) -> bool {
+        match self {
+            Self::Raw(h) => h.connection_names_more(),
+            Self::Map(m) => m
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .any(|v| !names_no_extra_header(v.as_bytes())),
+        }
+    }
+}
+
+/// Iterator of [`ReqHeaders::iter`].
+pub enum ReqLines<'a> {
+    Raw(RawLines<'a>),
+    Map(http::header::Iter<'a, HeaderValue>),
+}
+
+impl<'a> Iterator for ReqLines<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Self::Raw(l) => l.next(),
+            Self::Map(m) => m.next().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+        }
+    }
+}
 
 /// Hop-by-hop header names (RFC 9110 §7.6.1 and the usual non-standard ones), never
 /// forwarded as they are. `name` in any case.
@@ -110,56 +172,49 @@ pub fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
-    headers: &HeaderMap,
+    headers: ReqHeaders<'_>,
     fwd: &Forwarded<'_>,
 ) {
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let connection_names_more = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| !names_no_extra_header(v.as_bytes()));
-    let mut prev_xff: Option<&HeaderValue> = None;
-    let mut host: Option<&[u8]> = None;
+    let connection = || {
+        headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+            .map(|(_, v)| v)
+    };
+    let connection_names_more = headers.connection_names_more();
+    let mut prev_xff: Option<&[u8]> = None;
+    let host = headers.host();
     let mut has_xfh = false;
-    for (n, v) in headers {
-        let name = n.as_str().as_bytes();
-        if n == header::HOST {
-            host.get_or_insert(v.as_bytes());
-        }
-        let keep_upgrade = fwd.upgrade && n == header::UPGRADE;
+    for (name, value) in headers.iter() {
+        let keep_upgrade = fwd.upgrade && name.eq_ignore_ascii_case(b"upgrade");
         if !keep_upgrade
-            && (is_hop_by_hop(name)
-                || (connection_names_more
-                    && named_in(
-                        headers
-                            .get_all(header::CONNECTION)
-                            .iter()
-                            .map(|v| v.as_bytes()),
-                        name,
-                    )))
+            && (is_hop_by_hop(name) || (connection_names_more && named_in(connection(), name)))
         {
             continue;
         }
-        if *n == X_FORWARDED_FOR {
-            prev_xff.get_or_insert(v);
+        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+            prev_xff.get_or_insert(value);
             continue;
         }
-        if *n == X_FORWARDED_PROTO {
+        if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             continue;
         }
-        has_xfh |= *n == X_FORWARDED_HOST;
-        put(out, name, v.as_bytes());
+        has_xfh |= name.eq_ignore_ascii_case(b"x-forwarded-host");
+        put(out, name, value);
     }
     if fwd.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     // A previous list that is not visible ASCII is replaced, not extended.
-    if let Some(prev) = prev_xff.filter(|v| v.to_str().is_ok()) {
-        out.extend_from_slice(prev.as_bytes());
+    if let Some(prev) =
+        prev_xff.filter(|v| v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)))
+    {
+        out.extend_from_slice(prev);
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(fwd.peer_ip.as_bytes());
@@ -196,8 +251,27 @@ mod tests {
 
     fn encode(h: &HeaderMap, fwd: &Forwarded<'_>) -> String {
         let mut out = Vec::new();
-        encode_request(&mut out, &Method::GET, "/a?b", h, fwd);
-        String::from_utf8(out).unwrap()
+        encode_request(&mut out, &Method::GET, "/a?b", ReqHeaders::Map(h), fwd);
+        let from_map = String::from_utf8(out).unwrap();
+        // The same lines as an HTTP/1 client's raw head encode the same way.
+        let mut raw = String::from("GET /a?b HTTP/1.1\r\n");
+        for (n, v) in h {
+            raw += &format!("{n}:  {}\r\n", v.to_str().unwrap());
+        }
+        raw += "\r\n";
+        let parsed = crate::h1_request::parse(&mut raw.as_str().into(), 100, 8192)
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        encode_request(
+            &mut out,
+            &Method::GET,
+            "/a?b",
+            ReqHeaders::Raw(&parsed.head),
+            fwd,
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), from_map);
+        from_map
     }
 
     fn fwd(ip: &HeaderValue) -> Forwarded<'_> {

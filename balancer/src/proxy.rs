@@ -26,6 +26,7 @@ use crate::body::{Lease, RespBody, Tunnel};
 use crate::deadline;
 use crate::endpoint::{Endpoint, InFlight};
 use crate::h1_head;
+use crate::h1_request::RawHead;
 use crate::metrics::Metrics;
 use crate::outlier;
 use crate::select;
@@ -148,12 +149,11 @@ pub fn plain(status: StatusCode, msg: &'static str, close: bool) -> Response<Res
 }
 
 /// Host of the request without port, from `Host` or the URI authority (HTTP/2).
-fn host_of<B>(req: &Request<B>) -> &str {
-    let raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+fn host_of<'a>(headers: h1_head::ReqHeaders<'a>, uri: &'a http::Uri) -> &'a str {
+    let raw = headers
+        .host()
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
     match raw.rsplit_once(':') {
         // IPv6 literals keep their brackets: `[::1]:80` → `[::1]`.
@@ -314,19 +314,28 @@ pub async fn handle(
     } else {
         ClientUpgrade::No
     };
-    Ok(serve_request(req, upgrade, &conn, None, None).await)
+    Ok(serve_request(req, upgrade, &conn, None).await)
 }
 
-/// Routes, forwards and accounts for one request. `timer`: the connection's reusable
-/// timer for the response deadline (else a tokio timer per request). `lines`: the client
-/// speaks HTTP/1: an upstream answer's header lines are put there as bytes (the response
-/// then carries no headers of its own), not into a `HeaderMap`.
+/// What the own HTTP/1 server hands over with a request (HTTP/2 requests come from hyper
+/// without it).
+pub struct H1Client<'a> {
+    /// The request's header lines (its `Request` carries no headers).
+    pub head: &'a RawHead,
+    /// The connection's reusable timer, for the response deadline (else a tokio timer
+    /// per request).
+    pub timer: Pin<&'a mut Sleep>,
+    /// An upstream answer's header lines go here as bytes (the response then carries no
+    /// headers of its own), not into a `HeaderMap`.
+    pub lines: &'a mut Option<h1_head::Lines>,
+}
+
+/// Routes, forwards and accounts for one request.
 pub async fn serve_request<B>(
     req: Request<B>,
     upgrade: ClientUpgrade,
     conn: &ConnInfo,
-    timer: Option<Pin<&mut Sleep>>,
-    lines: Option<&mut Option<h1_head::Lines>>,
+    h1: Option<H1Client<'_>>,
 ) -> Response<RespBody>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -341,7 +350,11 @@ where
             true,
         );
     };
-    let Some(route) = listener.route(|| host_of(&req), req.uri().path()) else {
+    let headers = match &h1 {
+        Some(c) => h1_head::ReqHeaders::Raw(c.head),
+        None => h1_head::ReqHeaders::Map(req.headers()),
+    };
+    let Some(route) = listener.route(|| host_of(headers, req.uri()), req.uri().path()) else {
         listener.unrouted.inc(404);
         return plain(StatusCode::NOT_FOUND, "no route\n", false);
     };
@@ -358,7 +371,7 @@ where
     } else {
         (None, None)
     };
-    let resp = forward(req, upgrade, conn, &ctx, timer, lines).await;
+    let resp = forward(req, upgrade, conn, &ctx, h1).await;
     if let (Some(m), Some(p)) = (method, path) {
         tracing::info!(
             target: "access",
@@ -381,8 +394,7 @@ async fn forward<B>(
     client_upgrade: ClientUpgrade,
     conn: &ConnInfo,
     ctx: &Ctx<'_>,
-    mut timer: Option<Pin<&mut Sleep>>,
-    mut lines_out: Option<&mut Option<h1_head::Lines>>,
+    h1: Option<H1Client<'_>>,
 ) -> Response<RespBody>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -400,12 +412,17 @@ where
         );
     };
     svc.shared.deposit(s.retry_budget_percent);
+    let (raw, mut timer, mut lines_out) = match h1 {
+        Some(c) => (Some(c.head), Some(c.timer), Some(c.lines)),
+        None => (None, None, None),
+    };
+    let headers = match raw {
+        Some(raw) => h1_head::ReqHeaders::Raw(raw),
+        None => h1_head::ReqHeaders::Map(req.headers()),
+    };
     // Body limit: a declared length is checked now; a chunked body is cut off while it
     // streams (see `exchange`).
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .map(|v| upstream::parse_length(v.as_bytes()));
+    let declared = headers.content_length();
     if let Some(Some(len)) = declared
         && len > s.max_body_bytes
     {
@@ -429,12 +446,19 @@ where
     let chunked = has_body && declared.is_none();
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     // The head for the upstream hop, encoded straight from the client's headers.
-    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
+    let headers = match raw {
+        Some(raw) => h1_head::ReqHeaders::Raw(raw),
+        None => h1_head::ReqHeaders::Map(&parts.headers),
+    };
+    let mut head = Vec::with_capacity(match raw {
+        Some(raw) => raw.byte_len() + 160,
+        None => 256 + parts.headers.len() * 48,
+    });
     h1_head::encode_request(
         &mut head,
         &parts.method,
         target,
-        &parts.headers,
+        headers,
         &h1_head::Forwarded {
             peer_ip: &conn.peer_ip,
             tls: conn.tls,

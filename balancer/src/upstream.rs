@@ -246,15 +246,42 @@ impl UpConn {
             // Room for what joins the lines in the client's write: the status line and
             // framing lines, and the body bytes already read.
             let mut l = h1_head::Lines::with_capacity(self.buf.len().min(2 * READ_CHUNK) + 96);
+            // Kept lines that end in CRLF right after their value are copied as they came,
+            // consecutive ones in one piece (`run`: buffer offsets not yet copied); others
+            // (bare LF, trailing blanks, empty value) are re-encoded.
+            let base = self.buf.as_ptr() as usize;
+            let mut run: Option<(usize, usize)> = None;
             for h in resp.headers.iter() {
                 let name = h.name.as_bytes();
                 if h1_head::is_hop_by_hop(name)
                     || (te && name.eq_ignore_ascii_case(b"content-length"))
                     || (connection_names_more && h1_head::named_by_connection(resp.headers, name))
                 {
+                    if let Some((from, to)) = run.take() {
+                        l.bytes.extend_from_slice(&self.buf[from..to]);
+                    }
                     continue;
                 }
-                l.push(name, h.value);
+                let start = h.name.as_ptr() as usize - base;
+                let value_end = h.value.as_ptr() as usize - base + h.value.len();
+                if !h.value.is_empty() && self.buf[value_end..].starts_with(b"\r\n") {
+                    match &mut run {
+                        Some((_, to)) if *to == start => *to = value_end + 2,
+                        _ => {
+                            if let Some((from, to)) = run.replace((start, value_end + 2)) {
+                                l.bytes.extend_from_slice(&self.buf[from..to]);
+                            }
+                        }
+                    }
+                } else {
+                    if let Some((from, to)) = run.take() {
+                        l.bytes.extend_from_slice(&self.buf[from..to]);
+                    }
+                    l.push(name, h.value);
+                }
+            }
+            if let Some((from, to)) = run {
+                l.bytes.extend_from_slice(&self.buf[from..to]);
             }
             // Both: the length is ignored (RFC 9112 §6.3) and never forwarded.
             l.has_length = length.is_some() && !te;
@@ -486,6 +513,22 @@ mod tests {
         .await;
         assert!(head.lines.unwrap().has_length);
         assert!(head.keep_alive);
+    }
+
+    #[tokio::test]
+    async fn response_lines_copied_as_they_came_or_re_encoded_when_not_crlf() {
+        let head = head_of(
+            b"HTTP/1.1 200 OK\r\nA: 1\r\nB:2\r\nConnection: close\r\nC: 3  \r\nD: 4\n\
+              E: 5\r\nContent-Length: 0\r\n\r\n",
+            true,
+        )
+        .await;
+        let lines = head.lines.unwrap();
+        assert_eq!(
+            String::from_utf8(lines.bytes).unwrap(),
+            "A: 1\r\nB:2\r\nC: 3\r\nD: 4\r\nE: 5\r\nContent-Length: 0\r\n"
+        );
+        assert!(lines.has_length && !head.keep_alive);
     }
 
     #[tokio::test]
