@@ -110,11 +110,11 @@ fn named_in<'a>(connection: impl Iterator<Item = &'a [u8]>, name: &[u8]) -> bool
 }
 
 /// `name` is listed by one of the `Connection` lines among `headers` (a response head).
-pub fn named_by_connection(headers: &[crate::h1_response::Header<'_>], name: &[u8]) -> bool {
+pub fn named_by_connection(headers: &[httparse::Header<'_>], name: &[u8]) -> bool {
     named_in(
         headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(b"connection"))
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
             .map(|h| h.value),
         name,
     )

@@ -1,6 +1,6 @@
 //! The upstream HTTP/1.1 client: a pooled TCP connection driven inline from the request
 //! future — no connection task, no channels. The request head is encoded into one buffer
-//! and written with one syscall; the response head is parsed (`h1_response`) straight out
+//! and written with one syscall; the response head is parsed with `httparse` straight out
 //! of the read buffer, header values shared with it (no copy); the body is decoded as the
 //! client side pulls it. The stream is plain TCP, or TLS / a PROXY header first when the
 //! service asks for them (`upstream_io`).
@@ -17,7 +17,6 @@ use tokio::net::TcpStream;
 
 use crate::chunked::{self, Decoder, Step};
 use crate::h1_head;
-use crate::h1_response;
 use crate::tcp::UpstreamOpts;
 use crate::upstream_io::{self, Origin, UpIo};
 
@@ -190,24 +189,25 @@ impl UpConn {
     fn parse_head(&mut self, method: &Method, lines: bool) -> Result<Option<Head>, UpError> {
         // A small array first: initialising 128 slots for every response cost more than
         // parsing the head. A head with more lines is parsed again with the full array.
-        let mut few = [h1_response::EMPTY_HEADER; FEW_RESPONSE_HEADERS];
+        let mut few = [httparse::EMPTY_HEADER; FEW_RESPONSE_HEADERS];
         let mut many;
-        let mut slots = &mut few[..];
-        let mut parsed = h1_response::parse(&self.buf, slots);
-        if let Err(h1_response::Error::TooManyHeaders) = parsed {
-            many = vec![h1_response::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-            slots = &mut many[..];
-            parsed = h1_response::parse(&self.buf, slots);
+        let mut resp = httparse::Response::new(&mut few);
+        let mut parsed = resp.parse(&self.buf);
+        if let Err(httparse::Error::TooManyHeaders) = parsed {
+            many = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            resp = httparse::Response::new(&mut many);
+            parsed = resp.parse(&self.buf);
         }
-        let head = match parsed {
-            Ok(Some(head)) => head,
-            Ok(None) => return Ok(None),
+        let len = match parsed {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err(UpError::Malformed("unparsable response head")),
         };
-        let (len, headers_in) = (head.len, &slots[..head.count]);
-        let status =
-            StatusCode::from_u16(head.code).map_err(|_| UpError::Malformed("bad status code"))?;
-        let version = if head.version == 0 {
+        let status = resp
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or(UpError::Malformed("bad status code"))?;
+        let version = if resp.version == Some(0) {
             Version::HTTP_10
         } else {
             Version::HTTP_11
@@ -220,8 +220,8 @@ impl UpConn {
         let mut te = false;
         let mut close = version == Version::HTTP_10;
         let mut connection_names_more = false;
-        for h in headers_in {
-            let name = h.name;
+        for h in resp.headers.iter() {
+            let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"content-length") {
                 let n = parse_length(h.value).ok_or(UpError::Malformed("bad content-length"))?;
                 if length.is_some_and(|l| l != n) {
@@ -251,11 +251,11 @@ impl UpConn {
             // (bare LF, trailing blanks, empty value) are re-encoded.
             let base = self.buf.as_ptr() as usize;
             let mut run: Option<(usize, usize)> = None;
-            for h in headers_in {
-                let name = h.name;
+            for h in resp.headers.iter() {
+                let name = h.name.as_bytes();
                 if h1_head::is_hop_by_hop(name)
                     || (te && name.eq_ignore_ascii_case(b"content-length"))
-                    || (connection_names_more && h1_head::named_by_connection(headers_in, name))
+                    || (connection_names_more && h1_head::named_by_connection(resp.headers, name))
                 {
                     if let Some((from, to)) = run.take() {
                         l.bytes.extend_from_slice(&self.buf[from..to]);
@@ -292,8 +292,8 @@ impl UpConn {
             // and its values shared with the `HeaderMap` without copying.
             let base = self.buf.as_ptr() as usize;
             let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_RESPONSE_HEADERS];
-            let count = headers_in.len();
-            for (span, h) in spans.iter_mut().zip(headers_in) {
+            let count = resp.headers.len();
+            for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
                 *span = (
                     (h.name.as_ptr() as usize - base) as u32,
                     h.name.len() as u32,
