@@ -223,7 +223,7 @@ async fn exchange<B>(
     chunked: bool,
     limit: u64,
     method: &Method,
-    lines: bool,
+    lines: Option<Version>,
 ) -> Result<Head, Fail>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -525,7 +525,7 @@ where
             chunked,
             s.max_body_bytes,
             &parts.method,
-            lines_out.is_some(),
+            lines_out.is_some().then_some(client_version),
         );
         let sent = match timer.as_mut() {
             Some(t) => {
