@@ -647,6 +647,7 @@ where
             framing: resp.framing,
             keep_alive: resp.keep_alive,
             in_flight,
+            answered: ctx.start + elapsed,
         }));
         *r.status_mut() = status;
         *r.version_mut() = client_version;
