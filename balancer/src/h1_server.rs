@@ -152,17 +152,21 @@ pub async fn serve<IO>(
             state: &mut state,
         };
         let mut lines = None;
-        let mut resp = proxy::serve_request(
-            request.map(|()| body),
-            upgrade,
-            &info,
-            Some(proxy::H1Client {
-                head: &head,
-                timer: timer.as_mut(),
-                lines: &mut lines,
-            }),
-        )
-        .await;
+        let mut resp = {
+            // Kept here and lent to the proxy: moving the request in costs a copy of it.
+            let mut req = request.map(|()| body);
+            proxy::serve_request(
+                &mut req,
+                upgrade,
+                &info,
+                Some(proxy::H1Client {
+                    head: &head,
+                    timer: timer.as_mut(),
+                    lines: &mut lines,
+                }),
+            )
+            .await
+        };
         // A body the upstream did not take leaves the stream mid-message: close after.
         if state != BodyState::Done || *shutdown.borrow() {
             keep_alive = false;
