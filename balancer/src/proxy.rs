@@ -273,24 +273,20 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn finish(&self, version: Option<usize>, resp: Response<RespBody>) -> Response<RespBody> {
-        self.finish_after(version, resp, self.start.elapsed())
+        self.record(version, resp.status(), self.start.elapsed());
+        resp
     }
 
-    /// `finish` with the duration already measured (the answer path reads the clock once
-    /// for the endpoint's status-page histogram and the request metrics both).
-    fn finish_after(
-        &self,
-        version: Option<usize>,
-        resp: Response<RespBody>,
-        elapsed: Duration,
-    ) -> Response<RespBody> {
-        let status = resp.status().as_u16();
-        let seconds = elapsed.as_secs_f64();
+    /// Accounts for an answer whose duration is already measured (the answer path reads
+    /// the clock once for the endpoint's status-page histogram and the request metrics
+    /// both). Takes the status, not the response: moving a response in and out costs two
+    /// copies of it.
+    fn record(&self, version: Option<usize>, status: StatusCode, elapsed: Duration) {
+        let (status, seconds) = (status.as_u16(), elapsed.as_secs_f64());
         match version.and_then(|v| self.route.by_version.get(v)) {
             Some(c) => c.record(status, seconds),
             None => self.route.unpicked.record(status, seconds),
         }
-        resp
     }
 }
 
@@ -521,32 +517,36 @@ where
             },
         };
 
-        let exchanged = exchange(
-            &mut up,
-            &head,
-            &mut *body,
-            chunked,
-            s.max_body_bytes,
-            &method,
-            lines_out.is_some().then_some(client_version),
-        );
-        let sent = match timer.as_mut() {
-            Some(t) => {
-                // The request's start stands for "now" on the first attempt over a pooled
-                // connection (microseconds ago): one clock read less per request.
-                let from = if reused && attempts == 0 {
-                    ctx.start
-                } else {
-                    Instant::now()
-                };
-                let at = tokio::time::Instant::from_std(from + s.response_timeout);
-                deadline::within_at(t.as_mut(), at, exchanged)
+        let sent = {
+            let exchanged = exchange(
+                &mut up,
+                &head,
+                &mut *body,
+                chunked,
+                s.max_body_bytes,
+                &method,
+                lines_out.is_some().then_some(client_version),
+            );
+            // Pinned here: the deadline wrapper borrows it instead of taking in a copy.
+            tokio::pin!(exchanged);
+            match timer.as_mut() {
+                Some(t) => {
+                    // The request's start stands for "now" on the first attempt over a pooled
+                    // connection (microseconds ago): one clock read less per request.
+                    let from = if reused && attempts == 0 {
+                        ctx.start
+                    } else {
+                        Instant::now()
+                    };
+                    let at = tokio::time::Instant::from_std(from + s.response_timeout);
+                    deadline::within_at(t.as_mut(), at, exchanged.as_mut())
+                        .await
+                        .map_err(|_| ())
+                }
+                None => tokio::time::timeout(s.response_timeout, exchanged.as_mut())
                     .await
-                    .map_err(|_| ())
+                    .map_err(|_| ()),
             }
-            None => tokio::time::timeout(s.response_timeout, exchanged)
-                .await
-                .map_err(|_| ()),
         };
         let resp = match sent {
             Err(_) => {
@@ -643,7 +643,8 @@ where
             let mut r = Response::new(body);
             *r.status_mut() = status;
             *r.headers_mut() = headers;
-            return ctx.finish_after(Some(version), r, elapsed);
+            ctx.record(Some(version), status, elapsed);
+            return r;
         }
         let mut r = Response::new(RespBody::upstream(Lease {
             conn: up,
@@ -655,7 +656,8 @@ where
         *r.status_mut() = status;
         *r.version_mut() = client_version;
         *r.headers_mut() = headers;
-        return ctx.finish_after(Some(version), r, elapsed);
+        ctx.record(Some(version), status, elapsed);
+        return r;
     }
     let resp = if last == StatusCode::GATEWAY_TIMEOUT {
         plain(last, "upstream connect timed out\n", false)
