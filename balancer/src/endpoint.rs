@@ -163,7 +163,8 @@ impl Endpoint {
     /// Returns a connection whose last response is complete. A full pool closes its
     /// oldest connection for it. Connections that carry a PROXY header serve one client
     /// connection only: returning one also closes those whose client has left.
-    pub fn checkin(&self, conn: UpConn) {
+    /// `since`: when the connection's last exchange ended (or about: see `Lease`).
+    pub fn checkin(&self, conn: UpConn, since: Instant) {
         if self.is_retired() || self.max_idle == 0 {
             return;
         }
@@ -174,7 +175,7 @@ impl Endpoint {
         if idle.len() >= self.max_idle {
             idle.pop_front();
         }
-        idle.push_back((conn, Instant::now()));
+        idle.push_back((conn, since));
     }
 
     /// Drops every idle connection: one turned out closed by the upstream, the others

@@ -5,8 +5,8 @@
 //! values — the hot path's user-space cost was mostly building, editing and re-encoding
 //! two maps per request.
 
-use http::Method;
 use http::header::{HeaderMap, HeaderValue};
+use http::{Method, StatusCode, Version};
 
 use crate::h1_request::{RawHead, RawLines};
 
@@ -120,19 +120,28 @@ pub fn named_by_connection(headers: &[httparse::Header<'_>], name: &[u8]) -> boo
     )
 }
 
-/// End-to-end header lines of a response, encoded (`name: value\r\n`) for an HTTP/1
-/// client.
+/// A response head for an HTTP/1 client, encoded as it goes out: the status line, then
+/// the upstream's end-to-end header lines. Written while the upstream's head is parsed, so
+/// that the buffer becomes the client's write buffer as it is (the framing lines and the
+/// body bytes at hand are appended).
 #[derive(Debug, Default)]
 pub struct Lines {
     pub bytes: Vec<u8>,
+    /// Where the header lines start (after the status line).
+    pub status_len: usize,
     /// A `Content-Length` line is among them.
     pub has_length: bool,
 }
 
 impl Lines {
-    pub fn with_capacity(n: usize) -> Self {
+    /// Starts with the status line (`version` is the client's, the reason the canonical
+    /// one); `capacity`: room for what follows it.
+    pub fn with_status(capacity: usize, version: Version, status: StatusCode) -> Self {
+        let mut bytes = Vec::with_capacity(capacity + 48);
+        put_status_line(&mut bytes, version, status);
         Self {
-            bytes: Vec::with_capacity(n),
+            status_len: bytes.len(),
+            bytes,
             has_length: false,
         }
     }
@@ -140,6 +149,24 @@ impl Lines {
     pub fn push(&mut self, name: &[u8], value: &[u8]) {
         put(&mut self.bytes, name, value);
     }
+
+    /// The header lines without the status line.
+    pub fn header_lines(&self) -> &[u8] {
+        &self.bytes[self.status_len..]
+    }
+}
+
+/// `HTTP/1.x NNN Reason\r\n`: HTTP/1.0 for an HTTP/1.0 client, else HTTP/1.1.
+pub fn put_status_line(out: &mut Vec<u8>, version: Version, status: StatusCode) {
+    out.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

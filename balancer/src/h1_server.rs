@@ -28,7 +28,7 @@ use tokio::time::Sleep;
 use crate::body::RespBody;
 use crate::chunked::{self, Decoder, Step};
 use crate::deadline;
-use crate::h1_head::Lines;
+use crate::h1_head::{self, Lines};
 use crate::h1_request::{self, BodyKind, HeadError, Parsed};
 use crate::proxy::{self, ClientUpgrade, ConnInfo};
 use crate::server::ConnSettings;
@@ -152,17 +152,21 @@ pub async fn serve<IO>(
             state: &mut state,
         };
         let mut lines = None;
-        let mut resp = proxy::serve_request(
-            request.map(|()| body),
-            upgrade,
-            &info,
-            Some(proxy::H1Client {
-                head: &head,
-                timer: timer.as_mut(),
-                lines: &mut lines,
-            }),
-        )
-        .await;
+        let mut resp = {
+            // Kept here and lent to the proxy: moving the request in costs a copy of it.
+            let mut req = request.map(|()| body);
+            proxy::serve_request(
+                &mut req,
+                upgrade,
+                &info,
+                Some(proxy::H1Client {
+                    head: &head,
+                    timer: timer.as_mut(),
+                    lines: &mut lines,
+                }),
+            )
+            .await
+        };
         // A body the upstream did not take leaves the stream mid-message: close after.
         if state != BodyState::Done || *shutdown.borrow() {
             keep_alive = false;
@@ -396,37 +400,21 @@ async fn write_response<IO: AsyncWrite + Unpin>(
         RespBody::Upstream(None) | RespBody::Tunnel(_) => Some(0),
         RespBody::Upstream(Some(_)) => body.size_hint().exact(),
     };
-    let proto: &[u8] = if version == Version::HTTP_10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    };
-    let status_line = proto
-        .iter()
-        .chain(status.as_str().as_bytes())
-        .chain(b" ")
-        .chain(status.canonical_reason().unwrap_or("").as_bytes())
-        .chain(b"\r\n")
-        .copied();
     let mut out = match lines {
-        // An upstream's answer: its lines' buffer (sized for the status line and the body
+        // An upstream's answer: its lines' buffer (status line first, sized for the body
         // bytes already read, see `UpConn::parse_head`) becomes the output buffer.
-        Some(l) if parts.headers.is_empty() => {
-            let mut out = l.bytes;
-            out.splice(0..0, status_line);
-            out
-        }
+        Some(l) if parts.headers.is_empty() => l.bytes,
         lines => {
-            let lines = lines.map_or_else(Vec::new, |l| l.bytes);
+            let lines = lines.as_ref().map_or(&[][..], Lines::header_lines);
             let mut out = Vec::with_capacity(256 + parts.headers.len() * 48 + lines.len());
-            out.extend(status_line);
+            h1_head::put_status_line(&mut out, version, status);
             for (n, v) in &parts.headers {
                 if (n == header::CONNECTION && !switching) || n == header::TRANSFER_ENCODING {
                     continue;
                 }
                 put_header(&mut out, n.as_str(), v);
             }
-            out.extend_from_slice(&lines);
+            out.extend_from_slice(lines);
             out
         }
     };

@@ -223,7 +223,7 @@ async fn exchange<B>(
     chunked: bool,
     limit: u64,
     method: &Method,
-    lines: bool,
+    lines: Option<Version>,
 ) -> Result<Head, Fail>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
@@ -314,7 +314,7 @@ pub async fn handle(
     } else {
         ClientUpgrade::No
     };
-    Ok(serve_request(req, upgrade, &conn, None).await)
+    Ok(serve_request(&mut req, upgrade, &conn, None).await)
 }
 
 /// What the own HTTP/1 server hands over with a request (HTTP/2 requests come from hyper
@@ -332,7 +332,7 @@ pub struct H1Client<'a> {
 
 /// Routes, forwards and accounts for one request.
 pub async fn serve_request<B>(
-    req: Request<B>,
+    req: &mut Request<B>,
     upgrade: ClientUpgrade,
     conn: &ConnInfo,
     h1: Option<H1Client<'_>>,
@@ -390,7 +390,7 @@ where
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn forward<B>(
-    req: Request<B>,
+    req: &mut Request<B>,
     client_upgrade: ClientUpgrade,
     conn: &ConnInfo,
     ctx: &Ctx<'_>,
@@ -439,38 +439,41 @@ where
     // The answer speaks the client's protocol version, whatever the upstream spoke.
     let client_version = req.version();
 
-    let (parts, mut body) = req.into_parts();
-    let has_body = !body.is_end_stream();
+    // The request stays where the caller keeps it (borrowed, not moved: it is large).
+    let has_body = !req.body().is_end_stream();
     // A body of unknown length (chunked from an HTTP/1.1 client, or HTTP/2 without
     // content-length) goes upstream chunked.
     let chunked = has_body && declared.is_none();
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // The head for the upstream hop, encoded straight from the client's headers.
     let headers = match raw {
         Some(raw) => h1_head::ReqHeaders::Raw(raw),
-        None => h1_head::ReqHeaders::Map(&parts.headers),
+        None => h1_head::ReqHeaders::Map(req.headers()),
     };
     let mut head = Vec::with_capacity(match raw {
         Some(raw) => raw.byte_len() + 160,
-        None => 256 + parts.headers.len() * 48,
+        None => 256 + req.headers().len() * 48,
     });
     h1_head::encode_request(
         &mut head,
-        &parts.method,
+        req.method(),
         target,
         headers,
         &h1_head::Forwarded {
             peer_ip: &conn.peer_ip,
             tls: conn.tls,
-            authority: parts.uri.authority().map(|a| a.as_str()),
+            authority: req.uri().authority().map(|a| a.as_str()),
             upgrade,
             chunked,
         },
     );
+    // Standard methods clone without allocating.
+    let method = req.method().clone();
+    let body = req.body_mut();
     // An idempotent, body-less request whose connection is reset before any answer (a
     // reused keep-alive connection the upstream closed as we wrote, or a crash) is
     // resent: the head is still in `head`.
-    let may_resend = !has_body && idempotent(&parts.method) && !upgrade;
+    let may_resend = !has_body && idempotent(&method) && !upgrade;
 
     let mut tried: Vec<usize> = Vec::new();
     let mut attempts = 0u32;
@@ -521,11 +524,11 @@ where
         let exchanged = exchange(
             &mut up,
             &head,
-            &mut body,
+            &mut *body,
             chunked,
             s.max_body_bytes,
-            &parts.method,
-            lines_out.is_some(),
+            &method,
+            lines_out.is_some().then_some(client_version),
         );
         let sent = match timer.as_mut() {
             Some(t) => {
@@ -647,6 +650,7 @@ where
             framing: resp.framing,
             keep_alive: resp.keep_alive,
             in_flight,
+            answered: ctx.start + elapsed,
         }));
         *r.status_mut() = status;
         *r.version_mut() = client_version;

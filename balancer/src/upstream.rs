@@ -153,8 +153,13 @@ impl UpConn {
     }
 
     /// Reads the response head (skipping interim 1xx answers other than 101). `lines`:
-    /// the caller wants the header lines as bytes for an HTTP/1 client, not a `HeaderMap`.
-    pub async fn read_head(&mut self, method: &Method, lines: bool) -> Result<Head, UpError> {
+    /// the version of an HTTP/1 client, which gets the head as bytes (see
+    /// [`h1_head::Lines`]), not as a `HeaderMap`.
+    pub async fn read_head(
+        &mut self,
+        method: &Method,
+        lines: Option<Version>,
+    ) -> Result<Head, UpError> {
         let mut any_byte = false;
         loop {
             if !self.buf.is_empty() {
@@ -186,7 +191,11 @@ impl UpConn {
         }
     }
 
-    fn parse_head(&mut self, method: &Method, lines: bool) -> Result<Option<Head>, UpError> {
+    fn parse_head(
+        &mut self,
+        method: &Method,
+        lines: Option<Version>,
+    ) -> Result<Option<Head>, UpError> {
         // A small array first: initialising 128 slots for every response cost more than
         // parsing the head. A head with more lines is parsed again with the full array.
         let mut few = [httparse::EMPTY_HEADER; FEW_RESPONSE_HEADERS];
@@ -214,7 +223,7 @@ impl UpConn {
         };
         // A 101's headers go to the tunnel code as a map (rare); everything else that an
         // HTTP/1 client gets is forwarded as bytes: no `HeaderMap`, no per-value refcount.
-        let as_lines = lines && status != StatusCode::SWITCHING_PROTOCOLS;
+        let as_lines = lines.filter(|_| status != StatusCode::SWITCHING_PROTOCOLS);
         let mut length: Option<u64> = None;
         let mut chunked = false;
         let mut te = false;
@@ -242,10 +251,14 @@ impl UpConn {
         }
         let mut headers = HeaderMap::new();
         let mut out_lines = None;
-        if as_lines {
+        if let Some(client_version) = as_lines {
             // Room for what joins the lines in the client's write: the status line and
             // framing lines, and the body bytes already read.
-            let mut l = h1_head::Lines::with_capacity(self.buf.len().min(2 * READ_CHUNK) + 96);
+            let mut l = h1_head::Lines::with_status(
+                self.buf.len().min(2 * READ_CHUNK) + 96,
+                client_version,
+                status,
+            );
             // Kept lines that end in CRLF right after their value are copied as they came,
             // consecutive ones in one piece (`run`: buffer offsets not yet copied); others
             // (bare LF, trailing blanks, empty value) are re-encoded.
@@ -475,7 +488,7 @@ mod tests {
 
     /// One response head from a real loopback socket, read as lines (HTTP/1 client) and as
     /// a map (HTTP/2 client).
-    async fn head_of(raw: &'static [u8], lines: bool) -> Head {
+    async fn head_of(raw: &'static [u8], lines: Option<Version>) -> Head {
         use tokio::io::AsyncWriteExt as _;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -496,19 +509,19 @@ mod tests {
 
     #[tokio::test]
     async fn response_lines_for_http1_clients_lose_hop_headers_and_the_ignored_length() {
-        let head = head_of(RESPONSE, true).await;
+        let head = head_of(RESPONSE, Some(Version::HTTP_11)).await;
         assert!(head.headers.is_empty());
         let lines = head.lines.unwrap();
         assert_eq!(
             String::from_utf8(lines.bytes).unwrap(),
-            "Server: up\r\nX-End: 2\r\n"
+            "HTTP/1.1 200 OK\r\nServer: up\r\nX-End: 2\r\n"
         );
         assert!(!lines.has_length);
         assert!(matches!(head.framing, Framing::Chunked(_)));
 
         let head = head_of(
             b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n",
-            true,
+            Some(Version::HTTP_11),
         )
         .await;
         assert!(head.lines.unwrap().has_length);
@@ -520,20 +533,20 @@ mod tests {
         let head = head_of(
             b"HTTP/1.1 200 OK\r\nA: 1\r\nB:2\r\nConnection: close\r\nC: 3  \r\nD: 4\n\
               E: 5\r\nContent-Length: 0\r\n\r\n",
-            true,
+            Some(Version::HTTP_11),
         )
         .await;
         let lines = head.lines.unwrap();
         assert_eq!(
             String::from_utf8(lines.bytes).unwrap(),
-            "A: 1\r\nB:2\r\nC: 3\r\nD: 4\r\nE: 5\r\nContent-Length: 0\r\n"
+            "HTTP/1.1 200 OK\r\nA: 1\r\nB:2\r\nC: 3\r\nD: 4\r\nE: 5\r\nContent-Length: 0\r\n"
         );
         assert!(lines.has_length && !head.keep_alive);
     }
 
     #[tokio::test]
     async fn response_map_for_http2_clients_drops_the_ignored_length() {
-        let head = head_of(RESPONSE, false).await;
+        let head = head_of(RESPONSE, None).await;
         assert!(head.lines.is_none());
         assert!(!head.headers.contains_key(header::CONTENT_LENGTH));
         assert_eq!(head.headers["x-end"], "2");
