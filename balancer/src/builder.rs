@@ -508,6 +508,7 @@ impl TableBuilder {
             let unrouted = self.class_counters(&lname, &none, &none);
             listeners.push(ListenerTable {
                 name: lname,
+                protocol: l.protocol,
                 settings,
                 routes,
                 unrouted,

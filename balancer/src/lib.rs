@@ -284,8 +284,9 @@ pub async fn run<S: Store>(
     // Graceful shutdown: stop accepting, let in-flight requests finish, close idle ones.
     let deadline = builder.config().shutdown_timeout;
     tracing::info!(open = tracker.open(), ?deadline, "shutting down");
-    for h in &handles {
+    for h in &mut handles {
         let _ = h.stop.send(true);
+        h.socket = None;
     }
     // Close our socket duplicates too, so new connections are refused (or, after an
     // upgrade, go to the new process only) instead of waiting in a queue nobody reads.
@@ -317,6 +318,10 @@ fn start_listener(
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
     let setup = Arc::new(ArcSwap::from_pointee(client_setup(l, l4)?));
+    let socket = socket2::SockRef::from(&sock)
+        .try_clone()
+        .map_err(|e| format!("duplicating the listening socket: {e}"))?
+        .into();
     l4.keep(&name, &sock);
     match l.protocol {
         config::ListenerProtocol::Http => server::spawn_listener(
@@ -348,6 +353,8 @@ fn start_listener(
     Ok(ListenerHandle {
         name,
         bind: l.bind,
+        protocol: l.protocol,
+        socket: Some(socket),
         builder,
         setup,
         stop,
@@ -391,6 +398,14 @@ fn reload(
     let same = |h: &ListenerHandle, l: &config::ListenerConfig| {
         h.name == *l.name.get_ref() && h.bind == l.bind
     };
+    // Same name and address, another protocol: a new accept loop on the same socket.
+    let switched = |h: &ListenerHandle| {
+        config
+            .listeners
+            .iter()
+            .find(|l| same(h, l))
+            .filter(|l| l.protocol != h.protocol)
+    };
     let mut fresh = Vec::new();
     for l in &config.listeners {
         if handles.iter().any(|h| same(h, l)) {
@@ -423,6 +438,9 @@ fn reload(
         let Some(l) = config.listeners.iter().find(|l| same(h, l)) else {
             continue;
         };
+        if l.protocol != h.protocol {
+            continue;
+        }
         if h.setup.load().config == client_io::SetupConfig::of(l) {
             continue;
         }
@@ -436,6 +454,24 @@ fn reload(
             }
         }
     }
+    for h in handles.iter() {
+        let Some(l) = switched(h) else {
+            continue;
+        };
+        let dup = match &h.socket {
+            Some(s) => s.try_clone(),
+            None => Err(std::io::Error::other("no socket duplicate kept")),
+        };
+        match dup.and_then(to_tokio) {
+            Ok(s) => fresh.push((s, l.clone())),
+            Err(e) => {
+                tracing::error!(listener = %h.name, error = %e,
+                    "reload failed: cannot reuse the listening socket; keeping the running configuration");
+                reloads.with_label_values(&["error"]).inc();
+                return;
+            }
+        }
+    }
     let mut started = Vec::new();
     for (s, l) in fresh {
         match start_listener(s, &l, shared, tracker, shutdown, l4) {
@@ -444,7 +480,10 @@ fn reload(
                 tracing::error!(listener = %l.name.get_ref(), error = %e,
                     "reload failed; keeping the running configuration");
                 for h in started {
-                    l4.forget(&h.name);
+                    // A listener restarted for a new protocol still runs under its name.
+                    if !handles.iter().any(|o| o.name == h.name) {
+                        l4.forget(&h.name);
+                    }
                     let _ = h.stop.send(true);
                 }
                 reloads.with_label_values(&["error"]).inc();
@@ -473,6 +512,17 @@ fn reload(
     builder.set_config(config.clone());
     shared.table.store(Arc::new(builder.table()));
     handles.retain(|h| match config.listeners.iter().find(|l| same(h, l)) {
+        Some(l) if l.protocol != h.protocol => {
+            // Its successor (started above on the same socket) accepts from now on; the
+            // connections this loop accepted go on.
+            tracing::info!(listener = %h.name, from = ?h.protocol, to = ?l.protocol,
+                "listener protocol changed");
+            if let Some(t) = &h.setup.load().tls {
+                t.stop_reloading();
+            }
+            let _ = h.stop.send(true);
+            false
+        }
         Some(l) => {
             h.builder.store(Arc::new(server::conn_builder(l)));
             true

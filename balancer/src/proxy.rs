@@ -339,7 +339,10 @@ where
 {
     let start = Instant::now();
     let table = conn.shared.table.load_full();
-    let Some(listener) = table.listener(&conn.listener) else {
+    let Some(listener) = table
+        .listener(&conn.listener)
+        .filter(|l| l.protocol == crate::config::ListenerProtocol::Http)
+    else {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "listener is closing\n",

@@ -43,6 +43,9 @@ pub struct ListenerSettings {
 
 pub struct ListenerTable {
     pub name: Arc<str>,
+    /// Connections accepted for the other protocol (by the loop a reload replaced) find
+    /// no routes here for them: they are closed, not sent to the wrong kind of service.
+    pub protocol: crate::config::ListenerProtocol,
     pub settings: ListenerSettings,
     pub routes: Vec<Route>,
     /// Answers of requests that matched no route.

@@ -261,3 +261,106 @@ name = "echo"
     assert!(series(&m, &b_crt), "{m}");
     Ok(())
 }
+
+/// SIGHUP turns a listener from `http` into `tcp` on the same address and back: new
+/// connections get the new protocol and the port never refuses a connection. A keep-alive
+/// HTTP connection from before the switch has no routes any more: its next request gets
+/// 503 with `Connection: close` (never a request sent to the tcp service).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_switches_a_listener_between_http_and_tcp_on_its_socket() -> Result<()> {
+    let backend = Backend::start("web").await?;
+    let echo = Echo::start("echo", false).await?;
+    let config = |tcp: bool| {
+        let kind = if tcp {
+            "protocol = \"tcp\"\nservice = \"echo\"\n"
+        } else {
+            "  [[listener.route]]\n  service = \"web\"\n"
+        };
+        format!(
+            r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "front"
+bind = "127.0.0.1:@PORT@"
+{kind}
+[[service]]
+name = "web"
+  [[service.endpoint]]
+  addr = "{}"
+[[service]]
+name = "echo"
+  [[service.endpoint]]
+  addr = "{}"
+"#,
+            backend.addr, echo.addr
+        )
+    };
+    let lb = Lb::start(&config(false)).await?;
+    let front: SocketAddr = format!("127.0.0.1:{}", lb.port).parse()?;
+    let mut kept = http1(TcpStream::connect(front).await?).await?;
+    assert_eq!(get(&mut kept, "/").await?, (200, "web".into()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(AtomicU64::new(0));
+    let prober = {
+        let (stop, refused) = (stop.clone(), refused.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if TcpStream::connect(front).await.is_err() {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let reloaded = |n: f64| {
+        let lb = &lb;
+        async move {
+            wharf_tests::eventually("reload applied", WAIT, || async {
+                let m = lb.metrics().await.ok()?;
+                (metric(&m, "balancer_config_reloads_total", &["result=\"ok\""]) >= n).then_some(())
+            })
+            .await
+            .map_err(|e| e.context(lb.log()))
+        }
+    };
+    let short = std::time::Duration::from_secs(2);
+
+    lb.write_config(&config(true))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    reloaded(1.0).await?;
+    // The old loop may take one more connection while it stops: ask until tcp answers.
+    wharf_tests::eventually("tcp on the listener's address", WAIT, || async {
+        let mut s = TcpStream::connect(front).await.ok()?;
+        let name = tokio::time::timeout(short, greeting(&mut s))
+            .await
+            .ok()?
+            .ok()?;
+        (name == "echo").then_some(())
+    })
+    .await?;
+    assert_eq!(
+        get(&mut kept, "/").await?,
+        (503, "listener is closing\n".into())
+    );
+
+    lb.write_config(&config(false))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    reloaded(2.0).await?;
+    wharf_tests::eventually("http on the listener's address", WAIT, || async {
+        let s = TcpStream::connect(front).await.ok()?;
+        let mut tx = http1(s).await.ok()?;
+        let answer = tokio::time::timeout(short, get(&mut tx, "/"))
+            .await
+            .ok()?
+            .ok()?;
+        (answer == (200, "web".into())).then_some(())
+    })
+    .await?;
+
+    stop.store(true, Ordering::Relaxed);
+    prober.await?;
+    assert_eq!(refused.load(Ordering::Relaxed), 0, "{}", lb.log());
+    Ok(())
+}

@@ -296,7 +296,10 @@ async fn handle(
     let client_addr = accepted.client;
     let start = Instant::now();
     let table = ctx.shared.table.load_full();
-    let Some(lt) = table.listener(&ctx.name) else {
+    let Some(lt) = table
+        .listener(&ctx.name)
+        .filter(|l| l.protocol == crate::config::ListenerProtocol::Tcp)
+    else {
         return;
     };
     let Some(route) = lt.routes.first() else {
