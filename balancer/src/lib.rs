@@ -528,13 +528,16 @@ fn reload(
             true
         }
         None => {
-            // Same name on a new address: the new listener's socket is already kept.
+            // Its certificates are no longer polled (a listener that moved to a new address
+            // has a setup of its own).
+            let old = h.setup.load();
+            if let Some(t) = &old.tls {
+                t.stop_reloading();
+            }
+            // Same name on a new address: the new listener's socket is already kept, and its
+            // certificates' expiry series are its own.
             if !config.listeners.iter().any(|l| *l.name.get_ref() == h.name) {
                 l4.forget(&h.name);
-                let old = h.setup.load();
-                if let Some(t) = &old.tls {
-                    t.stop_reloading();
-                }
                 tls::forget_expiry(&l4.metrics, &h.name, old.config.tls(), None);
             }
             let _ = h.stop.send(true);
