@@ -102,6 +102,13 @@ pub struct ClientSetup {
 }
 
 impl ClientSetup {
+    /// Replaced or no longer used: its certificates stop being polled from disk.
+    pub fn retire(&self) {
+        if let Some(t) = &self.tls {
+            t.stop_reloading();
+        }
+    }
+
     pub fn new(l: &ListenerConfig, tls: Option<TlsListener>, metrics: Arc<L4Metrics>) -> Self {
         Self {
             listener: l.name.get_ref().as_str().into(),

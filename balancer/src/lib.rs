@@ -110,30 +110,39 @@ pub enum RunError {
 pub struct L4Ctx {
     pub metrics: Arc<l4metrics::L4Metrics>,
     pub upstreams: Arc<tcp::UpstreamMap>,
-    /// Duplicates of the listening sockets for a self-upgrade.
-    pub handover: Option<upgrade::Sockets>,
+    /// A duplicate of every listening socket, by listener name: handed to the new process
+    /// on a self-upgrade, and the socket a listener whose protocol changes on reload
+    /// restarts on. Emptied at shutdown (a socket left open would queue connections
+    /// nobody accepts).
+    pub kept: upgrade::Sockets,
 }
 
 impl L4Ctx {
-    /// Keeps a duplicate of a listener's socket for a later handover.
+    /// Keeps a duplicate of a listener's socket.
     fn keep(&self, name: &str, sock: &TcpListener) {
-        if let Some(h) = &self.handover {
-            match socket2::SockRef::from(sock).try_clone() {
-                Ok(dup) => {
-                    h.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(name.to_owned(), dup.into());
-                }
-                Err(e) => tracing::warn!(listener = name, error = %e,
-                    "cannot keep a socket duplicate; an upgrade would rebind this listener"),
+        match socket2::SockRef::from(sock).try_clone() {
+            Ok(dup) => {
+                self.kept_sockets().insert(name.to_owned(), dup.into());
             }
+            Err(e) => tracing::warn!(listener = name, error = %e,
+                "cannot keep a socket duplicate; an upgrade or a protocol change would rebind this listener"),
         }
     }
 
     fn forget(&self, name: &str) {
-        if let Some(h) = &self.handover {
-            h.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.kept_sockets().remove(name);
+    }
+
+    /// Another duplicate of a kept listening socket.
+    fn duplicate(&self, name: &str) -> std::io::Result<std::net::TcpListener> {
+        match self.kept_sockets().get(name) {
+            Some(s) => s.try_clone(),
+            None => Err(std::io::Error::other("no socket duplicate kept")),
         }
+    }
+
+    fn kept_sockets(&self) -> std::sync::MutexGuard<'_, HashMap<String, std::net::TcpListener>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -174,7 +183,7 @@ pub async fn run<S: Store>(
     let l4 = L4Ctx {
         metrics: Arc::new(l4metrics::L4Metrics::register(&metrics.registry)),
         upstreams: Arc::new(arc_swap::ArcSwap::new(upstreams.clone())),
-        handover: opts.handover.clone(),
+        kept: opts.handover.clone().unwrap_or_default(),
     };
     let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
     builder.set_upstreams(upstreams);
@@ -284,15 +293,12 @@ pub async fn run<S: Store>(
     // Graceful shutdown: stop accepting, let in-flight requests finish, close idle ones.
     let deadline = builder.config().shutdown_timeout;
     tracing::info!(open = tracker.open(), ?deadline, "shutting down");
-    for h in &mut handles {
+    for h in &handles {
         let _ = h.stop.send(true);
-        h.socket = None;
     }
     // Close our socket duplicates too, so new connections are refused (or, after an
     // upgrade, go to the new process only) instead of waiting in a queue nobody reads.
-    if let Some(h) = &l4.handover {
-        h.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
+    l4.kept_sockets().clear();
     let _ = shutdown_tx.send(true);
     if tokio::time::timeout(deadline, tracker.wait_idle())
         .await
@@ -318,10 +324,6 @@ fn start_listener(
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
     let setup = Arc::new(ArcSwap::from_pointee(client_setup(l, l4)?));
-    let socket = socket2::SockRef::from(&sock)
-        .try_clone()
-        .map_err(|e| format!("duplicating the listening socket: {e}"))?
-        .into();
     l4.keep(&name, &sock);
     match l.protocol {
         config::ListenerProtocol::Http => server::spawn_listener(
@@ -354,7 +356,6 @@ fn start_listener(
         name,
         bind: l.bind,
         protocol: l.protocol,
-        socket: Some(socket),
         builder,
         setup,
         stop,
@@ -458,11 +459,7 @@ fn reload(
         let Some(l) = switched(h) else {
             continue;
         };
-        let dup = match &h.socket {
-            Some(s) => s.try_clone(),
-            None => Err(std::io::Error::other("no socket duplicate kept")),
-        };
-        match dup.and_then(to_tokio) {
+        match l4.duplicate(&h.name).and_then(to_tokio) {
             Ok(s) => fresh.push((s, l.clone())),
             Err(e) => {
                 tracing::error!(listener = %h.name, error = %e,
@@ -496,9 +493,7 @@ fn reload(
         tracing::info!(listener = %setup.listener, tls = setup.tls.is_some(),
             proxy_protocol = setup.proxy.is_some(), "listener TLS/PROXY settings replaced");
         let old = slot.swap(Arc::new(setup));
-        if let Some(t) = &old.tls {
-            t.stop_reloading();
-        }
+        old.retire();
         let new = slot.load();
         tls::forget_expiry(
             &l4.metrics,
@@ -513,13 +508,12 @@ fn reload(
     shared.table.store(Arc::new(builder.table()));
     handles.retain(|h| match config.listeners.iter().find(|l| same(h, l)) {
         Some(l) if l.protocol != h.protocol => {
-            // Its successor (started above on the same socket) accepts from now on; the
-            // connections this loop accepted go on.
+            // Its successor (started above on the same socket) accepts from now on. Its
+            // connections find no routes of their protocol in the new table: a relayed
+            // TCP connection goes on, an HTTP one gets 503 + close at its next request.
             tracing::info!(listener = %h.name, from = ?h.protocol, to = ?l.protocol,
                 "listener protocol changed");
-            if let Some(t) = &h.setup.load().tls {
-                t.stop_reloading();
-            }
+            h.setup.load().retire();
             let _ = h.stop.send(true);
             false
         }
@@ -531,9 +525,7 @@ fn reload(
             // Its certificates are no longer polled (a listener that moved to a new address
             // has a setup of its own).
             let old = h.setup.load();
-            if let Some(t) = &old.tls {
-                t.stop_reloading();
-            }
+            old.retire();
             // Same name on a new address: the new listener's socket is already kept, and its
             // certificates' expiry series are its own.
             if !config.listeners.iter().any(|l| *l.name.get_ref() == h.name) {

@@ -116,10 +116,6 @@ pub struct ListenerHandle {
     pub name: String,
     pub bind: std::net::SocketAddr,
     pub protocol: crate::config::ListenerProtocol,
-    /// A duplicate of the listening socket: a reload that changes the listener's protocol
-    /// starts the new accept loop on it, so the address is never unbound. Dropped at
-    /// shutdown (a socket left open would queue connections nobody accepts).
-    pub socket: Option<std::net::TcpListener>,
     pub builder: Arc<ArcSwap<ConnSettings>>,
     /// PROXY / TLS steps, read per accepted connection; replaced on SIGHUP when changed.
     pub setup: crate::client_io::SharedSetup,
