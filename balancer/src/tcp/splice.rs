@@ -52,7 +52,20 @@ impl Pipe {
             return None;
         }
         match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
-            Ok((r, w)) => Some(Pipe { r, w }),
+            // Past the per-user pipe budget the kernel makes small pipes (a page or two):
+            // [`relay_small`] parks up to `SCRATCH` bytes in an empty pipe at once, so a
+            // pipe that cannot hold them is not used.
+            Ok((r, w))
+                if nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+                    .is_ok_and(|size| size as usize >= SCRATCH) =>
+            {
+                Some(Pipe { r, w })
+            }
+            Ok(_) => {
+                PIPES.fetch_sub(1, Ordering::Relaxed);
+                tracing::debug!("pipe too small for splicing; using the buffered copy");
+                None
+            }
             Err(e) => {
                 PIPES.fetch_sub(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "no pipe for splicing; using the buffered copy");
@@ -159,6 +172,8 @@ async fn one_way(
     loop {
         // Fill: only when the pipe is empty, so a full pipe never blocks the socket read.
         src.readable().await?;
+        // Whatever enters the pipe is counted in `lent.held` at once, also when the call
+        // then fails: a pipe is pooled again only if it holds nothing.
         let read = if bulk {
             src.try_io(Interest::READABLE, || {
                 Ok(splice(
@@ -170,11 +185,11 @@ async fn one_way(
                     flags,
                 )?)
             })
-            .map(|n| (n, n))
+            .inspect(|&n| lent.held += n)
         } else {
-            relay_small(src, dst, pipe, &moved)
+            relay_small(src, dst, pipe, &mut lent.held, &moved)
         };
-        let (n, held) = match read {
+        let n = match read {
             Ok(x) => x,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
@@ -187,7 +202,6 @@ async fn one_way(
             return Ok(());
         }
         bulk = bulk || n == SCRATCH;
-        lent.held = held;
         // Drain.
         while lent.held > 0 {
             dst.writable().await?;
@@ -222,14 +236,15 @@ thread_local! {
 }
 
 /// Reads what `src` holds (at most [`SCRATCH`] bytes) and sends it to `dst`; what `dst`
-/// does not take at once goes into the (empty) pipe, for the caller to drain by splice.
-/// Returns (bytes read, bytes left in the pipe); `(0, 0)` is EOF.
+/// does not take at once goes into the (empty) pipe, for the caller to drain by splice,
+/// and is added to `held`. Returns the bytes read; 0 is EOF.
 fn relay_small(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &Pipe,
+    held: &mut usize,
     moved: &impl Fn(u64),
-) -> io::Result<(usize, usize)> {
+) -> io::Result<usize> {
     SCRATCH_BUF.with_borrow_mut(|buf| {
         let mut n = 0;
         let read = src.try_io(Interest::READABLE, || {
@@ -260,11 +275,15 @@ fn relay_small(
                 Err(e) => return Err(e),
             }
         }
-        // The pipe is empty and holds 64 KiB: the rest (< SCRATCH) fits at once.
+        // The pipe is empty and holds at least SCRATCH bytes (see `Pipe::take`): the rest
+        // fits at once.
         let mut parked = 0;
         while sent + parked < n {
             match nix::unistd::write(&pipe.w, &buf[sent + parked..n]) {
-                Ok(m) if m > 0 => parked += m,
+                Ok(m) if m > 0 => {
+                    parked += m;
+                    *held += m;
+                }
                 r => {
                     let why = r.map_or_else(|e| e.to_string(), |_| "pipe full".into());
                     return Err(io::Error::other(format!(
@@ -273,7 +292,7 @@ fn relay_small(
                 }
             }
         }
-        Ok((n, parked))
+        Ok(n)
     })
 }
 
