@@ -19,6 +19,19 @@ pub enum ReqHeaders<'a> {
 }
 
 impl<'a> ReqHeaders<'a> {
+    /// The raw head when the own HTTP/1 server parsed the request, else the request's map.
+    pub fn of(raw: Option<&'a RawHead>, map: &'a HeaderMap) -> Self {
+        raw.map_or(Self::Map(map), Self::Raw)
+    }
+
+    /// About how many bytes the lines take once encoded.
+    pub fn encoded_len_hint(self) -> usize {
+        match self {
+            Self::Raw(h) => h.byte_len(),
+            Self::Map(m) => m.len() * 48,
+        }
+    }
+
     /// `(name, value)` pairs in order (names of a map are lower case, raw ones as sent).
     pub fn iter(self) -> ReqLines<'a> {
         match self {

@@ -61,9 +61,7 @@ impl ConnInfo {
     pub fn owner(&self) -> &Arc<()> {
         self.owner.get_or_init(Arc::default)
     }
-}
 
-impl ConnInfo {
     pub fn new(listener: Arc<str>, peer: SocketAddr, shared: Arc<Shared>) -> Self {
         let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -123,15 +121,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// An HTTP/1.1 `Upgrade` request (the HTTP/1 parser decides the same from the raw head).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
-        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .unwrap_or("")
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| upstream::has_token(v.as_bytes(), "upgrade"))
 }
 
 pub fn plain(status: StatusCode, msg: &'static str, close: bool) -> Response<RespBody> {
@@ -349,10 +347,7 @@ where
             true,
         );
     };
-    let headers = match &h1 {
-        Some(c) => h1_head::ReqHeaders::Raw(c.head),
-        None => h1_head::ReqHeaders::Map(req.headers()),
-    };
+    let headers = h1_head::ReqHeaders::of(h1.as_ref().map(|c| c.head), req.headers());
     let Some(route) = listener.route(|| host_of(headers, req.uri()), req.uri().path()) else {
         listener.unrouted.inc(404);
         return plain(StatusCode::NOT_FOUND, "no route\n", false);
@@ -415,10 +410,7 @@ where
         Some(c) => (Some(c.head), Some(c.timer), Some(c.lines)),
         None => (None, None, None),
     };
-    let headers = match raw {
-        Some(raw) => h1_head::ReqHeaders::Raw(raw),
-        None => h1_head::ReqHeaders::Map(req.headers()),
-    };
+    let headers = h1_head::ReqHeaders::of(raw, req.headers());
     // Body limit: a declared length is checked now; a chunked body is cut off while it
     // streams (see `exchange`).
     let declared = headers.content_length();
@@ -445,14 +437,7 @@ where
     let chunked = has_body && declared.is_none();
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     // The head for the upstream hop, encoded straight from the client's headers.
-    let headers = match raw {
-        Some(raw) => h1_head::ReqHeaders::Raw(raw),
-        None => h1_head::ReqHeaders::Map(req.headers()),
-    };
-    let mut head = Vec::with_capacity(match raw {
-        Some(raw) => raw.byte_len() + 160,
-        None => 256 + req.headers().len() * 48,
-    });
+    let mut head = Vec::with_capacity(256 + headers.encoded_len_hint());
     h1_head::encode_request(
         &mut head,
         req.method(),
