@@ -13,7 +13,6 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
-use tokio::net::TcpStream;
 
 use crate::chunked::{self, Decoder, Step};
 use crate::h1_head;
@@ -77,8 +76,7 @@ pub struct Head {
 
 impl UpConn {
     pub async fn connect(addr: SocketAddr) -> io::Result<Self> {
-        let io = TcpStream::connect(addr).await?;
-        let _ = io.set_nodelay(true);
+        let io = upstream_io::connect_tcp(addr).await?;
         Ok(Self {
             io: UpIo::Plain(io),
             buf: BytesMut::new(),

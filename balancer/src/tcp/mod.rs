@@ -9,14 +9,13 @@ pub mod pump;
 mod splice;
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -31,6 +30,7 @@ use crate::proxy_protocol;
 use crate::server::ConnTracker;
 use crate::table::{ListenerSettings, ServiceTable};
 use crate::tls::upstream::{UpstreamTlsClient, UpstreamTlsError};
+use crate::upstream_io;
 use pump::{End, Meter, Metered, until_true};
 
 /// What to do on an upstream connection before streaming: per service, from the config.
@@ -222,7 +222,7 @@ async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoi
         }
         let m = crate::select::pick(svc, &tried, std::time::Instant::now())?;
         tried.push(Arc::as_ptr(&m.ep) as usize);
-        match tokio::time::timeout(s.connect_timeout, connect_tcp(m.ep.addr)).await {
+        match tokio::time::timeout(s.connect_timeout, upstream_io::connect_tcp(m.ep.addr)).await {
             Ok(Ok(up)) => {
                 m.ep.record_success();
                 return Some((m.ep.clone(), up));
@@ -240,33 +240,6 @@ async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoi
         }
     }
     None
-}
-
-/// `TcpStream::connect` with TCP_NODELAY, minus a syscall: tokio reads `SO_ERROR` after
-/// every connect; here it is read only when the socket reports a hang-up (a refused or
-/// reset connect sets EPOLLERR|EPOLLHUP), so a connect that succeeded costs socket,
-/// setsockopt, connect and the epoll registration only (as HAProxy's does).
-async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    sock.set_tcp_nodelay(true)?;
-    match sock.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
-    let ready = stream.ready(Interest::WRITABLE).await?;
-    if ready.is_write_closed()
-        && let Some(e) = stream.take_error()?
-    {
-        return Err(e);
-    }
-    Ok(stream)
 }
 
 /// A plain client connection's first steps are inline; TLS, PROXY headers and the
