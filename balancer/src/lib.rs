@@ -325,6 +325,11 @@ fn start_listener(
     let name = l.name.get_ref().clone();
     let setup = Arc::new(ArcSwap::from_pointee(client_setup(l, l4)?));
     l4.keep(&name, &sock);
+    // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt here instead
+    // of one per connection (also for sockets inherited on an upgrade).
+    if let Err(e) = socket2::SockRef::from(&sock).set_tcp_nodelay(true) {
+        tracing::debug!(listener = %name, error = %e, "cannot set TCP_NODELAY on the listener");
+    }
     match l.protocol {
         config::ListenerProtocol::Http => server::spawn_listener(
             sock,

@@ -143,14 +143,14 @@ pub fn spawn_listener(
     // connection (one getsockname) for a wildcard bind.
     let bound = listener.local_addr().ok();
     let local_per_conn = bound.is_none_or(|a| a.ip().is_unspecified());
-    // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt here
-    // instead of one per connection.
-    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-        tracing::debug!(listener = %name, error = %e, "cannot set TCP_NODELAY on the listener");
-    }
     tokio::spawn(async move {
+        // One wait for the stop signal, kept across accepts (not a new watch waiter per
+        // accepted connection); polled only when no connection is waiting.
+        let stopped = until_true(&mut stop);
+        tokio::pin!(stopped);
         loop {
             let (stream, peer) = tokio::select! {
+                biased;
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -160,7 +160,7 @@ pub fn spawn_listener(
                         continue;
                     }
                 },
-                _ = until_true(&mut stop) => break,
+                _ = &mut stopped => break,
             };
             // The setup of the moment (a SIGHUP may replace it; this connection keeps its).
             let (name, shared, setup) = (name.clone(), shared.clone(), setup.load_full());

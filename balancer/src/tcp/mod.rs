@@ -163,11 +163,6 @@ pub fn spawn_listener(
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) {
-    // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt here
-    // instead of one per connection.
-    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-        tracing::debug!(listener = %ctx.name, error = %e, "cannot set TCP_NODELAY on the listener");
-    }
     tokio::spawn(async move {
         let mut shut = shutdown.clone();
         // One future for both stop signals, kept across accepts: re-creating the two
