@@ -260,39 +260,34 @@ impl UpConn {
             // Kept lines that end in CRLF right after their value are copied as they came,
             // consecutive ones in one piece (`run`: buffer offsets not yet copied); others
             // (bare LF, trailing blanks, empty value) are re-encoded.
-            let base = self.buf.as_ptr() as usize;
+            let buf = &self.buf[..];
+            let base = buf.as_ptr() as usize;
             let mut run: Option<(usize, usize)> = None;
             for h in resp.headers.iter() {
                 let name = h.name.as_bytes();
-                if h1_head::is_hop_by_hop(name)
+                let keep = !(h1_head::is_hop_by_hop(name)
                     || (te && name.eq_ignore_ascii_case(b"content-length"))
-                    || (connection_names_more && h1_head::named_by_connection(resp.headers, name))
-                {
-                    if let Some((from, to)) = run.take() {
-                        l.bytes.extend_from_slice(&self.buf[from..to]);
-                    }
-                    continue;
-                }
+                    || (connection_names_more && h1_head::named_by_connection(resp.headers, name)));
                 let start = h.name.as_ptr() as usize - base;
-                let value_end = h.value.as_ptr() as usize - base + h.value.len();
-                if !h.value.is_empty() && self.buf[value_end..].starts_with(b"\r\n") {
-                    match &mut run {
-                        Some((_, to)) if *to == start => *to = value_end + 2,
-                        _ => {
-                            if let Some((from, to)) = run.replace((start, value_end + 2)) {
-                                l.bytes.extend_from_slice(&self.buf[from..to]);
-                            }
+                let end = h.value.as_ptr() as usize - base + h.value.len();
+                let raw = (keep && !h.value.is_empty() && buf[end..].starts_with(b"\r\n"))
+                    .then_some((start, end + 2));
+                match (run, raw) {
+                    // The next line of the run.
+                    (Some((from, to)), Some((at, past))) if to == at => run = Some((from, past)),
+                    _ => {
+                        if let Some((from, to)) = run {
+                            l.bytes.extend_from_slice(&buf[from..to]);
+                        }
+                        run = raw;
+                        if keep && raw.is_none() {
+                            l.push(name, h.value);
                         }
                     }
-                } else {
-                    if let Some((from, to)) = run.take() {
-                        l.bytes.extend_from_slice(&self.buf[from..to]);
-                    }
-                    l.push(name, h.value);
                 }
             }
             if let Some((from, to)) = run {
-                l.bytes.extend_from_slice(&self.buf[from..to]);
+                l.bytes.extend_from_slice(&buf[from..to]);
             }
             // Both: the length is ignored (RFC 9112 §6.3) and never forwarded.
             l.has_length = length.is_some() && !te;
