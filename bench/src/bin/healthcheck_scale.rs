@@ -45,7 +45,12 @@ impl Drop for Guard {
 
 /// (utime, stime) of a process, in seconds.
 fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// (utime, stime) from a `/proc/.../stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').context("bad stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -167,10 +172,8 @@ async fn scrape(admin: SocketAddr) -> Result<Counters> {
 
 /// CPU seconds (user + system) of the calling thread.
 fn thread_cpu_seconds() -> Result<f64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
-    let rest = stat.rsplit_once(')').context("bad stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok((f[11].parse::<f64>()? + f[12].parse::<f64>()?) / 100.0)
+    let (user, system) = stat_cpu_seconds("/proc/thread-self/stat")?;
+    Ok(user + system)
 }
 
 /// The kernel's share, measured without the checker: one thread making exactly the system
@@ -210,8 +213,10 @@ fn floor(endpoints: &[SocketAddr], rate: usize, window: Duration) -> Result<(f64
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
                 Err(e) => return Err(e.into()),
             }
-            let _ = s.send(REQUEST);
-            in_flight.push(s);
+            // A request that cannot be sent gets no answer: not kept waiting for one.
+            if s.send(REQUEST).is_ok() {
+                in_flight.push(s);
+            }
         }
         tick += Duration::from_millis(1);
         if let Some(wait) = tick.checked_duration_since(Instant::now()) {
