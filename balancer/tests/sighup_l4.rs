@@ -45,6 +45,57 @@ where
     Ok(tx)
 }
 
+/// Plain connects to `addrs`, every 5 ms until stopped: a reload must never make a
+/// listening address refuse a connection.
+struct ConnectProber {
+    stop: Arc<AtomicBool>,
+    refused: Arc<AtomicU64>,
+    probes: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectProber {
+    fn start(addrs: Vec<SocketAddr>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let refused = Arc::new(AtomicU64::new(0));
+        let probes = Arc::new(AtomicU64::new(0));
+        let (s, r, p) = (stop.clone(), refused.clone(), probes.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                for &a in &addrs {
+                    if TcpStream::connect(a).await.is_err() {
+                        r.fetch_add(1, Ordering::Relaxed);
+                    }
+                    p.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        });
+        Self {
+            stop,
+            refused,
+            probes,
+            task,
+        }
+    }
+
+    /// Waits until `n` more probes were made.
+    async fn more(&self, n: u64) -> Result<()> {
+        let until = self.probes.load(Ordering::Relaxed) + n;
+        wharf_tests::eventually("probes", WAIT, || async {
+            (self.probes.load(Ordering::Relaxed) >= until).then_some(())
+        })
+        .await
+    }
+
+    /// Stops probing; the number of refused connects.
+    async fn finish(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await?;
+        Ok(self.refused.load(Ordering::Relaxed))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_certificates_and_accept_proxy_to_new_connections_only() -> Result<()> {
     let pki = TestPki::generate()?;
@@ -124,34 +175,8 @@ name = "echo"
     assert_eq!(greeting(&mut kept_raw).await?, "echo");
 
     // Both ports are probed with plain connects all along: none may be refused.
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicU64::new(0));
-    let probes = Arc::new(AtomicU64::new(0));
-    let prober = {
-        let (stop, refused, probes) = (stop.clone(), refused.clone(), probes.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                for a in [https, raw] {
-                    if TcpStream::connect(a).await.is_err() {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    probes.fetch_add(1, Ordering::Relaxed);
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        })
-    };
-
-    let probed = |n: u64| {
-        let probes = probes.clone();
-        async move {
-            wharf_tests::eventually("probes", WAIT, || async {
-                (probes.load(Ordering::Relaxed) >= n).then_some(())
-            })
-            .await
-        }
-    };
-    probed(10).await?;
+    let prober = ConnectProber::start(vec![https, raw]);
+    prober.more(10).await?;
     lb.write_config(&config(true))?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
     wharf_tests::eventually("reload applied", WAIT, || async {
@@ -203,10 +228,8 @@ name = "echo"
     tokio::time::timeout(WAIT, kept_raw.read_exact(&mut back)).await??;
     assert_eq!(&back, b"ping");
 
-    probed(probes.load(Ordering::Relaxed) + 10).await?;
-    stop.store(true, Ordering::Relaxed);
-    prober.await?;
-    assert_eq!(refused.load(Ordering::Relaxed), 0, "{}", lb.log());
+    prober.more(10).await?;
+    assert_eq!(prober.finish().await?, 0, "{}", lb.log());
     let m = lb.metrics().await?;
     assert!(
         metric(
@@ -301,19 +324,7 @@ name = "echo"
     let mut kept = http1(TcpStream::connect(front).await?).await?;
     assert_eq!(get(&mut kept, "/").await?, (200, "web".into()));
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let refused = Arc::new(AtomicU64::new(0));
-    let prober = {
-        let (stop, refused) = (stop.clone(), refused.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if TcpStream::connect(front).await.is_err() {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let prober = ConnectProber::start(vec![front]);
     let reloaded = |n: f64| {
         let lb = &lb;
         async move {
@@ -359,8 +370,6 @@ name = "echo"
     })
     .await?;
 
-    stop.store(true, Ordering::Relaxed);
-    prober.await?;
-    assert_eq!(refused.load(Ordering::Relaxed), 0, "{}", lb.log());
+    assert_eq!(prober.finish().await?, 0, "{}", lb.log());
     Ok(())
 }

@@ -127,9 +127,7 @@ impl TcpContext {
             drain_timeout,
         }
     }
-}
 
-impl TcpContext {
     /// Counts a connection of `service` by result.
     fn count(&self, service: &str, result: &str) {
         self.metrics
