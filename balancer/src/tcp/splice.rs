@@ -12,10 +12,12 @@ use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use nix::sys::socket::{MsgFlags, recv};
+use nix::sys::socket::{MsgFlags, recv, send};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -263,9 +265,21 @@ fn relay_small(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => {}
             Err(e) => return Err(e),
         }
+        // The peer's FIN already seen (a short read leaves tokio's closed flag): the next
+        // read is EOF and the caller then shuts `dst` down. MSG_MORE holds these bytes
+        // back until that shutdown, so they leave with the FIN in one segment, as HAProxy
+        // sends them, instead of a data segment, its ACK and a bare FIN.
+        let flags = if n < buf.len() && eof_pending(src) {
+            MsgFlags::from_bits_retain(libc::MSG_MORE)
+        } else {
+            MsgFlags::empty()
+        };
         let mut sent = 0;
         while sent < n {
-            match dst.try_write(&buf[sent..n]) {
+            let chunk = &buf[sent..n];
+            match dst.try_io(Interest::WRITABLE, || {
+                Ok(send(dst.as_raw_fd(), chunk, flags)?)
+            }) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(m) => {
                     sent += m;
@@ -294,6 +308,16 @@ fn relay_small(
         }
         Ok(n)
     })
+}
+
+/// Whether epoll has reported `src`'s read side closed (the peer's FIN, or a reset),
+/// from tokio's cached readiness: no syscall.
+fn eof_pending(src: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(
+        pin!(src.ready(Interest::READABLE)).poll(&mut cx),
+        Poll::Ready(Ok(r)) if r.is_read_closed()
+    )
 }
 
 #[cfg(test)]
@@ -407,5 +431,63 @@ mod tests {
         r.unwrap();
         let n = (ROUNDS * SIZE) as u64;
         assert_eq!(meter.totals(), (n, n));
+    }
+
+    /// The kernel's TCP_INFO of a socket (neither nix nor socket2 wraps it).
+    #[allow(unsafe_code)]
+    fn tcp_info(s: &impl AsRawFd) -> libc::tcp_info {
+        // SAFETY: TCP_INFO fills at most `len` bytes of a plain-data struct.
+        unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            );
+            assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+            info
+        }
+    }
+
+    /// An upstream that answers and closes (HTTP/1.0, `Connection: close`): when its FIN is
+    /// known by the time the answer is read, the answer and the FIN reach the client in
+    /// one segment, not a data segment followed by a bare FIN.
+    #[tokio::test]
+    async fn an_answer_and_the_upstream_eof_leave_in_one_segment() {
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        backend.write_all(b"the answer").await.unwrap();
+        backend.shutdown().await.unwrap();
+        // Precondition: the FIN has arrived and epoll has told tokio.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !eof_pending(&upstream_side) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the upstream FIN never showed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let segs_before = tcp_info(&client).tcpi_segs_in;
+        let meter = Meter::detached();
+        let pipes = Pipes::take().expect("pipes");
+        let relay = async {
+            let r = relay(&client_side, &upstream_side, pipes, &meter).await;
+            drop((client_side, upstream_side));
+            r
+        };
+        let client_io = async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            let segs = tcp_info(&client).tcpi_segs_in - segs_before;
+            client.shutdown().await.unwrap();
+            (got, segs)
+        };
+        let (r, (got, segs)) = tokio::join!(relay, client_io);
+        r.unwrap();
+        assert_eq!(got, b"the answer");
+        assert_eq!(segs, 1, "the answer and the FIN came in {segs} segments");
     }
 }
