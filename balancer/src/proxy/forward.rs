@@ -1,0 +1,323 @@
+//! `forward`: pick an instance, reuse or open a connection, exchange, retry what may be
+//! retried, and turn every failure into an answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt as _;
+
+use crate::body::{Lease, RespBody, Tunnel};
+use crate::deadline;
+use crate::endpoint::{Endpoint, InFlight};
+use crate::h1_head;
+use crate::outlier;
+use crate::select;
+use crate::table::{ListenerSettings, ServiceTable};
+use crate::upstream::{UpConn, UpError};
+
+use super::exchange::{ConnectError, Fail, connect, exchange};
+use super::headers::{idempotent, strip_hop_by_hop};
+use super::{BoxError, ClientUpgrade, ConnInfo, Ctx, H1Client, plain};
+
+pub(super) async fn forward<B>(
+    req: &mut Request<B>,
+    client_upgrade: ClientUpgrade,
+    conn: &ConnInfo,
+    ctx: &Ctx<'_>,
+    h1: Option<H1Client<'_>>,
+) -> Response<RespBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let s = ctx.settings;
+    let Some(svc) = ctx.route.service.as_deref().filter(|s| !s.is_empty()) else {
+        return ctx.finish(
+            None,
+            plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no backend available\n",
+                false,
+            ),
+        );
+    };
+    svc.shared.deposit(s.retry_budget_percent);
+    let (raw, mut timer, mut lines_out) = match h1 {
+        Some(c) => (Some(c.head), Some(c.timer), Some(c.lines)),
+        None => (None, None, None),
+    };
+    let headers = h1_head::ReqHeaders::of(raw, req.headers());
+    // Body limit: a declared length is checked now; a chunked body is cut off while it
+    // streams (see `exchange`).
+    let declared = headers.content_length();
+    if let Some(Some(len)) = declared
+        && len > s.max_body_bytes
+    {
+        return ctx.finish(
+            None,
+            plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large\n",
+                true,
+            ),
+        );
+    }
+    let upgrade = !matches!(client_upgrade, ClientUpgrade::No);
+    // The answer speaks the client's protocol version, whatever the upstream spoke.
+    let client_version = req.version();
+
+    // The request stays where the caller keeps it (borrowed, not moved: it is large).
+    let has_body = !req.body().is_end_stream();
+    // A body of unknown length (chunked from an HTTP/1.1 client, or HTTP/2 without
+    // content-length) goes upstream chunked.
+    let chunked = has_body && declared.is_none();
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // The head for the upstream hop, encoded straight from the client's headers.
+    let mut head = Vec::with_capacity(256 + headers.encoded_len_hint());
+    h1_head::encode_request(
+        &mut head,
+        req.method(),
+        target,
+        headers,
+        &h1_head::Forwarded {
+            peer_ip: &conn.peer_ip,
+            tls: conn.tls,
+            authority: req.uri().authority().map(|a| a.as_str()),
+            upgrade,
+            chunked,
+        },
+    );
+    // Standard methods clone without allocating.
+    let method = req.method().clone();
+    let body = req.body_mut();
+    // An idempotent, body-less request whose connection is reset before any answer (a
+    // reused keep-alive connection the upstream closed as we wrote, or a crash) is
+    // resent: the head is still in `head`.
+    let may_resend = !has_body && idempotent(&method) && !upgrade;
+
+    let mut tried: Vec<usize> = Vec::new();
+    let mut attempts = 0u32;
+    let mut last = StatusCode::BAD_GATEWAY;
+    while let Some(member) = select::pick(svc, &tried, ctx.start) {
+        let ep = member.ep.clone();
+        let version = member.version;
+        let in_flight = ep.start_request();
+
+        // A pooled connection if one is alive, else a new one. A request with a body
+        // cannot be resent, so its pooled connection is checked first.
+        let mut up = None;
+        let opts = ctx.route.upstream.as_ref();
+        let owner = opts.filter(|o| o.proxy.is_some()).map(|_| conn.owner());
+        while let Some(mut pooled) = ep.checkout(ctx.start, |c| c.fits(opts, owner)) {
+            if !has_body || pooled.looks_alive() {
+                up = Some(pooled);
+                break;
+            }
+        }
+        let reused = up.is_some();
+        let mut up = match up {
+            Some(up) => up,
+            // Boxed: a new connection is the rare path, and its large future would
+            // otherwise sit in every idle client connection's request slot (RSS).
+            None => match Box::pin(connect(&ep, s.connect_timeout, opts, conn)).await {
+                Ok(up) => up,
+                Err(e) => {
+                    svc.shared.connect_errors.inc();
+                    no_answer(&ep, svc, s);
+                    tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
+                    last = if matches!(e, ConnectError::Timeout) {
+                        StatusCode::GATEWAY_TIMEOUT
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    tried.push(Arc::as_ptr(&ep) as usize);
+                    attempts += 1;
+                    if attempts <= s.retries && svc.shared.withdraw() {
+                        svc.shared.retries_connect.inc();
+                        continue;
+                    }
+                    break;
+                }
+            },
+        };
+
+        let sent = {
+            let exchanged = exchange(
+                &mut up,
+                &head,
+                &mut *body,
+                chunked,
+                s.max_body_bytes,
+                &method,
+                lines_out.is_some().then_some(client_version),
+            );
+            // Pinned here: the deadline wrapper borrows it instead of taking in a copy.
+            tokio::pin!(exchanged);
+            match timer.as_mut() {
+                Some(t) => {
+                    // The request's start stands for "now" on the first attempt over a pooled
+                    // connection (microseconds ago): one clock read less per request.
+                    let from = if reused && attempts == 0 {
+                        ctx.start
+                    } else {
+                        Instant::now()
+                    };
+                    let at = tokio::time::Instant::from_std(from + s.response_timeout);
+                    deadline::within_at(t.as_mut(), at, exchanged.as_mut())
+                        .await
+                        .map_err(|_| ())
+                }
+                None => tokio::time::timeout(s.response_timeout, exchanged.as_mut())
+                    .await
+                    .map_err(|_| ()),
+            }
+        };
+        let resp = match sent {
+            Err(_) => {
+                no_answer(&ep, svc, s);
+                return ctx.finish(
+                    Some(version),
+                    plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n", false),
+                );
+            }
+            Ok(Ok(resp)) => resp,
+            Ok(Err(Fail::HeadWrite(e))) if reused => {
+                // Never reached the upstream: the connection closed under us. Same
+                // request, another connection; does not count against the budget.
+                tracing::debug!(instance = %ep.id, error = %e, "stale pooled connection");
+                ep.clear_idle();
+                attempts += 1;
+                if attempts <= s.retries + 2 {
+                    continue;
+                }
+                break;
+            }
+            Ok(Err(Fail::BodyTooLarge)) => {
+                return ctx.finish(
+                    Some(version),
+                    plain(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large\n",
+                        true,
+                    ),
+                );
+            }
+            Ok(Err(Fail::ClientBody(e))) => {
+                tracing::debug!(error = %e, "client body broke");
+                return ctx.finish(
+                    Some(version),
+                    plain(StatusCode::BAD_REQUEST, "malformed request body\n", true),
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(instance = %ep.id, error = %e, reused, "upstream failed before answering");
+                let stale = reused && matches!(e, Fail::Response(UpError::ClosedBeforeResponse));
+                if stale {
+                    ep.clear_idle();
+                } else {
+                    no_answer(&ep, svc, s);
+                    tried.push(Arc::as_ptr(&ep) as usize);
+                }
+                attempts += 1;
+                // A stale keep-alive connection is not the instance's fault: free retry.
+                if may_resend
+                    && matches!(e, Fail::Response(UpError::ClosedBeforeResponse))
+                    && attempts <= s.retries + 1
+                    && (stale || svc.shared.withdraw())
+                {
+                    svc.shared.retries_reset.inc();
+                    continue;
+                }
+                last = StatusCode::BAD_GATEWAY;
+                break;
+            }
+        };
+
+        let status = resp.status;
+        let elapsed = ctx.start.elapsed();
+        ep.stats.record_answer(status.as_u16(), elapsed);
+        if status.is_server_error() {
+            outlier::record_failure(&ep, svc, s);
+        } else {
+            ep.record_success();
+        }
+        let mut headers = resp.headers;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        match (resp.lines, lines_out.as_deref_mut()) {
+            (Some(l), Some(out)) => *out = Some(l),
+            _ => strip_hop_by_hop(&mut headers, switching),
+        }
+        if switching {
+            let body = match client_upgrade {
+                ClientUpgrade::Hyper(client) => {
+                    tokio::spawn(tunnel(client, up, in_flight));
+                    RespBody::empty()
+                }
+                ClientUpgrade::Inline => RespBody::Tunnel(Some(Tunnel {
+                    conn: up,
+                    in_flight,
+                })),
+                ClientUpgrade::No => {
+                    // Switched without being asked: nothing sane to pass on.
+                    outlier::record_failure(&ep, svc, s);
+                    last = StatusCode::BAD_GATEWAY;
+                    break;
+                }
+            };
+            let mut r = Response::new(body);
+            *r.status_mut() = status;
+            *r.headers_mut() = headers;
+            ctx.record(Some(version), status, elapsed);
+            return r;
+        }
+        let mut r = Response::new(RespBody::upstream(Lease {
+            conn: up,
+            framing: resp.framing,
+            keep_alive: resp.keep_alive,
+            in_flight,
+            answered: ctx.start + elapsed,
+        }));
+        *r.status_mut() = status;
+        *r.version_mut() = client_version;
+        *r.headers_mut() = headers;
+        ctx.record(Some(version), status, elapsed);
+        return r;
+    }
+    let resp = if last == StatusCode::GATEWAY_TIMEOUT {
+        plain(last, "upstream connect timed out\n", false)
+    } else if tried.is_empty() && attempts == 0 {
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no backend available\n",
+            false,
+        )
+    } else {
+        plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", false)
+    };
+    ctx.finish(None, resp)
+}
+
+/// An attempt at `ep` that got no answer (connect error, timeout, broken connection):
+/// an error on the status page and a step towards ejection.
+fn no_answer(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
+    ep.stats.record_failure();
+    outlier::record_failure(ep, svc, s);
+}
+
+/// After a 101: bytes both ways between the client and the upstream until either closes.
+async fn tunnel(client: OnUpgrade, up: UpConn, in_flight: InFlight) {
+    let _in_flight = in_flight;
+    let Ok(client) = client.await else {
+        return;
+    };
+    let mut client = TokioIo::new(client);
+    let (mut io, early) = up.into_parts();
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut io).await;
+}

@@ -1,0 +1,216 @@
+//! The request path: route, pick, forward, stream back. Always answers.
+//!
+//! Per request: one `Arc<RoutingTable>` load, a route scan, a lock-free pick, a pooled
+//! connection (or a new one), and the response streamed back through a body that returns
+//! the connection to the pool when it ends. Errors become 502 (upstream broke), 503 (no
+//! instance), 504 (timeout), 413/400 (client's fault) — never a dropped client connection.
+//!
+//! Here: the entry points (`serve_request` for the own HTTP/1 server, `handle` for hyper's
+//! HTTP/2 server), routing and accounting. `forward`: pick, connection reuse, retries,
+//! error mapping, 101 tunnels; `exchange`: one attempt on one upstream connection;
+//! `headers`: the `http`-typed header rules (hop-by-hop, upgrade, host, idempotency).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use tokio::time::Sleep;
+
+use crate::body::RespBody;
+use crate::h1_head;
+use crate::h1_request::RawHead;
+use crate::metrics::Metrics;
+use crate::table::{ListenerSettings, Route, RoutingTable};
+
+mod exchange;
+mod forward;
+mod headers;
+
+use headers::host_of;
+pub use headers::is_upgrade;
+
+/// State shared by every connection of every listener.
+pub struct Shared {
+    pub table: ArcSwap<RoutingTable>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What a client connection knows about itself.
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    /// The peer's IP as a header value, made once per connection for X-Forwarded-For.
+    pub peer_ip: HeaderValue,
+    pub shared: Arc<Shared>,
+    /// The client connection is TLS: X-Forwarded-Proto is `https`.
+    pub tls: bool,
+    /// The address the client connected to (the destination of PROXY headers sent
+    /// upstream); `None`: the instance's address stands in.
+    pub local: Option<SocketAddr>,
+    /// Made on first use: upstream connections that sent a PROXY header for this client
+    /// connection hold a `Weak` of it, serve it only, and are closed once it is gone.
+    owner: std::sync::OnceLock<Arc<()>>,
+}
+
+impl ConnInfo {
+    pub fn owner(&self) -> &Arc<()> {
+        self.owner.get_or_init(Arc::default)
+    }
+
+    pub fn new(listener: Arc<str>, peer: SocketAddr, shared: Arc<Shared>) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            listener,
+            peer,
+            peer_ip,
+            shared,
+            tls: false,
+            local: None,
+            owner: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+pub fn plain(status: StatusCode, msg: &'static str, close: bool) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::full(msg));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if close {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// Everything needed to answer and account for one request.
+struct Ctx<'a> {
+    route: &'a Route,
+    settings: &'a ListenerSettings,
+    start: Instant,
+}
+
+impl Ctx<'_> {
+    fn finish(&self, version: Option<usize>, resp: Response<RespBody>) -> Response<RespBody> {
+        self.record(version, resp.status(), self.start.elapsed());
+        resp
+    }
+
+    /// Accounts for an answer whose duration is already measured (the answer path reads
+    /// the clock once for the endpoint's status-page histogram and the request metrics
+    /// both). Takes the status, not the response: moving a response in and out costs two
+    /// copies of it.
+    fn record(&self, version: Option<usize>, status: StatusCode, elapsed: Duration) {
+        let (status, seconds) = (status.as_u16(), elapsed.as_secs_f64());
+        match version.and_then(|v| self.route.by_version.get(v)) {
+            Some(c) => c.record(status, seconds),
+            None => self.route.unpicked.record(status, seconds),
+        }
+    }
+}
+
+/// How the client side takes over the connection after a 101.
+pub enum ClientUpgrade {
+    /// Not an upgrade request.
+    No,
+    /// hyper's server hands the connection over through this.
+    Hyper(OnUpgrade),
+    /// The caller (the own HTTP/1 server) runs the tunnel: it gets a `RespBody::Tunnel`.
+    Inline,
+}
+
+/// hyper's service entry (HTTP/2 connections).
+pub async fn handle(
+    mut req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+) -> Result<Response<RespBody>, Infallible> {
+    let upgrade = if is_upgrade(&req) {
+        ClientUpgrade::Hyper(hyper::upgrade::on(&mut req))
+    } else {
+        ClientUpgrade::No
+    };
+    Ok(serve_request(&mut req, upgrade, &conn, None).await)
+}
+
+/// What the own HTTP/1 server hands over with a request (HTTP/2 requests come from hyper
+/// without it).
+pub struct H1Client<'a> {
+    /// The request's header lines (its `Request` carries no headers).
+    pub head: &'a RawHead,
+    /// The connection's reusable timer, for the response deadline (else a tokio timer
+    /// per request).
+    pub timer: Pin<&'a mut Sleep>,
+    /// An upstream answer's header lines go here as bytes (the response then carries no
+    /// headers of its own), not into a `HeaderMap`.
+    pub lines: &'a mut Option<h1_head::Lines>,
+}
+
+/// Routes, forwards and accounts for one request.
+pub async fn serve_request<B>(
+    req: &mut Request<B>,
+    upgrade: ClientUpgrade,
+    conn: &ConnInfo,
+    h1: Option<H1Client<'_>>,
+) -> Response<RespBody>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let start = Instant::now();
+    let table = conn.shared.table.load_full();
+    let Some(listener) = table
+        .listener(&conn.listener)
+        .filter(|l| l.protocol == crate::config::ListenerProtocol::Http)
+    else {
+        return plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "listener is closing\n",
+            true,
+        );
+    };
+    let headers = h1_head::ReqHeaders::of(h1.as_ref().map(|c| c.head), req.headers());
+    let Some(route) = listener.route(|| host_of(headers, req.uri()), req.uri().path()) else {
+        listener.unrouted.inc(404);
+        return plain(StatusCode::NOT_FOUND, "no route\n", false);
+    };
+    let ctx = Ctx {
+        route,
+        settings: &listener.settings,
+        start,
+    };
+    let (method, path) = if ctx.settings.access_log {
+        (
+            Some(req.method().clone()),
+            Some(req.uri().path().to_owned()),
+        )
+    } else {
+        (None, None)
+    };
+    let resp = forward::forward(req, upgrade, conn, &ctx, h1).await;
+    if let (Some(m), Some(p)) = (method, path) {
+        tracing::info!(
+            target: "access",
+            listener = %listener.name,
+            client = %conn.peer,
+            method = %m,
+            path = %p,
+            service = %route.service_name,
+            status = resp.status().as_u16(),
+            micros = start.elapsed().as_micros() as u64,
+        );
+    }
+    resp
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
