@@ -15,13 +15,11 @@
 # Usage: bench/balancer-callgrind.sh                     (bench-fast build, 3 s)
 #        MODE=tcp bench/balancer-callgrind.sh
 #        BALANCER_BIN=/path/to/balancer SECONDS_=5 OUT=/tmp/cg bench/balancer-callgrind.sh
-# Needs: valgrind nginx wrk curl (Debian packages).
+# Needs: valgrind nginx wrk python3 (Debian packages). Shared helpers: bench/lib.sh.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
+. "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
 PROFILE=${PROFILE:-bench-fast}
-BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/$PROFILE/balancer}
 RUN=${SECONDS_:-3}
 MODE=${MODE:-http}
 WRK_ARGS=()
@@ -32,19 +30,13 @@ if [[ $MODE == tcp ]]; then
     LISTENER='protocol = "tcp"
 service = "bench"'
 fi
-[[ -n ${BALANCER_BIN:-} ]] || (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer)
+need valgrind callgrind_control callgrind_annotate nginx wrk python3
+BIN=$(build_bin BALANCER_BIN wharf-balancer balancer)
 
-WORK=$(mktemp -d)
-OUT=${OUT:-$WORK/keep}
+bench_init
+# The profile outlives the run: by default in a directory of its own, not in WORK.
+OUT=${OUT:-$(mktemp -d /tmp/balancer-callgrind.XXXXXX)}
 mkdir -p "$OUT"
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK/n"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BK=$(free_port); LBP=$(free_port)
 BODY="lb-bench-$(printf '%090d' 0)"
 mkdir -p "$WORK/n"
@@ -73,15 +65,13 @@ algorithm = "round_robin"
   addr = "127.0.0.1:$BK"
 EOC
 nginx -c "$WORK/n/nginx.conf" -p "$WORK/n" &
-PIDS+=($!)
+track $!
 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out" \
     "$BIN" --config "$WORK/lb.toml" --threads 1 2>"$OUT/valgrind.log" &
 VG=$!
-PIDS+=("$VG")
-for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$LBP/" && break
-    sleep 0.3
-done
+track "$VG"
+wait_port 127.0.0.1 "$BK" 10
+wait_port 127.0.0.1 "$LBP" 30  # valgrind starts slowly
 wrk -c 8 -t 1 -d 1s "${WRK_ARGS[@]}" "http://127.0.0.1:$LBP/" >/dev/null
 callgrind_control -i on "$VG" >/dev/null
 wrk -c 8 -t 1 -d "${RUN}s" "${WRK_ARGS[@]}" "http://127.0.0.1:$LBP/" >"$OUT/wrk.txt"

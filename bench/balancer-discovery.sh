@@ -6,34 +6,28 @@
 #   2. RSS per idle keep-alive client connection: RSS growth after opening CONNS client
 #      connections that each made one request and stay open; target <= 8 KiB each.
 # Everything on 127.0.0.1; a private etcd on free ports; all processes stopped on exit.
-# Usage: SAMPLES=50 CONNS=10000 bench/balancer-discovery.sh
+# Usage: SAMPLES=50 CONNS=10000 bench/balancer-discovery.sh        (release build)
+#        BALANCER_BIN=/path/to/balancer SAMPLES=5 CONNS=500 bench/balancer-discovery.sh
+# Needs: etcd-server curl python3 (Debian packages). Shared helpers: bench/lib.sh.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
+. "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
 SAMPLES=${SAMPLES:-50}
 CONNS=${CONNS:-10000}
-BIN=$CARGO_TARGET_DIR/release/balancer
-(cd "$ROOT" && cargo build --release -q -p wharf-balancer)
+need etcd curl python3
+BIN=$(PROFILE=release build_bin BALANCER_BIN wharf-balancer balancer)
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_init
 EC=$(free_port); EP=$(free_port); LBP=$(free_port); ADM=$(free_port); BK=$(free_port)
 etcd --name b --data-dir "$WORK/etcd" --listen-client-urls "http://127.0.0.1:$EC" \
     --advertise-client-urls "http://127.0.0.1:$EC" --listen-peer-urls "http://127.0.0.1:$EP" \
     --initial-advertise-peer-urls "http://127.0.0.1:$EP" --initial-cluster "b=http://127.0.0.1:$EP" \
     --log-level error >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
+track $!
 python3 -m http.server "$BK" --bind 127.0.0.1 --directory "$WORK" >/dev/null 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$EC/health" >/dev/null && break; sleep 0.1; done
+track $!
+wait_http "http://127.0.0.1:$EC/health" 10
+wait_port 127.0.0.1 "$BK" 10
 cat >"$WORK/lb.toml" <<TOML
 [admin]
 bind = "127.0.0.1:$ADM"
@@ -52,8 +46,8 @@ if (( $(ulimit -n) < CONNS + 200 )); then
 fi
 RUST_LOG=warn "$BIN" --config "$WORK/lb.toml" --threads 1 >"$WORK/lb.log" 2>&1 &
 LB=$!
-PIDS+=($LB)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADM/healthz" >/dev/null && break; sleep 0.1; done
+track "$LB"
+wait_http "http://127.0.0.1:$ADM/healthz" 10
 
 python3 - "$EC" "$ADM" "$LBP" "$BK" "$SAMPLES" "$CONNS" "$LB" <<'PY'
 import base64, json, socket, sys, time, urllib.request

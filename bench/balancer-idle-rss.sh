@@ -6,24 +6,16 @@
 # processes stopped on exit.
 # Usage: CONNS=10000 bench/balancer-idle-rss.sh
 #        BALANCER_BIN=/path/to/balancer CONNS=2000 bench/balancer-idle-rss.sh
+# Needs: curl python3 (Debian packages). Shared helpers: bench/lib.sh.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
+. "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
 PROFILE=${PROFILE:-release}
 CONNS=${CONNS:-10000}
-BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/$PROFILE/balancer}
-[[ -n ${BALANCER_BIN:-} ]] || (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer)
+need curl python3
+BIN=$(build_bin BALANCER_BIN wharf-balancer balancer)
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+bench_init
 LBP=$(free_port); ADM=$(free_port); BK=$(free_port)
 
 # Backend: HTTP/1.1 keep-alive, fixed 2-byte answer.
@@ -42,11 +34,8 @@ async def main():
     await s.serve_forever()
 asyncio.run(main())
 PY
-PIDS+=($!)
-for _ in $(seq 100); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $BK))" 2>/dev/null && break
-    sleep 0.1
-done
+track $!
+wait_port 127.0.0.1 "$BK" 10
 cat >"$WORK/lb.toml" <<TOML
 [admin]
 bind = "127.0.0.1:$ADM"
@@ -67,8 +56,8 @@ if (( $(ulimit -n) < CONNS + 200 )); then
 fi
 RUST_LOG=warn "$BIN" --config "$WORK/lb.toml" --threads 1 >"$WORK/lb.log" 2>&1 &
 LB=$!
-PIDS+=($LB)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ADM/healthz" >/dev/null && break; sleep 0.1; done
+track "$LB"
+wait_http "http://127.0.0.1:$ADM/healthz" 10
 
 python3 - "$LBP" "$CONNS" "$LB" <<'PY'
 import socket, sys, time

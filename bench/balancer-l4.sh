@@ -16,9 +16,10 @@
 #
 # Settings: TESTS ["tcp-bulk tcp-conn https-ka https-hs"] (a subset runs only those),
 #           DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
-#           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer).
-# Needs: haproxy nginx wrk openssl taskset (Debian packages), a Rust toolchain.
-# Cleanup: every process started is killed by PID on exit.
+#           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer),
+#           BALANCER_BIN (measure that binary, no build), KEEP_TMP=1 (keep the work dir).
+# Needs: haproxy nginx wrk openssl taskset curl python3 (Debian packages), a Rust toolchain.
+# Cleanup: every process started is killed by PID on exit (bench/lib.sh).
 set -euo pipefail
 
 TESTS=${TESTS:-tcp-bulk tcp-conn https-ka https-hs}
@@ -27,31 +28,14 @@ CONNS=${CONNS:-32}
 ROUNDS=${ROUNDS:-1}
 PROXY_CPUS=${PROXY_CPUS:-1}
 LOADGEN_CPUS=${LOADGEN_CPUS:-0}
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
+. "$(dirname "$0")/lib.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-l4}
-BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/release/balancer}
 
-for c in haproxy nginx wrk openssl taskset curl; do
-    command -v "$c" >/dev/null || { echo "balancer-l4: needs $c" >&2; exit 1; }
-done
-if [[ -z ${BALANCER_BIN:-} ]]; then
-    echo "# building the balancer (release) in $CARGO_TARGET_DIR" >&2
-    (cd "$ROOT" && cargo build --release -q -p wharf-balancer)
-fi
+need haproxy nginx wrk openssl taskset curl python3
+BIN=$(PROFILE=release build_bin BALANCER_BIN wharf-balancer balancer)
 
-WORK=$(mktemp -d /tmp/balancer-l4.XXXXXX)
+bench_init /tmp/balancer-l4.XXXXXX
 chmod 755 "$WORK"  # nginx workers run as nobody
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    sleep 0.2
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    [[ ${KEEP_TMP:-0} == 1 ]] || rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 BACK=$(free_port); TCP=$(free_port); TLS=$(free_port); ADMIN=$(free_port)
 
 # Backend.
@@ -74,7 +58,7 @@ http {
 }
 EOF
 taskset -c "$LOADGEN_CPUS" nginx -p "$WORK/nginx" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf" &
-PIDS+=($!)
+track $!
 
 # Certificate (ECDSA P-256, like the tests).
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
@@ -135,14 +119,7 @@ name = "web"
   addr = "127.0.0.1:$BACK"
 EOF
 
-wait_up() {
-    for _ in $(seq 100); do
-        curl -skf -o /dev/null "https://127.0.0.1:$TLS/" && curl -sf -o /dev/null "http://127.0.0.1:$TCP/" && return 0
-        sleep 0.1
-    done
-    echo "balancer-l4: proxy did not come up" >&2
-    return 1
-}
+wait_up() { wait_http "https://127.0.0.1:$TLS/" 10 && wait_http "http://127.0.0.1:$TCP/" 10; }
 
 # wrk output → one number: MiB/s for transfer, else requests/s.
 run_wrk() { # name url extra-args...
@@ -195,7 +172,7 @@ start_proxy() { # name
         balancer) RUST_LOG=warn taskset -c "$PROXY_CPUS" "$BIN" --config "$WORK/lb.toml" --threads 1 >"$WORK/balancer.log" 2>&1 & ;;
     esac
     PROXY_PID=$!
-    PIDS+=("$PROXY_PID")
+    track "$PROXY_PID"
     wait_up
 }
 stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.3; }

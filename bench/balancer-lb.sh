@@ -13,13 +13,12 @@
 # >= 1.15), proxy CPU us per request (target <= 0.8) and p99 (target <= 1.0).
 set -euo pipefail
 
+. "$(dirname "$0")/lib.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-HARNESS=${HARNESS:-$ROOT/../shared/bench/lb-bench.sh}
+HARNESS=${HARNESS:-$BENCH_ROOT/../shared/bench/lb-bench.sh}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-balancer}
 # PROFILE=bench-fast: a quicker build for iterating (thin LTO); figures to report: release.
 PROFILE=${PROFILE:-release}
-BIN=${BALANCER_BIN:-$CARGO_TARGET_DIR/$PROFILE/balancer}
 
 # Called by the harness (inside EXTRA_CMD): write lb.toml from its variables, run.
 if [[ ${1:-} == --serve ]]; then
@@ -45,12 +44,11 @@ if [[ ${1:-} == --serve ]]; then
 fi
 
 [[ -x $HARNESS ]] || [[ -f $HARNESS ]] || { echo "balancer-lb: harness $HARNESS not found" >&2; exit 1; }
-echo "# building the balancer ($PROFILE) in $CARGO_TARGET_DIR" >&2
 # BALANCER_BIN=path: measure that binary as it is (no build).
-[[ -n ${BALANCER_BIN:-} ]] || (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer)
+BIN=$(build_bin BALANCER_BIN wharf-balancer balancer)
 
-OUT=$(mktemp)
-trap 'rm -f "$OUT"' EXIT
+bench_init
+OUT=$WORK/out
 EXTRA_NAME=balancer EXTRA_PORT=${EXTRA_PORT:-18003} \
     EXTRA_CMD="exec bash '$HERE/balancer-lb.sh' --serve '$BIN'" \
     bash "$HARNESS" | tee "$OUT"
