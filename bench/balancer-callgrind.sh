@@ -78,6 +78,7 @@ wrk -c 8 -t 1 -d "${RUN}s" "${WRK_ARGS[@]}" "http://127.0.0.1:$LBP/" >"$OUT/wrk.
 callgrind_control -i off "$VG" >/dev/null
 callgrind_control -d "$VG" >/dev/null
 REQ=$(awk '/requests in/ {print $1}' "$OUT/wrk.txt")
-PROFILE_FILE=$(ls "$OUT"/callgrind.out.* | tail -1)
+PROFILES=("$OUT"/callgrind.out.*)
+PROFILE_FILE=${PROFILES[-1]}
 IR=$(callgrind_annotate "$PROFILE_FILE" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 echo "requests=$REQ instructions=$IR per_request=$((IR / REQ)) profile=$PROFILE_FILE"

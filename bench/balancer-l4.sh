@@ -34,7 +34,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-l4}
 need haproxy nginx wrk openssl taskset curl python3
 BIN=$(PROFILE=release build_bin BALANCER_BIN wharf-balancer balancer)
 
-bench_init /tmp/balancer-l4.XXXXXX
+bench_init
 chmod 755 "$WORK"  # nginx workers run as nobody
 BACK=$(free_port); TCP=$(free_port); TLS=$(free_port); ADMIN=$(free_port)
 
@@ -179,7 +179,7 @@ stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/n
 
 echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS"
 declare -A SUM CSUM
-for r in $(seq "$ROUNDS"); do
+for _ in $(seq "$ROUNDS"); do
     for p in haproxy balancer; do
         start_proxy "$p"
         measure "$p"

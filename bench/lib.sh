@@ -6,10 +6,11 @@
 # function is called, so a script may source it in a mode that needs none of it.
 #
 #   need CMD...                 every CMD on PATH, else one error naming the Debian packages
-#   bench_init [TEMPLATE]       WORK=$(mktemp -d), PID registry, cleanup trap on EXIT/INT/TERM
+#   bench_init                  WORK=$TMPDIR/<script>.XXXXXX, PID registry, cleanup trap
 #   track PID...                kill PID at exit (TERM, then KILL after a grace), wait for it
 #   before_cleanup              optional hook: define it, and cleanup calls it first
-#   free_port [COUNT]           a free 127.0.0.1 port (the first of COUNT consecutive ones)
+#   free_port                   a free port, never the same twice in one run
+#   free_port_range COUNT       the first of COUNT consecutive free ports (same rules)
 #   wait_port HOST PORT SECS    until HOST:PORT accepts a TCP connection, or fail
 #   wait_http URL SECS          until URL answers 2xx (TLS certificate not checked), or fail
 #   build_bin VAR PACKAGE BIN   path of binary BIN: $VAR when set, else built with cargo
@@ -46,10 +47,10 @@ need() {
     exit 1
 }
 
-# bench_init [TEMPLATE] - WORK: a fresh directory (mktemp -d, optional mktemp template),
-# removed at exit unless KEEP_TMP=1; every PID given to `track` is stopped at exit.
+# bench_init - WORK: a fresh directory ($TMPDIR or /tmp, named after the script), removed
+# at exit unless KEEP_TMP=1, and the cleanup trap: every PID given to `track` is stopped.
 bench_init() {
-    WORK=$(mktemp -d ${1:+"$1"})
+    WORK=$(mktemp -d -t "$BENCH_NAME.XXXXXX")
     BENCH_PIDS=()
     BENCH_PORTS=$WORK/.ports  # free_port's record: the ports handed out in this run
     : >"$BENCH_PORTS"
@@ -62,13 +63,15 @@ bench_init() {
 # track PID... - stop these processes at exit.
 track() { BENCH_PIDS+=("$@"); }
 
-# bench_running PID... - those PIDs that are running background jobs of this shell.
-bench_running() {
-    local running p
+# bench_still_running - keep in the array BENCH_LIVE only the PIDs that are running
+# background jobs of this shell (no subshell: it must see this shell's job table).
+bench_still_running() {
+    local running p kept=()
     running=" $(jobs -pr | tr '\n' ' ') "
-    for p in "$@"; do
-        if [[ $running == *" $p "* ]]; then echo "$p"; fi
+    for p in "${BENCH_LIVE[@]}"; do
+        if [[ $running == *" $p "* ]]; then kept+=("$p"); fi
     done
+    BENCH_LIVE=("${kept[@]}")
 }
 
 # Every tracked process still running gets SIGTERM; those still there after KILL_GRACE
@@ -76,19 +79,21 @@ bench_running() {
 # still running jobs of this shell are signalled: one that ended (and was reaped) earlier
 # may since belong to an unrelated process. Keeps the script's exit status.
 bench_cleanup() {
-    local status=$? p alive deadline live
+    local status=$? p deadline live
     trap - EXIT
     trap '' INT TERM  # a second ^C must not cut the cleanup short
     if declare -F before_cleanup >/dev/null; then before_cleanup || true; fi
-    live=($(bench_running "${BENCH_PIDS[@]}"))
+    BENCH_LIVE=("${BENCH_PIDS[@]}")
+    bench_still_running
+    live=("${BENCH_LIVE[@]}")
     for p in "${live[@]}"; do kill "$p" 2>/dev/null || true; done
     deadline=$(($(date +%s%N) + ${KILL_GRACE:-2} * 1000000000))
     while :; do
-        alive=($(bench_running "${live[@]}"))
-        ((${#alive[@]} == 0 || $(date +%s%N) > deadline)) && break
+        bench_still_running
+        ((${#BENCH_LIVE[@]} == 0 || $(date +%s%N) > deadline)) && break
         sleep 0.05
     done
-    for p in "${alive[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for p in "${BENCH_LIVE[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     for p in "${live[@]}"; do wait "$p" 2>/dev/null || true; done
     if [[ ${KEEP_TMP:-0} == 1 ]]; then
         echo "# $BENCH_NAME: kept $WORK" >&2
@@ -98,15 +103,15 @@ bench_cleanup() {
     exit "$status"
 }
 
-# free_port [COUNT] - print a port P such that P..P+COUNT-1 are all bindable (on 0.0.0.0,
+# free_port_range COUNT - print a port P such that P..P+COUNT-1 are all bindable (on 0.0.0.0,
 # which also rules out any 127.0.0.1 listener) and none was handed out before in this run,
 # then remember them. Ports come from below the kernel's ephemeral range, so outgoing
 # connections (wrk, the proxies' upstream sockets) cannot take one before its server binds
 # it; a server started by someone else in between still can: a small race, not zero.
 # Needs bench_init (the record lives in WORK).
-free_port() {
+free_port_range() {
     [[ -n ${BENCH_PORTS:-} ]] || { echo "$BENCH_NAME: free_port before bench_init" >&2; return 1; }
-    python3 - "${1:-1}" "$BENCH_PORTS" <<'PY'
+    python3 - "$1" "$BENCH_PORTS" <<'PY'
 import random, socket, sys
 count, record = int(sys.argv[1]), sys.argv[2]
 given = {int(p) for p in open(record).read().split()}
@@ -137,6 +142,9 @@ else:
     sys.exit(f"free_port: no {count} free consecutive ports in {lo}..{hi}")
 PY
 }
+
+# free_port - one free port, by the rules of free_port_range.
+free_port() { free_port_range 1; }
 
 # wait_port HOST PORT SECS - return once HOST:PORT accepts a TCP connection; after SECS
 # seconds, an error naming it and a failing status (which ends a `set -e` script).

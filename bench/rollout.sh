@@ -7,10 +7,12 @@
 # Everything on 127.0.0.1; a private etcd on free ports; every process and container
 # stopped on exit. Needs root (containers).
 # Usage: [PROFILE=release|bench-fast|debug] [CONNS=32] [P99_RATIO=3] [STEPS=5,25,50,100] [STEP_WAIT=5s] bench/rollout.sh
+#        BALANCER_BIN / HEALTHCHECK_BIN / REGISTRAR_BIN=path: that binary, not a build.
+# Needs: etcd-server etcd-client curl wrk python3 busybox-static (Debian packages).
+# Shared helpers (work dir, cleanup, ports, builds): bench/lib.sh.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+. "$(dirname "$0")/lib.sh"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$BENCH_ROOT/target}
 PROFILE=${PROFILE:-release}
 CONNS=${CONNS:-32}
 # The gate at saturation: busybox httpd's listen backlog (9) overflows now and then and a
@@ -20,41 +22,20 @@ STEPS=${STEPS:-5,25,50,100}
 STEP_WAIT=${STEP_WAIT:-5s}
 BEFORE=${BEFORE:-10}
 [[ $(id -u) == 0 ]] || { echo "rollout.sh: needs root (containers)" >&2; exit 1; }
-# release (fat LTO, slow to build), bench-fast (thin LTO) or debug.
-if [[ $PROFILE == debug ]]; then
-    (cd "$ROOT" && cargo build -q -p wharf-balancer -p wharf-healthcheck -p wharf-registrar)
-else
-    (cd "$ROOT" && cargo build --profile "$PROFILE" -q -p wharf-balancer -p wharf-healthcheck -p wharf-registrar)
-fi
-BIN=$CARGO_TARGET_DIR/$PROFILE
+need etcd etcdctl curl wrk python3 busybox
+# release (fat LTO, slow to build), bench-fast (thin LTO) or debug; *_BIN: use that binary.
+BALANCER=$(build_bin BALANCER_BIN wharf-balancer balancer)
+HEALTHCHECK=$(build_bin HEALTHCHECK_BIN wharf-healthcheck healthcheck)
+REGISTRAR=$(build_bin REGISTRAR_BIN wharf-registrar registrar)
 
-WORK=$(mktemp -d)
+bench_init
 STATE=$WORK/state
-PIDS=()
 export WHARF_STATE_DIR=$STATE
-cleanup() {
-    # Containers first (drained by the agent), then the processes we started.
-    [[ -S $STATE/agent.sock ]] && timeout 30 "$BIN/registrar" stop web --grace 2s >/dev/null 2>&1 || true
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# Replica ports: 8 consecutive free ones below the ephemeral range.
-free_range() {
-    python3 - <<'PY'
-import random, socket
-while True:
-    b = random.randrange(20000, 30000)
-    try:
-        socks = []
-        for p in range(b, b + 8):
-            s = socket.socket(); s.bind(("0.0.0.0", p)); socks.append(s)
-        print(b); break
-    except OSError:
-        pass
-PY
+# Containers first (drained by the agent), then the processes we started.
+before_cleanup() {
+    if [[ -S $STATE/agent.sock ]]; then
+        timeout 30 "$REGISTRAR" stop web --grace 2s >/dev/null 2>&1 || true
+    fi
 }
 image() { # DIR VERSION
     local root=$1/rootfs
@@ -66,24 +47,26 @@ image() { # DIR VERSION
     echo "$root"
 }
 EC=$(free_port); EP=$(free_port); LBP=$(free_port); ADM=$(free_port); AADM=$(free_port)
-HADM=$(free_port); PORT=$(free_range)
+HADM=$(free_port)
+PORT=$(free_port_range 8)  # replica ports: 8 consecutive ones (4 × v1, then 4 × v2)
 ETCD=http://127.0.0.1:$EC
 export WHARF_ETCD=$ETCD
 etcd --name b --data-dir "$WORK/etcd" --listen-client-urls "$ETCD" \
     --advertise-client-urls "$ETCD" --listen-peer-urls "http://127.0.0.1:$EP" \
     --initial-advertise-peer-urls "http://127.0.0.1:$EP" --initial-cluster "b=http://127.0.0.1:$EP" \
     --log-level error >"$WORK/etcd.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do curl -sf "$ETCD/health" >/dev/null && break; sleep 0.1; done
+track $!
+wait_http "$ETCD/health" 10
 V1=$(image "$WORK/v1" v1)
 V2=$(image "$WORK/v2" v2)
-RUST_LOG=warn "$BIN/registrar" agent --node bench --admin "127.0.0.1:$AADM" >"$WORK/agent.log" 2>&1 &
-PIDS+=($!)
+RUST_LOG=warn "$REGISTRAR" agent --node bench --admin "127.0.0.1:$AADM" >"$WORK/agent.log" 2>&1 &
+track $!
 for _ in $(seq 100); do [[ -S $STATE/agent.sock ]] && break; sleep 0.1; done
-"$BIN/registrar" service set web --check-path / --interval 500ms --timeout 1s --rise 2 \
+[[ -S $STATE/agent.sock ]] || { echo "rollout.sh: the agent did not start (KEEP_TMP=1 keeps $WORK/agent.log)" >&2; exit 1; }
+"$REGISTRAR" service set web --check-path / --interval 500ms --timeout 1s --rise 2 \
     --fall 3 --drain-timeout 2s >/dev/null
-RUST_LOG=warn "$BIN/healthcheck" --id bench --admin "127.0.0.1:$HADM" >"$WORK/healthcheck.log" 2>&1 &
-PIDS+=($!)
+RUST_LOG=warn "$HEALTHCHECK" --id bench --admin "127.0.0.1:$HADM" >"$WORK/healthcheck.log" 2>&1 &
+track $!
 cat >"$WORK/lb.toml" <<TOML
 [admin]
 bind = "127.0.0.1:$ADM"
@@ -95,9 +78,10 @@ bind = "127.0.0.1:$LBP"
   [[listener.route]]
   service = "web"
 TOML
-RUST_LOG=warn "$BIN/balancer" --config "$WORK/lb.toml" >"$WORK/lb.log" 2>&1 &
-PIDS+=($!)
-"$BIN/registrar" run --service web --version v1 --image "$V1" --port "$PORT" --replicas 4 \
+RUST_LOG=warn "$BALANCER" --config "$WORK/lb.toml" >"$WORK/lb.log" 2>&1 &
+track $!
+# shellcheck disable=SC2016 # $PORT is the replica's own, expanded in the container
+"$REGISTRAR" run --service web --version v1 --image "$V1" --port "$PORT" --replicas 4 \
     -- sh -c 'exec httpd -f -p $PORT -h /www' >/dev/null
 # All four passing first (before the first mark the balancer is in panic mode and reports
 # every serving instance up; the first mark alone would then take the whole load).
@@ -108,7 +92,7 @@ for _ in $(seq 300); do
     [[ $p == 4 && $n == 4 ]] && break
     sleep 0.1
 done
-[[ $n == 4 ]] || { echo "v1 replicas not routable; see $WORK" >&2; exit 1; }
+[[ $n == 4 ]] || { echo "v1 replicas not routable; KEEP_TMP=1 keeps the logs in $WORK" >&2; exit 1; }
 URL=http://127.0.0.1:$LBP/
 
 # wrk's summary: requests, non-2xx, socket errors, p99 (ms).
@@ -135,10 +119,10 @@ nsteps=$(tr ',' '\n' <<<"$STEPS" | grep -c .)
 DURING=${DURING:-$(( nsteps * ${STEP_WAIT%s} + 14 ))}
 wrk -t2 -c"$CONNS" -d"${DURING}s" --latency "$URL" >"$WORK/during.txt" &
 WRK=$!
-PIDS+=($WRK)
+track "$WRK"
 sleep 2
 start=$(date +%s.%N)
-"$BIN/registrar" rollout web --image "$V2" --version v2 --steps "$STEPS" --step-wait "$STEP_WAIT" --max-p99-ratio "$P99_RATIO" \
+"$REGISTRAR" rollout web --image "$V2" --version v2 --steps "$STEPS" --step-wait "$STEP_WAIT" --max-p99-ratio "$P99_RATIO" \
     --metrics "http://127.0.0.1:$ADM/metrics" | grep -v '] .*: v2 .* req' >&2 || { echo "rollout failed" >&2; exit 1; }
 took=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
 wait "$WRK" || true
@@ -147,7 +131,7 @@ python3 -c "import sys; sys.exit(0 if $took < $DURING - 2 else 1)" ||
 read -r d_req d_non d_sock d_p99 d_rps < <(summary "$WORK/during.txt")
 after=$(curl -s "$URL")
 echo "rollout of 4 replicas v1 -> v2, steps $STEPS, step wait $STEP_WAIT: ${took}s"
-echo "load: wrk -t2 -c$CONNS through the balancer ($PROFILE build)"
+echo "load: wrk -t2 -c$CONNS through the balancer (${BALANCER_BIN:-$PROFILE build})"
 printf '%-8s %10s %10s %8s %8s %10s\n' phase requests req/s non2xx sockerr p99_ms
 printf '%-8s %10s %10s %8s %8s %10s\n' before "$b_req" "$b_rps" "$b_non" "$b_sock" "$b_p99"
 printf '%-8s %10s %10s %8s %8s %10s\n' during "$d_req" "$d_rps" "$d_non" "$d_sock" "$d_p99"

@@ -3,24 +3,24 @@
 # rootfs: wharf's runtime (`registrar oneshot`) versus Debian's runc. Prints the mean time per
 # run of each and the ratio. Target: wharf <= 0.5x runc.
 #
-#   bench/runtime-vs-runc.sh [RUNS]        (root; installs runc and busybox-static if missing)
+#   bench/runtime-vs-runc.sh [RUNS]        (root; installs runc, busybox-static, jq, bc if missing)
+#   REGISTRAR=path/to/registrar bench/runtime-vs-runc.sh 5     (that binary, no build)
+# Shared helpers (work dir, cleanup, build): bench/lib.sh.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+cd "$BENCH_ROOT"  # a relative REGISTRAR path is taken from the workspace root
 runs=${1:-50}
 
-for p in runc busybox-static jq; do
+for p in runc busybox-static jq bc; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$p" >/dev/null
 done
 # REGISTRAR=path/to/registrar skips the build.
-if [[ -z ${REGISTRAR:-} ]]; then
-    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-registrar}
-    cargo build --release -q -p wharf-registrar
-fi
-registrar=${REGISTRAR:-$CARGO_TARGET_DIR/release/registrar}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-registrar}
+registrar=$(PROFILE=release build_bin REGISTRAR wharf-registrar registrar)
 
-work=$(mktemp -d /tmp/wharf-bench-runtime.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+bench_init
+work=$WORK
 rootfs=$work/bundle/rootfs
 mkdir -p "$rootfs"/{bin,etc,proc,dev,tmp}
 cp /bin/busybox "$rootfs/bin/"
