@@ -4,9 +4,13 @@
 # (utime+stime from /proc/<pid>/stat over the window), probes/s and etcd writes/s in steady
 # state. FLOOR=1: no checker, a bare loop of the probes' system calls (the kernel floor).
 # Usage: [CHECK=tcp] [FLOOR=1] bench/healthcheck-scale.sh [instances] [window-seconds] [checker args]
+# HEALTHCHECK_BIN / HEALTHCHECK_SCALE_BIN=path: that binary, no build (else release builds).
+# Needs etcd-server. Shared helpers: bench/lib.sh.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/lib.sh"
+cd "$BENCH_ROOT"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}"
-cargo build --release -q -p wharf-healthcheck --bin healthcheck
-cargo build --release -q -p wharf-bench --bin healthcheck_scale
-exec "$CARGO_TARGET_DIR/release/healthcheck_scale" "$CARGO_TARGET_DIR/release/healthcheck" "${1:-10000}" "${2:-20}" "${@:3}"
+need etcd
+healthcheck=$(PROFILE=release build_bin HEALTHCHECK_BIN wharf-healthcheck healthcheck)
+scale=$(PROFILE=release build_bin HEALTHCHECK_SCALE_BIN wharf-bench healthcheck_scale)
+exec "$scale" "$healthcheck" "${1:-10000}" "${2:-20}" "${@:3}"
