@@ -179,7 +179,7 @@ wait_http() {
 # `cargo build --profile $PROFILE` [release] in the workspace (CARGO_TARGET_DIR honoured;
 # PROFILE=debug means cargo's dev profile) and the binary it wrote.
 build_bin() {
-    local var=$1 pkg=$2 bin=$3 profile=${PROFILE:-release} dir
+    local var=$1 pkg=$2 bin=$3 profile=${PROFILE:-release} dir target=${CARGO_TARGET_DIR:-target}
     if [[ -n ${!var:-} ]]; then
         [[ -x ${!var} ]] || { echo "$BENCH_NAME: $var=${!var} is not an executable" >&2; return 1; }
         echo "${!var}"
@@ -187,7 +187,9 @@ build_bin() {
     fi
     [[ $profile == debug ]] && profile=dev
     dir=$([[ $profile == dev ]] && echo debug || echo "$profile")
-    echo "# building $bin ($profile) in ${CARGO_TARGET_DIR:-$BENCH_ROOT/target}" >&2
+    # cargo runs in the workspace root: a relative target dir is taken from there.
+    [[ $target == /* ]] || target=$BENCH_ROOT/$target
+    echo "# building $bin ($profile) in $target" >&2
     (cd "$BENCH_ROOT" && cargo build --profile "$profile" -q -p "$pkg" --bin "$bin") || return 1
-    echo "${CARGO_TARGET_DIR:-$BENCH_ROOT/target}/$dir/$bin"
+    echo "$target/$dir/$bin"
 }
