@@ -94,12 +94,7 @@ impl<S: Store> Rollout<S> {
         self.wait_ready(st, &running).await?;
         loop {
             let running = self.new_alive(st).await?.len() as u16;
-            let remaining: Vec<String> = st
-                .old
-                .iter()
-                .filter(|n| !st.stopped_old.contains(n))
-                .cloned()
-                .collect();
+            let remaining = st.remaining_old();
             match plan::plain_next(
                 running,
                 st.replicas,

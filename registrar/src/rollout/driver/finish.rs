@@ -15,12 +15,7 @@ use crate::rollout::state::{Phase, RolloutState};
 
 impl<S: Store> Rollout<S> {
     pub(super) async fn promote(&self, st: &mut RolloutState) -> Result<Outcome, RolloutError> {
-        let remaining: Vec<String> = st
-            .old
-            .iter()
-            .filter(|n| !st.stopped_old.contains(n))
-            .cloned()
-            .collect();
+        let remaining = st.remaining_old();
         self.stop(st, &remaining, true).await?;
         let old = st.old.clone();
         self.remove(&old).await?;
