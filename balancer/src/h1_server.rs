@@ -581,7 +581,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_tcp::segs_in;
+    use crate::test_util::segs_in;
     use tokio::net::{TcpListener, TcpStream};
 
     /// A last answer (here a refusal with `Connection: close`) and the FIN reach the client

@@ -40,7 +40,7 @@ pub mod status;
 pub mod table;
 pub mod tcp;
 #[cfg(test)]
-mod test_tcp;
+mod test_util;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

@@ -323,7 +323,7 @@ fn eof_pending(src: &TcpStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_tcp::segs_in;
+    use crate::test_util::segs_in;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

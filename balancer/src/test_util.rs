@@ -1,4 +1,4 @@
-//! Test helpers that read the kernel's view of a TCP connection.
+//! Helpers for the crate's unit tests: the kernel's view of a TCP connection, header maps.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -22,4 +22,13 @@ pub fn segs_in(s: &impl AsRawFd) -> u32 {
         info
     };
     info.tcpi_segs_in
+}
+
+/// A header map of `(name, value)` pairs, repeated names appended in order.
+pub fn header_map(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (n, v) in pairs {
+        h.append(*n, http::HeaderValue::from_static(v));
+    }
+    h
 }
