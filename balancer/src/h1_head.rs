@@ -280,14 +280,7 @@ pub fn encode_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.append(*n, HeaderValue::from_static(v));
-        }
-        h
-    }
+    use crate::test_util::header_map as map;
 
     fn encode(h: &HeaderMap, fwd: &Forwarded<'_>) -> String {
         let mut out = Vec::new();

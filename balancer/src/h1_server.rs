@@ -27,6 +27,7 @@ use tokio::time::Sleep;
 
 use crate::body::RespBody;
 use crate::chunked::{self, Decoder, Step};
+use crate::client_io::ClientIo;
 use crate::deadline;
 use crate::h1_head::{self, Lines};
 use crate::h1_request::{self, BodyKind, HeadError, Parsed};
@@ -65,7 +66,7 @@ pub async fn serve<IO>(
     settings: Arc<ConnSettings>,
     shutdown: watch::Receiver<bool>,
 ) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + LastWrite + Unpin + Send + 'static,
 {
     let timer = deadline::idle_timer();
     tokio::pin!(timer);
@@ -370,7 +371,7 @@ impl<IO: AsyncRead + Unpin> Body for H1Body<'_, IO> {
 
 /// Writes a response (its header lines: the response's map, then `lines` already encoded
 /// from an upstream's head); returns whether the connection stays open.
-async fn write_response<IO: AsyncWrite + Unpin>(
+async fn write_response<IO: AsyncWrite + LastWrite + Unpin>(
     io: &mut IO,
     resp: Response<RespBody>,
     lines: Option<Lines>,
@@ -439,6 +440,9 @@ async fn write_response<IO: AsyncWrite + Unpin>(
     }
     out.extend_from_slice(b"\r\n");
     if no_body || switching {
+        if !keep_alive && !switching {
+            io.hold_for_fin();
+        }
         io.write_all(&out).await?;
         // A HEAD answer's (absent) body: the upstream connection still goes back.
         drop(body);
@@ -482,6 +486,9 @@ async fn write_response<IO: AsyncWrite + Unpin>(
                     out.extend_from_slice(chunked::LAST_CHUNK);
                 }
                 if !out.is_empty() {
+                    if !keep_alive {
+                        io.hold_for_fin();
+                    }
                     io.write_all(&out).await?;
                 }
                 return Ok(keep_alive);
@@ -493,6 +500,22 @@ async fn write_response<IO: AsyncWrite + Unpin>(
                 return Err(e);
             }
         }
+    }
+}
+
+/// A client stream whose last answer before the close may wait for the FIN.
+pub trait LastWrite {
+    /// The next write is the last before `shutdown`: hold its partial segment back
+    /// (TCP_CORK) so that the answer and the FIN leave in one segment, not a data segment,
+    /// the client's ACK of it and a bare FIN. `shutdown` sends what is held at once.
+    /// Called only once the whole answer is in hand, so nothing streamed waits.
+    fn hold_for_fin(&self);
+}
+
+impl LastWrite for ClientIo {
+    fn hold_for_fin(&self) {
+        // Best effort: without the cork the answer still goes out, in two segments.
+        let _ = socket2::SockRef::from(self.tcp()).set_tcp_cork(true);
     }
 }
 
@@ -552,5 +575,39 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::segs_in;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A last answer (here a refusal with `Connection: close`) and the FIN reach the client
+    /// in one segment.
+    #[tokio::test]
+    async fn the_last_answer_and_the_fin_leave_in_one_segment() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        server.set_nodelay(true).unwrap();
+        let mut io = ClientIo::Plain(server);
+        let before = segs_in(&client);
+        let resp = proxy::plain(StatusCode::BAD_REQUEST, "bad request\n", true);
+        let keep = write_response(&mut io, resp, None, false, Version::HTTP_11, true)
+            .await
+            .unwrap();
+        assert!(!keep, "a `Connection: close` answer ends the connection");
+        io.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let segs = segs_in(&client) - before;
+        let text = String::from_utf8(got).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 400 ") && text.ends_with("bad request\n"),
+            "{text}"
+        );
+        assert_eq!(segs, 1, "the answer and the FIN came in {segs} segments");
     }
 }

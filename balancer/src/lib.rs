@@ -39,6 +39,8 @@ pub mod server;
 pub mod status;
 pub mod table;
 pub mod tcp;
+#[cfg(test)]
+mod test_util;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;

@@ -50,8 +50,19 @@ enum Cmd {
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .ok()
+        .filter(|_| !spec.is_empty())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // rustls warns once per handshake about what a client sent (an IP address as SNI, as
+    // wrk and other OpenSSL-based clients do): nothing an operator can act on, and a log
+    // line per connection. Shown only when RUST_LOG names rustls.
+    if !spec.contains("rustls")
+        && let Ok(quiet) = "rustls=error".parse()
+    {
+        filter = filter.add_directive(quiet);
+    }
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

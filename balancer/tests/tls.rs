@@ -302,6 +302,45 @@ async fn tls_echo_upstream(pki: &TestPki) -> Result<SocketAddr> {
     Ok(a)
 }
 
+/// A client that sends an IP address as SNI (wrk and other OpenSSL-based clients do) is
+/// served, and rustls' warning about it, one per handshake, stays out of the log.
+#[tokio::test]
+async fn ip_address_sni_is_served_without_a_log_line_per_handshake() -> Result<()> {
+    let pki = TestPki::generate()?;
+    let backend = Backend::start("web").await?;
+    let config = format!(
+        "[admin]\nbind = \"127.0.0.1:@ADMIN@\"\n[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:@PORT@\"\n  [[listener.route]]\n  service = \"web\"\n  [[listener.tls.certificate]]\n  cert = \"{}\"\n  key = \"{}\"\n[[service]]\nname = \"web\"\n  [[service.endpoint]]\n  addr = \"{}\"\n",
+        pki.path("server.crt").display(),
+        pki.path("server.key").display(),
+        backend.addr
+    );
+    let lb = Lb::start(&config).await?;
+    let connect = format!("127.0.0.1:{}", lb.port);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &connect,
+                "-servername",
+                "127.0.0.1",
+                "-brief",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await??;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("Protocol version"), "no handshake: {said}");
+    let log = lb.log();
+    assert!(!log.contains("SNI"), "{log}");
+    Ok(())
+}
+
 #[test]
 fn check_loads_certificates_and_names_bad_files() -> Result<()> {
     let pki = TestPki::generate()?;

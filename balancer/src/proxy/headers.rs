@@ -86,14 +86,7 @@ pub(super) fn idempotent(m: &Method) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.append(*n, HeaderValue::from_static(v));
-        }
-        h
-    }
+    use crate::test_util::header_map as map;
 
     #[test]
     fn strips_hop_by_hop_and_headers_named_by_every_connection_line() {

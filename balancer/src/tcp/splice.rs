@@ -323,6 +323,7 @@ fn eof_pending(src: &TcpStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::segs_in;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -433,25 +434,6 @@ mod tests {
         assert_eq!(meter.totals(), (n, n));
     }
 
-    /// The kernel's TCP_INFO of a socket (neither nix nor socket2 wraps it).
-    #[allow(unsafe_code)]
-    fn tcp_info(s: &impl AsRawFd) -> libc::tcp_info {
-        // SAFETY: TCP_INFO fills at most `len` bytes of a plain-data struct.
-        unsafe {
-            let mut info: libc::tcp_info = std::mem::zeroed();
-            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-            let rc = libc::getsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&raw mut info).cast(),
-                &mut len,
-            );
-            assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
-            info
-        }
-    }
-
     /// An upstream that answers and closes (HTTP/1.0, `Connection: close`): when its FIN is
     /// known by the time the answer is read, the answer and the FIN reach the client in
     /// one segment, not a data segment followed by a bare FIN.
@@ -470,7 +452,7 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
-        let segs_before = tcp_info(&client).tcpi_segs_in;
+        let segs_before = segs_in(&client);
         let meter = Meter::detached();
         let pipes = Pipes::take().expect("pipes");
         let relay = async {
@@ -481,7 +463,7 @@ mod tests {
         let client_io = async move {
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();
-            let segs = tcp_info(&client).tcpi_segs_in - segs_before;
+            let segs = segs_in(&client) - segs_before;
             client.shutdown().await.unwrap();
             (got, segs)
         };

@@ -6,7 +6,8 @@
 //! - [`scrape`]: fetching and parsing the balancers' `/metrics`;
 //! - [`state`]: the rollout's state in etcd (`services/<svc>/rollout`), for resume/abort;
 //! - [`progress`]: human or JSON lines;
-//! - [`driver`]: the orchestration.
+//! - [`driver`]: the orchestration (begin, forward phases, promote/rollback, readiness and
+//!   metrics gates, each in its own module).
 
 pub mod driver;
 pub mod gate;

@@ -93,6 +93,17 @@ pub struct RolloutState {
     pub revision: i64,
 }
 
+impl RolloutState {
+    /// Old containers this rollout has not stopped yet.
+    pub fn remaining_old(&self) -> Vec<String> {
+        self.old
+            .iter()
+            .filter(|n| !self.stopped_old.contains(n))
+            .cloned()
+            .collect()
+    }
+}
+
 /// Reads the state; `Ok(None)` when the service never had a rollout.
 pub async fn load<S: Store>(
     store: &S,
