@@ -10,7 +10,8 @@
 # Needs: haproxy nginx wrk curl (Debian packages), a Rust toolchain.
 #
 # After the harness's table it prints the balancer's ratios to HAProxy: req/s (target
-# >= 1.15), proxy CPU us per request (target <= 0.8) and p99 (target <= 1.0).
+# >= 1.15), proxy CPU us per request (target <= 0.8) and p99 (target <= 1.0): from the
+# medians, then per round pair (median of the pairs, all and without hypervisor steal).
 set -euo pipefail
 
 . "$(dirname "$0")/lib.sh"
@@ -68,3 +69,29 @@ awk '
         printf "%-14s %10s %10s %8.3f %s\n", "p50 ms", b50, h50, (h50 > 0 ? b50 / h50 : 0), "-"
         printf "%-14s %10s %10s %8.3f %s\n", "p99 ms", b99, h99, (h99 > 0 ? b99 / h99 : 0), "<= 1.00"
     }' "$OUT"
+
+# Ratios per round pair (the two proxies of one round ran back to back, so a pair shares
+# the machine's state; their median drifts less than the ratio of medians on a VM whose
+# speed moves between rounds), over all rounds and over the rounds without hypervisor
+# steal (steal% <= STEAL_MAX on both sides).
+python3 - "$OUT" "${STEAL_MAX:-1}" <<'PY'
+import statistics, sys
+rows, steal_max = {}, float(sys.argv[2])
+for line in open(sys.argv[1]):
+    f = line.split()
+    if len(f) >= 15 and f[0].isdigit() and f[1] in ("haproxy", "balancer"):
+        rows.setdefault(f[0], {})[f[1]] = f
+def ratios(pairs, col):
+    return [float(b[col]) / float(h[col]) for h, b in pairs if float(h[col]) > 0]
+pairs = [(r["haproxy"], r["balancer"]) for r in rows.values() if len(r) == 2]
+quiet = [(h, b) for h, b in pairs if float(h[14]) <= steal_max and float(b[14]) <= steal_max]
+print()
+print(f"## balancer / haproxy per round pair: median (min-max); {len(pairs)} pairs, "
+      f"{len(quiet)} with steal% <= {steal_max:g}")
+for name, col in (("req/s", 2), ("us CPU/req", 8), ("p99 ms", 4)):
+    out = []
+    for group in (pairs, quiet):
+        r = ratios(group, col)
+        out.append(f"{statistics.median(r):.3f} ({min(r):.2f}-{max(r):.2f})" if r else "-")
+    print(f"{name:<14} all {out[0]:<22} steal-free {out[1]}")
+PY
