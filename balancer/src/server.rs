@@ -196,7 +196,8 @@ pub fn spawn_listener(
     });
 }
 
-async fn until_true(rx: &mut watch::Receiver<bool>) {
+/// Resolves once the flag is true (or its sender is gone); holds no borrow across awaits.
+pub(crate) async fn until_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 

@@ -28,10 +28,11 @@ use crate::outlier;
 use crate::proxy::Shared;
 use crate::proxy_protocol;
 use crate::server::ConnTracker;
+use crate::server::until_true;
 use crate::table::{ListenerSettings, ServiceTable};
 use crate::tls::upstream::{UpstreamTlsClient, UpstreamTlsError};
 use crate::upstream_io;
-use pump::{End, Meter, Metered, until_true};
+use pump::{End, Meter, Metered};
 
 /// What to do on an upstream connection before streaming: per service, from the config.
 #[derive(Default, Clone)]

@@ -17,6 +17,8 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+use crate::server::until_true;
+
 use crate::endpoint::now_ms;
 
 /// Per-direction buffer: large enough for bulk transfers to take few syscalls.
@@ -178,9 +180,4 @@ where
             }
         }
     }
-}
-
-/// Resolves once the flag is true (or its sender is gone); holds no borrow across awaits.
-pub(crate) async fn until_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
