@@ -96,6 +96,13 @@ impl ConnectProber {
     }
 }
 
+/// The two services every test here routes to: `web` (HTTP) and `echo` (tcp).
+fn web_and_echo(web: SocketAddr, echo: SocketAddr) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\n  [[service.endpoint]]\n  addr = \"{web}\"\n[[service]]\nname = \"echo\"\n  [[service.endpoint]]\n  addr = \"{echo}\"\n"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_certificates_and_accept_proxy_to_new_connections_only() -> Result<()> {
     let pki = TestPki::generate()?;
@@ -144,19 +151,10 @@ bind = "127.0.0.1:{raw_port}"
 protocol = "tcp"
 service = "echo"
 {proxy}
-[[service]]
-name = "web"
-  [[service.endpoint]]
-  addr = "{}"
-[[service]]
-name = "echo"
-  [[service.endpoint]]
-  addr = "{}"
-"#,
+{services}"#,
             a_crt.display(),
             a_key.display(),
-            backend.addr,
-            echo.addr
+            services = web_and_echo(backend.addr, echo.addr),
         )
     };
     let lb = Lb::start(&config(false)).await?;
@@ -307,16 +305,8 @@ bind = "127.0.0.1:@ADMIN@"
 name = "front"
 bind = "127.0.0.1:@PORT@"
 {kind}
-[[service]]
-name = "web"
-  [[service.endpoint]]
-  addr = "{}"
-[[service]]
-name = "echo"
-  [[service.endpoint]]
-  addr = "{}"
-"#,
-            backend.addr, echo.addr
+{services}"#,
+            services = web_and_echo(backend.addr, echo.addr),
         )
     };
     let lb = Lb::start(&config(false)).await?;
