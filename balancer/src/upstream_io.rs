@@ -52,10 +52,10 @@ impl Origin {
 }
 
 /// `TcpStream::connect` with TCP_NODELAY, minus a syscall (every upstream connection, HTTP
-/// or tcp, is opened here): tokio reads `SO_ERROR` after
-/// every connect; here it is read only when the socket reports a hang-up (a refused or
-/// reset connect sets EPOLLERR|EPOLLHUP), so a connect that succeeded costs socket,
-/// setsockopt, connect and the epoll registration only (as HAProxy's does).
+/// or tcp, is opened here): tokio reads `SO_ERROR` after every connect; here it is read
+/// only when the socket reports a hang-up (a refused or reset connect sets
+/// EPOLLERR|EPOLLHUP), so a connect that succeeded costs socket, setsockopt, connect and
+/// the epoll registration only (as HAProxy's does).
 pub async fn connect_tcp(addr: SocketAddr) -> io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(
