@@ -465,6 +465,7 @@ impl TableBuilder {
                 response_timeout: l.response_timeout.unwrap_or(up.response_timeout),
                 connect_timeout: up.connect_timeout,
                 max_body_bytes: l.max_body_bytes,
+                forwarded_headers: l.forwarded_headers,
                 retries: up.retries,
                 retry_budget_percent: up.retry_budget_percent,
                 access_log: config.access_log,

@@ -171,6 +171,11 @@ pub struct ListenerConfig {
     /// Request body larger than this → 413.
     #[serde(default = "d_max_body")]
     pub max_body_bytes: u64,
+    /// Add `X-Forwarded-For/-Proto/-Host` to requests sent upstream (the client's own
+    /// `X-Forwarded-For` list is extended). `false`: the client's headers go as they came,
+    /// as with HAProxy without `option forwardfor`.
+    #[serde(default = "d_true")]
+    pub forwarded_headers: bool,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
     /// `tcp` listeners: the service every connection goes to.
@@ -287,6 +292,9 @@ fn d_max_header_bytes() -> usize {
 }
 fn d_max_headers() -> usize {
     100
+}
+fn d_true() -> bool {
+    true
 }
 fn d_max_body() -> u64 {
     64 * 1024 * 1024

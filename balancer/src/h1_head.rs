@@ -191,6 +191,9 @@ fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// What the balancer adds to a forwarded request.
 pub struct Forwarded<'a> {
+    /// Add `X-Forwarded-*` (the listener's `forwarded_headers`); when false the client's
+    /// own `X-Forwarded-*` lines pass unchanged.
+    pub add: bool,
     /// The client's IP (X-Forwarded-For).
     pub peer_ip: &'a HeaderValue,
     /// The client connection is TLS (X-Forwarded-Proto).
@@ -206,8 +209,9 @@ pub struct Forwarded<'a> {
 /// Encodes the request head for the upstream hop: `METHOD target HTTP/1.1`, the client's
 /// end-to-end headers in their order, then `Connection: upgrade` (upgrades),
 /// `X-Forwarded-For` (the client's list plus its IP), `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` (unless the client sent one), `Host` (from the authority when the
-/// client sent none) and `Transfer-Encoding: chunked` if asked.
+/// `X-Forwarded-Host` (unless the client sent one) — these three only if `fwd.add` —,
+/// `Host` (from the authority when the client sent none) and `Transfer-Encoding: chunked`
+/// if asked.
 pub fn encode_request(
     out: &mut Vec<u8>,
     method: &Method,
@@ -236,11 +240,11 @@ pub fn encode_request(
         {
             continue;
         }
-        if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+        if fwd.add && name.eq_ignore_ascii_case(b"x-forwarded-for") {
             prev_xff.get_or_insert(value);
             continue;
         }
-        if name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+        if fwd.add && name.eq_ignore_ascii_case(b"x-forwarded-proto") {
             continue;
         }
         has_xfh |= name.eq_ignore_ascii_case(b"x-forwarded-host");
@@ -249,22 +253,24 @@ pub fn encode_request(
     if fwd.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
     }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    // A previous list that is not visible ASCII is replaced, not extended.
-    if let Some(prev) =
-        prev_xff.filter(|v| v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)))
-    {
-        out.extend_from_slice(prev);
-        out.extend_from_slice(b", ");
+    if fwd.add {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        // A previous list that is not visible ASCII is replaced, not extended.
+        if let Some(prev) =
+            prev_xff.filter(|v| v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(fwd.peer_ip.as_bytes());
+        out.extend_from_slice(if fwd.tls {
+            b"\r\nx-forwarded-proto: https\r\n"
+        } else {
+            b"\r\nx-forwarded-proto: http\r\n"
+        });
     }
-    out.extend_from_slice(fwd.peer_ip.as_bytes());
-    out.extend_from_slice(if fwd.tls {
-        b"\r\nx-forwarded-proto: https\r\n"
-    } else {
-        b"\r\nx-forwarded-proto: http\r\n"
-    });
     if let Some(h) = host.or(fwd.authority.map(str::as_bytes)) {
-        if !has_xfh {
+        if fwd.add && !has_xfh {
             put(out, b"x-forwarded-host", h);
         }
         if host.is_none() {
@@ -309,6 +315,7 @@ mod tests {
 
     fn fwd(ip: &HeaderValue) -> Forwarded<'_> {
         Forwarded {
+            add: true,
             peer_ip: ip,
             tls: false,
             authority: None,
@@ -362,6 +369,28 @@ mod tests {
             "GET /a?b HTTP/1.1\r\nupgrade: websocket\r\nx-forwarded-host: front\r\n\
              connection: upgrade\r\nx-forwarded-for: ::1\r\nx-forwarded-proto: https\r\n\
              host: b.example\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn without_forwarded_headers_the_clients_pass_unchanged() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("connection", "keep-alive"),
+            ("x-kept", "1"),
+        ]);
+        // HTTP/2 without `host`: the authority still becomes `Host`, nothing else is added.
+        let f = Forwarded {
+            add: false,
+            authority: Some("b.example"),
+            ..fwd(&ip)
+        };
+        assert_eq!(
+            encode(&h, &f),
+            "GET /a?b HTTP/1.1\r\nx-forwarded-for: 1.2.3.4\r\nx-forwarded-proto: https\r\n\
+             x-kept: 1\r\nhost: b.example\r\n\r\n"
         );
     }
 

@@ -33,6 +33,8 @@ pub struct ListenerSettings {
     pub response_timeout: Duration,
     pub connect_timeout: Duration,
     pub max_body_bytes: u64,
+    /// Add `X-Forwarded-*` headers upstream (`forwarded_headers`).
+    pub forwarded_headers: bool,
     pub retries: u32,
     pub retry_budget_percent: u32,
     pub access_log: bool,

@@ -216,6 +216,25 @@ name = "none"
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_false_passes_the_clients_headers_unchanged() -> Result<()> {
+    let a = Backend::start("a").await?;
+    let text = config("", &endpoints(&[(&a, 1, "v1")]))
+        .replace("max_body_bytes = 1000", "forwarded_headers = false");
+    let lb = Lb::start(&text).await?;
+    let (out, _) = raw_exchange(
+        lb.port,
+        b"GET /headers HTTP/1.1\r\nHost: a.example.com\r\nX-Forwarded-For: 10.0.0.1\r\n\
+          Connection: close\r\n\r\n",
+    )?;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let body = out.to_ascii_lowercase();
+    assert!(body.contains("x-forwarded-for: 10.0.0.1\n"), "{out}");
+    assert!(!body.contains("x-forwarded-proto"), "{out}");
+    assert!(!body.contains("x-forwarded-host"), "{out}");
+    Ok(())
+}
+
 /// Sends raw bytes and returns what came back before the balancer closed the connection.
 fn raw_exchange(port: u16, bytes: &[u8]) -> Result<(String, bool)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;

@@ -84,6 +84,7 @@ where
         target,
         headers,
         &h1_head::Forwarded {
+            add: s.forwarded_headers,
             peer_ip: &conn.peer_ip,
             tls: conn.tls,
             authority: req.uri().authority().map(|a| a.as_str()),
