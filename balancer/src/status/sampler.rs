@@ -40,10 +40,17 @@ struct Sampler {
 }
 
 pub fn spawn(admin: Arc<AdminState>) {
+    // The first document is published before the admin port opens, so `/api/status`
+    // never answers "not computed yet" to a client that connects at once.
+    let hub = admin.status.clone();
+    let mut s = Sampler::default();
+    s.sample(&admin);
+    s.publish(&admin, &hub);
     tokio::spawn(async move {
-        let hub = admin.status.clone();
-        let mut s = Sampler::default();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutting_down = admin.shutting_down.clone();
         loop {
