@@ -26,6 +26,7 @@ pub mod deadline;
 pub mod endpoint;
 pub mod h1_head;
 pub mod h1_request;
+pub mod h1_response;
 pub mod h1_server;
 pub mod l4config;
 pub mod l4metrics;
