@@ -57,6 +57,10 @@ const SNIFF: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone, PartialEq)]
 pub struct SetupConfig {
     tls: Option<ListenerTls>,
+    /// The bytes of the client-auth CA file as read now: a SIGHUP after the file changed
+    /// rebuilds the setup even when lb.toml did not change (certificates are followed on
+    /// their own, the CA is not).
+    client_ca: Option<Vec<u8>>,
     proxy: Option<AcceptProxy>,
     handshake_timeout: Duration,
 }
@@ -67,8 +71,10 @@ impl SetupConfig {
     }
 
     pub fn of(l: &ListenerConfig) -> Self {
+        let ca = l.tls.as_ref().and_then(|t| t.client_auth.as_ref());
         Self {
             tls: l.tls.clone(),
+            client_ca: ca.and_then(|a| std::fs::read(a.ca.get_ref()).ok()),
             proxy: l.proxy_protocol.clone(),
             handshake_timeout: l.header_read_timeout,
         }

@@ -23,6 +23,21 @@ pub struct ListenerTls {
     /// listeners, none on tcp listeners.
     #[serde(default)]
     pub alpn: Option<Vec<String>>,
+    /// Mutual TLS (`[listener.tls.client_auth]`).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// `[listener.tls.client_auth]`: clients must present a certificate that chains to one
+/// in `ca` (mutual TLS); with `optional = true` a client without a certificate is let in
+/// too, but one that presents a certificate must still be verified. `ca` is read at start
+/// and again on every SIGHUP.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    pub ca: Spanned<PathBuf>,
+    #[serde(default)]
+    pub optional: bool,
 }
 
 /// `[[listener.tls.certificate]]`: a PEM chain and its key, reloaded when either changes.

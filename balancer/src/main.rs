@@ -182,6 +182,20 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
                 loaded.names
             ));
         }
+        if let Some(auth) = l.tls.as_ref().and_then(|t| t.client_auth.as_ref()) {
+            balancer::tls::client_auth::verifier(auth, &provider)
+                .with_context(|| format!("listener {}: client_auth", l.name.get_ref()))?;
+            files.push(format!(
+                "listener {}: client certificates {} against {}",
+                l.name.get_ref(),
+                if auth.optional {
+                    "checked when sent"
+                } else {
+                    "required"
+                },
+                auth.ca.get_ref().display()
+            ));
+        }
     }
     balancer::tcp::upstream_map(&config)
         .map_err(|(service, e)| anyhow::anyhow!("service {service}: upstream TLS: {e}"))?;

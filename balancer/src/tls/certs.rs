@@ -25,10 +25,12 @@ pub const POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("{path}: {source}")]
+    /// The io error is part of the message, not a `source`: shown once, also where the
+    /// error is printed with its chain (`{:#}`).
+    #[error("{path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
@@ -44,17 +46,17 @@ pub struct Loaded {
     source: (Vec<u8>, Vec<u8>),
 }
 
-fn invalid(path: &Path, msg: impl Into<String>) -> CertError {
+pub(super) fn invalid(path: &Path, msg: impl Into<String>) -> CertError {
     CertError::Invalid {
         path: path.to_owned(),
         msg: msg.into(),
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|source| CertError::Read {
+pub(super) fn read(path: &Path) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|error| CertError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 

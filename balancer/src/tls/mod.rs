@@ -5,6 +5,7 @@
 //! (no CBC, no RSA key exchange, no SHA-1 signatures).
 
 pub mod certs;
+pub mod client_auth;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -79,14 +80,17 @@ pub fn listener(
     let resolver = Arc::new(SniResolver(ArcSwap::from_pointee(CertSet::new(
         &loaded, default,
     ))));
-    let mut config = ServerConfig::builder_with_provider(provider.clone())
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| CertError::Invalid {
             path: "rustls".into(),
             msg: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
+        })?;
+    let builder = match &tls.client_auth {
+        Some(auth) => builder.with_client_cert_verifier(client_auth::verifier(auth, &provider)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = match &tls.alpn {
         Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
         None if l.protocol == ListenerProtocol::Http => {

@@ -1,0 +1,148 @@
+//! Mutual TLS on a listener through the real binary: a client certificate from the
+//! configured CA is required, one from another CA or none is refused; `optional = true`
+//! lets clients without a certificate in; a SIGHUP re-reads the CA file.
+
+mod common;
+mod l4kit;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use common::{Backend, Lb, WAIT};
+use l4kit::{get_over, metric, tls_connector};
+use wharf_tests::{TestPki, eventually};
+
+/// A client that trusts `ca` and presents `cert`/`key` (from a [`TestPki`]) if given.
+fn connector(ca: &Path, client: Option<&TestPki>) -> Result<tokio_rustls::TlsConnector> {
+    let Some(pki) = client else {
+        return tls_connector(ca, &["http/1.1"]);
+    };
+    let pem = std::fs::read(ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c?)?;
+    }
+    let chain = rustls_pemfile::certs(&mut &std::fs::read(pki.path("client.crt"))?[..])
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = rustls_pemfile::private_key(&mut &std::fs::read(pki.path("client.key"))?[..])?
+        .ok_or_else(|| anyhow::anyhow!("no client key"))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// One GET over a new TLS connection: the status, or the error that ended it (a refused
+/// client certificate shows as an alert on the first read under TLS 1.3).
+async fn get(lb: &Lb, c: &tokio_rustls::TlsConnector) -> Result<u16> {
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], lb.port))).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let s = c.connect(name, tcp).await?;
+    Ok(get_over(s, false, "/").await?.0)
+}
+
+fn config(pki: &TestPki, ca: &Path, web: SocketAddr, optional: bool) -> String {
+    format!(
+        r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "mtls"
+bind = "127.0.0.1:@PORT@"
+  [[listener.route]]
+  service = "web"
+  [[listener.tls.certificate]]
+  cert = "{crt}"
+  key = "{key}"
+  [listener.tls.client_auth]
+  ca = "{ca}"
+  optional = {optional}
+[[service]]
+name = "web"
+  [[service.endpoint]]
+  addr = "{web}"
+"#,
+        crt = pki.path("server.crt").display(),
+        key = pki.path("server.key").display(),
+        ca = ca.display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup() -> Result<()> {
+    let (ours, theirs) = (TestPki::generate()?, TestPki::generate()?);
+    let web = Backend::start("web").await?;
+    // The listener's CA file is a copy, so the test can replace it.
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("clients-ca.crt");
+    std::fs::copy(ours.path("ca.crt"), &ca)?;
+    let lb = Lb::start(&config(&ours, &ca, web.addr, false)).await?;
+    let server_ca = ours.path("ca.crt");
+    let (with_ours, with_theirs, without) = (
+        connector(&server_ca, Some(&ours))?,
+        connector(&server_ca, Some(&theirs))?,
+        connector(&server_ca, None)?,
+    );
+
+    assert_eq!(get(&lb, &with_ours).await?, 200);
+    assert!(
+        get(&lb, &with_theirs).await.is_err(),
+        "another CA's client got in"
+    );
+    assert!(
+        get(&lb, &without).await.is_err(),
+        "a client without a certificate got in"
+    );
+    // Both refusals are failed handshakes on the listener's metric.
+    let failed = || async {
+        let m = lb.metrics().await.ok()?;
+        let n = metric(
+            &m,
+            "balancer_tls_handshakes_total",
+            &["mtls", "result=\"error\""],
+        );
+        (n >= 2.0).then_some(())
+    };
+    eventually("two failed handshakes counted", WAIT, failed).await?;
+
+    // optional: no certificate is fine, a bad one still is not.
+    lb.write_config(&config(&ours, &ca, web.addr, true))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("clients without a certificate let in", WAIT, || async {
+        (get(&lb, &without).await.ok() == Some(200)).then_some(())
+    })
+    .await?;
+    assert!(
+        get(&lb, &with_theirs).await.is_err(),
+        "another CA's client got in"
+    );
+    assert_eq!(get(&lb, &with_ours).await?, 200);
+
+    // The CA file replaced, lb.toml unchanged: a SIGHUP reads it again.
+    std::fs::copy(theirs.path("ca.crt"), &ca)?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("the other CA's clients let in", WAIT, || async {
+        (get(&lb, &with_theirs).await.ok() == Some(200)).then_some(())
+    })
+    .await?;
+    assert!(
+        get(&lb, &with_ours).await.is_err(),
+        "a client of the replaced CA got in"
+    );
+
+    // A CA file that does not load: the reload fails, the running verifier stays.
+    std::fs::write(&ca, "not a certificate\n")?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("the failed reload logged", WAIT, || async {
+        lb.log().contains("reload failed").then_some(())
+    })
+    .await?;
+    assert_eq!(get(&lb, &with_theirs).await?, 200);
+    Ok(())
+}
