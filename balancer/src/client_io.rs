@@ -35,6 +35,14 @@ impl ClientIo {
         matches!(self, ClientIo::Tls(_))
     }
 
+    /// The certificate the client presented (mutual TLS), already verified by the handshake.
+    pub fn client_cert(&self) -> Option<&[u8]> {
+        match self {
+            ClientIo::Plain(_) => None,
+            ClientIo::Tls(t) => t.get_ref().1.peer_certificates()?.first().map(|c| &c[..]),
+        }
+    }
+
     /// The ALPN protocol the client and the listener agreed on.
     pub fn alpn(&self) -> Option<&[u8]> {
         match self {

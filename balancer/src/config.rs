@@ -171,8 +171,9 @@ pub struct ListenerConfig {
     /// Request body larger than this → 413.
     #[serde(default = "d_max_body")]
     pub max_body_bytes: u64,
-    /// Add `X-Forwarded-For/-Proto/-Host` to requests sent upstream (the client's own
-    /// `X-Forwarded-For` list is extended). `false`: the client's headers go as they came,
+    /// Add `X-Forwarded-For/-Proto/-Host` (and `-Client-Cert` for a client certificate) to
+    /// requests sent upstream (the client's own `X-Forwarded-For` list is extended, its
+    /// `-Proto` and `-Client-Cert` dropped). `false`: the client's headers go as they came,
     /// as with HAProxy without `option forwardfor`.
     #[serde(default = "d_true")]
     pub forwarded_headers: bool,

@@ -198,6 +198,8 @@ pub struct Forwarded<'a> {
     pub peer_ip: &'a HeaderValue,
     /// The client connection is TLS (X-Forwarded-Proto).
     pub tls: bool,
+    /// The client's verified certificate (X-Forwarded-Client-Cert).
+    pub client_cert: Option<&'a HeaderValue>,
     /// The request's authority when it has no `Host` header (HTTP/2).
     pub authority: Option<&'a str>,
     /// An upgrade request: `Upgrade` is kept, `Connection: upgrade` sent.
@@ -209,7 +211,8 @@ pub struct Forwarded<'a> {
 /// Encodes the request head for the upstream hop: `METHOD target HTTP/1.1`, the client's
 /// end-to-end headers in their order, then `Connection: upgrade` (upgrades),
 /// `X-Forwarded-For` (the client's list plus its IP), `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` (unless the client sent one) — these three only if `fwd.add` —,
+/// `X-Forwarded-Host` (unless the client sent one), `X-Forwarded-Client-Cert` (mutual TLS;
+/// the client's own is dropped) — these only if `fwd.add` —,
 /// `Host` (from the authority when the client sent none) and `Transfer-Encoding: chunked`
 /// if asked.
 pub fn encode_request(
@@ -244,7 +247,12 @@ pub fn encode_request(
             prev_xff.get_or_insert(value);
             continue;
         }
-        if fwd.add && name.eq_ignore_ascii_case(b"x-forwarded-proto") {
+        // What only the balancer may say: the client's own lines are dropped (a client
+        // certificate claimed by the client itself would otherwise reach the instance).
+        if fwd.add
+            && (name.eq_ignore_ascii_case(b"x-forwarded-proto")
+                || name.eq_ignore_ascii_case(b"x-forwarded-client-cert"))
+        {
             continue;
         }
         has_xfh |= name.eq_ignore_ascii_case(b"x-forwarded-host");
@@ -268,6 +276,9 @@ pub fn encode_request(
         } else {
             b"\r\nx-forwarded-proto: http\r\n"
         });
+        if let Some(c) = fwd.client_cert {
+            put(out, b"x-forwarded-client-cert", c.as_bytes());
+        }
     }
     if let Some(h) = host.or(fwd.authority.map(str::as_bytes)) {
         if fwd.add && !has_xfh {
@@ -318,6 +329,7 @@ mod tests {
             add: true,
             peer_ip: ip,
             tls: false,
+            client_cert: None,
             authority: None,
             upgrade: false,
             chunked: false,
@@ -338,6 +350,7 @@ mod tests {
             ("upgrade", "h2c"),
             ("x-forwarded-for", "1.2.3.4"),
             ("x-forwarded-proto", "https"),
+            ("X-Forwarded-Client-Cert", "Hash=forged"),
             ("x-kept", "1"),
         ]);
         assert_eq!(
@@ -357,8 +370,10 @@ mod tests {
             ("x-drop", "1"),
             ("x-forwarded-host", "front"),
         ]);
+        let cert = HeaderValue::from_static("Hash=ab12;Subject=\"CN=client\"");
         let f = Forwarded {
             tls: true,
+            client_cert: Some(&cert),
             authority: Some("b.example"),
             upgrade: true,
             chunked: true,
@@ -368,7 +383,7 @@ mod tests {
             encode(&h, &f),
             "GET /a?b HTTP/1.1\r\nupgrade: websocket\r\nx-forwarded-host: front\r\n\
              connection: upgrade\r\nx-forwarded-for: ::1\r\nx-forwarded-proto: https\r\n\
-             host: b.example\r\ntransfer-encoding: chunked\r\n\r\n"
+             x-forwarded-client-cert: Hash=ab12;Subject=\"CN=client\"\r\nhost: b.example\r\ntransfer-encoding: chunked\r\n\r\n"
         );
     }
 

@@ -179,6 +179,9 @@ pub fn spawn_listener(
                 let (stream, peer) = (accepted.io, accepted.client);
                 let mut info = ConnInfo::new(name, peer, shared);
                 info.tls = stream.is_tls();
+                info.client_cert = stream
+                    .client_cert()
+                    .map(crate::tls::client_auth::forwarded_client_cert);
                 info.local = if accepted.destination.is_some() {
                     accepted.destination
                 } else if local_per_conn {

@@ -1,6 +1,7 @@
 //! Mutual TLS on a listener through the real binary: a client certificate from the
-//! configured CA is required, one from another CA or none is refused; `optional = true`
-//! lets clients without a certificate in; a SIGHUP re-reads the CA file.
+//! configured CA is required and reaches the instance as `X-Forwarded-Client-Cert` (a
+//! forged one is dropped), one from another CA or none is refused; `optional = true` lets
+//! clients without a certificate in; a SIGHUP re-reads the CA file.
 
 mod common;
 mod l4kit;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use common::{Backend, Lb, WAIT};
 use l4kit::{get_over, metric, tls_connector};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_tests::{TestPki, eventually};
 
 /// A client that trusts `ca` and presents `cert`/`key` (from a [`TestPki`]) if given.
@@ -45,6 +47,20 @@ async fn get(lb: &Lb, c: &tokio_rustls::TlsConnector) -> Result<u16> {
     let name = rustls::pki_types::ServerName::try_from("localhost")?;
     let s = c.connect(name, tcp).await?;
     Ok(get_over(s, false, "/").await?.0)
+}
+
+/// The head the instance received (the backend's `/headers` echo) for a request sent over
+/// a new TLS connection with `extra` header lines.
+async fn headers_seen(lb: &Lb, c: &tokio_rustls::TlsConnector, extra: &str) -> Result<String> {
+    let tcp = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], lb.port))).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut s = c.connect(name, tcp).await?;
+    let req = format!("GET /headers HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await??;
+    anyhow::ensure!(out.starts_with("HTTP/1.1 200"), "{out}");
+    Ok(out)
 }
 
 fn config(pki: &TestPki, ca: &Path, web: SocketAddr, optional: bool) -> String {
@@ -99,6 +115,25 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
         get(&lb, &without).await.is_err(),
         "a client without a certificate got in"
     );
+    // The instance learns who the client is; what a client claims about itself is dropped.
+    let forged = "X-Forwarded-Client-Cert: Hash=forged\r\n";
+    let seen = headers_seen(&lb, &with_ours, forged).await?;
+    let xfcc = seen
+        .lines()
+        .find_map(|l| l.strip_prefix("x-forwarded-client-cert: "))
+        .unwrap_or_default();
+    let (hash, subject) = xfcc.split_once(';').unwrap_or_default();
+    // The SHA-256 of the certificate the client presented (DER).
+    let pem = std::fs::read(ours.path("client.crt"))?;
+    let der = rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("no client certificate"))?;
+    use sha2::Digest as _;
+    let want = hex::encode(sha2::Sha256::digest(&der[..]));
+    assert_eq!(hash, format!("Hash={want}"), "{seen}");
+    assert_eq!(subject, "Subject=\"CN=wharf test client\"", "{seen}");
+    assert!(!seen.contains("forged"), "{seen}");
     // Both refusals are failed handshakes on the listener's metric.
     let failed = || async {
         let m = lb.metrics().await.ok()?;
@@ -123,6 +158,8 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
         "another CA's client got in"
     );
     assert_eq!(get(&lb, &with_ours).await?, 200);
+    let seen = headers_seen(&lb, &without, forged).await?;
+    assert!(!seen.contains("x-forwarded-client-cert"), "{seen}");
 
     // The CA file replaced, lb.toml unchanged: a SIGHUP reads it again.
     std::fs::copy(theirs.path("ca.crt"), &ca)?;

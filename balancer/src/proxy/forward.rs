@@ -87,6 +87,7 @@ where
             add: s.forwarded_headers,
             peer_ip: &conn.peer_ip,
             tls: conn.tls,
+            client_cert: conn.client_cert.as_ref(),
             authority: req.uri().authority().map(|a| a.as_str()),
             upgrade,
             chunked,

@@ -52,6 +52,9 @@ pub struct ConnInfo {
     pub shared: Arc<Shared>,
     /// The client connection is TLS: X-Forwarded-Proto is `https`.
     pub tls: bool,
+    /// The client's verified certificate (mutual TLS) as an `X-Forwarded-Client-Cert`
+    /// value, made once per connection.
+    pub client_cert: Option<HeaderValue>,
     /// The address the client connected to (the destination of PROXY headers sent
     /// upstream); `None`: the instance's address stands in.
     pub local: Option<SocketAddr>,
@@ -74,6 +77,7 @@ impl ConnInfo {
             peer_ip,
             shared,
             tls: false,
+            client_cert: None,
             local: None,
             owner: std::sync::OnceLock::new(),
         }

@@ -49,6 +49,28 @@ fn roots(pem: &[u8]) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// The `X-Forwarded-Client-Cert` value for a verified client certificate (DER), in
+/// Envoy's format: `Hash=<SHA-256 of the DER, hex>;Subject="<DN>"`. The subject is left
+/// out when it is not plain ASCII (a header value cannot carry it as is); the hash alone
+/// still identifies the certificate.
+pub fn forwarded_client_cert(der: &[u8]) -> http::HeaderValue {
+    use sha2::Digest as _;
+    let hash = hex::encode(sha2::Sha256::digest(der));
+    let subject = x509_parser::parse_x509_certificate(der)
+        .ok()
+        .map(|(_, c)| c.subject().to_string())
+        .filter(|s| s.bytes().all(|b| (b' '..=b'~').contains(&b)));
+    let value = match subject {
+        Some(s) => format!(
+            "Hash={hash};Subject=\"{}\"",
+            s.replace('\\', "\\\\").replace('"', "\\\"")
+        ),
+        None => format!("Hash={hash}"),
+    };
+    // Visible ASCII only (hex, and a subject filtered above): always a valid value.
+    http::HeaderValue::try_from(value).unwrap_or(http::HeaderValue::from_static("Hash=unknown"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +83,12 @@ mod tests {
         );
         let garbled = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         assert!(roots(garbled).is_err());
+    }
+
+    #[test]
+    fn not_a_certificate_still_gets_a_hash_and_no_subject() {
+        let v = forwarded_client_cert(b"junk");
+        let v = v.to_str().unwrap();
+        assert!(v.starts_with("Hash=") && v.len() == 5 + 64, "{v}");
     }
 }
