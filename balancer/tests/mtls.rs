@@ -8,53 +8,38 @@ mod l4kit;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Result;
 use common::{Backend, Lb, WAIT};
-use l4kit::{get_over, metric, tls_connector};
+use l4kit::{get_over, metric, tls_connect, tls_connector_as};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_tests::{TestPki, eventually};
 
-/// A client that trusts `ca` and presents `cert`/`key` (from a [`TestPki`]) if given.
+/// A client that trusts `ca` and presents the client certificate of `client`, if given.
 fn connector(ca: &Path, client: Option<&TestPki>) -> Result<tokio_rustls::TlsConnector> {
-    let Some(pki) = client else {
-        return tls_connector(ca, &["http/1.1"]);
-    };
-    let pem = std::fs::read(ca)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(c?)?;
-    }
-    let chain = rustls_pemfile::certs(&mut &std::fs::read(pki.path("client.crt"))?[..])
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut &std::fs::read(pki.path("client.key"))?[..])?
-        .ok_or_else(|| anyhow::anyhow!("no client key"))?;
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    let files = client.map(|p| (p.path("client.crt"), p.path("client.key")));
+    tls_connector_as(
+        ca,
+        &["http/1.1"],
+        files.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    )
 }
 
 /// One GET over a new TLS connection: the status, or the error that ended it (a refused
 /// client certificate shows as an alert on the first read under TLS 1.3).
 async fn get(lb: &Lb, c: &tokio_rustls::TlsConnector) -> Result<u16> {
-    let tcp = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], lb.port))).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost")?;
-    let s = c.connect(name, tcp).await?;
+    let (s, _) = tls_connect(c, addr(lb), "localhost").await?;
     Ok(get_over(s, false, "/").await?.0)
+}
+
+fn addr(lb: &Lb) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], lb.port))
 }
 
 /// The head the instance received (the backend's `/headers` echo) for a request sent over
 /// a new TLS connection with `extra` header lines.
 async fn headers_seen(lb: &Lb, c: &tokio_rustls::TlsConnector, extra: &str) -> Result<String> {
-    let tcp = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], lb.port))).await?;
-    let name = rustls::pki_types::ServerName::try_from("localhost")?;
-    let mut s = c.connect(name, tcp).await?;
+    let (mut s, _) = tls_connect(c, addr(lb), "localhost").await?;
     let req = format!("GET /headers HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     let mut out = String::new();

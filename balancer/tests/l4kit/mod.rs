@@ -212,17 +212,35 @@ pub fn issue(
 
 /// A TLS client trusting the test CA, offering `alpn`.
 pub fn tls_connector(ca: &Path, alpn: &[&str]) -> Result<tokio_rustls::TlsConnector> {
+    tls_connector_as(ca, alpn, None)
+}
+
+/// [`tls_connector`] that presents a client certificate (`cert`, `key` PEM files).
+pub fn tls_connector_as(
+    ca: &Path,
+    alpn: &[&str],
+    client: Option<(&Path, &Path)>,
+) -> Result<tokio_rustls::TlsConnector> {
     let pem = std::fs::read(ca)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut &pem[..]) {
         roots.add(c?)?;
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let mut cfg = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = rustls_pemfile::certs(&mut &std::fs::read(cert)?[..])
+                .collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pemfile::private_key(&mut &std::fs::read(key)?[..])?
+                .context("no private key")?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    };
     cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
     // Full handshakes only: a resumed session reports the certificate of the first one.
     cfg.resumption = rustls::client::Resumption::disabled();
