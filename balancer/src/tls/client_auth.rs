@@ -34,6 +34,41 @@ pub fn verifier(
     builder.build().map_err(|e| invalid(path, e.to_string()))
 }
 
+/// A distinguished name as RFC 4514 writes it: last RDN first, `,` between RDNs, `+`
+/// inside one, special characters escaped (so `O=Acme\, Inc.` stays one attribute).
+/// `None` when a value is not a string.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
+    use x509_parser::objects::{oid_registry, oid2abbrev};
+    let rdns: Vec<_> = name.iter_rdn().collect();
+    let mut out = String::new();
+    for (i, rdn) in rdns.iter().rev().enumerate() {
+        for (j, atv) in rdn.iter().enumerate() {
+            out.push_str(match (i, j) {
+                (0, 0) => "",
+                (_, 0) => ",",
+                _ => "+",
+            });
+            match oid2abbrev(atv.attr_type(), oid_registry()) {
+                Ok(abbrev) => out.push_str(abbrev),
+                Err(_) => out.push_str(&atv.attr_type().to_id_string()),
+            }
+            out.push('=');
+            let value = atv.as_str().ok()?;
+            let last = value.chars().count().saturating_sub(1);
+            for (k, ch) in value.chars().enumerate() {
+                let special = matches!(ch, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
+                    || (k == 0 && matches!(ch, ' ' | '#'))
+                    || (k == last && ch == ' ');
+                if special {
+                    out.push('\\');
+                }
+                out.push(ch);
+            }
+        }
+    }
+    Some(out)
+}
+
 /// The CA certificates of a PEM file; an error names what is wrong with it.
 fn roots(pem: &[u8]) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
@@ -50,21 +85,19 @@ fn roots(pem: &[u8]) -> Result<RootCertStore, String> {
 }
 
 /// The `X-Forwarded-Client-Cert` value for a verified client certificate (DER), in
-/// Envoy's format: `Hash=<SHA-256 of the DER, hex>;Subject="<DN>"`. The subject is left
-/// out when it is not plain ASCII (a header value cannot carry it as is); the hash alone
-/// still identifies the certificate.
+/// Envoy's format: `Hash=<SHA-256 of the DER, hex>;Subject="<DN, RFC 4514>"`. The subject
+/// is left out when it is not plain ASCII (a header value cannot carry it as is) or not
+/// text; the hash alone still identifies the certificate.
 pub fn forwarded_client_cert(der: &[u8]) -> http::HeaderValue {
     use sha2::Digest as _;
     let hash = hex::encode(sha2::Sha256::digest(der));
     let subject = x509_parser::parse_x509_certificate(der)
         .ok()
-        .map(|(_, c)| c.subject().to_string())
+        .and_then(|(_, c)| rfc4514(c.subject()))
         .filter(|s| s.bytes().all(|b| (b' '..=b'~').contains(&b)));
     let value = match subject {
-        Some(s) => format!(
-            "Hash={hash};Subject=\"{}\"",
-            s.replace('\\', "\\\\").replace('"', "\\\"")
-        ),
+        // Quoted, `"` escaped, as Envoy writes it.
+        Some(s) => format!("Hash={hash};Subject=\"{}\"", s.replace('"', "\\\"")),
         None => format!("Hash={hash}"),
     };
     // Visible ASCII only (hex, and a subject filtered above): always a valid value.
@@ -83,6 +116,34 @@ mod tests {
         );
         let garbled = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         assert!(roots(garbled).is_err());
+    }
+
+    /// Subject `/O=Acme, Inc./OU=a+b/CN=alice "A"`; `openssl x509 -nameopt RFC2253`
+    /// prints it as `CN=alice \"A\",OU=a\+b,O=Acme\, Inc.`.
+    const ALICE: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBxjCCAWugAwIBAgIUbSXkUt3r1XRAD+YmW8Gx5KYo3y0wCgYIKoZIzj0EAwIw\n\
+NzETMBEGA1UECgwKQWNtZSwgSW5jLjEMMAoGA1UECwwDYStiMRIwEAYDVQQDDAlh\n\
+bGljZSAiQSIwIBcNMjYxMTIyMTI1ODE1WhgPMjEyNjEwMjkxMjU4MTVaMDcxEzAR\n\
+BgNVBAoMCkFjbWUsIEluYy4xDDAKBgNVBAsMA2ErYjESMBAGA1UEAwwJYWxpY2Ug\n\
+IkEiMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEq6wtZ57w4/cE9xl66C4WufXB\n\
+DCR0FEzwQYHoYxe2AbrsFezmgUvSWVv25AHBu58NcXKN1Q6bCEw8r+Bm10QPiKNT\n\
+MFEwHQYDVR0OBBYEFBAmu4itlB6imo8M1OrZMXNH8zA2MB8GA1UdIwQYMBaAFBAm\n\
+u4itlB6imo8M1OrZMXNH8zA2MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwID\n\
+SQAwRgIhAKJ9F0p1DVSKfD/s8ayybxjXGzQ3RZzpEmkEpcF7ItE/AiEAqvI8Wvos\n\
+pcuEQMMT3MRLyyWbYOQNflREu5TKHUmKvFU=\n\
+-----END CERTIFICATE-----";
+
+    #[test]
+    fn the_header_names_the_certificate_by_hash_and_rfc_4514_subject() {
+        let der = rustls_pemfile::certs(&mut ALICE.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            forwarded_client_cert(&der).to_str().unwrap(),
+            "Hash=c2e4f24a0013b2b63abc089c5c8aead013c3d19177820a3b70330aba62ca7e5f;\
+             Subject=\"CN=alice \\\\\"A\\\\\",OU=a\\+b,O=Acme\\, Inc.\""
+        );
     }
 
     #[test]
