@@ -65,10 +65,10 @@ const SNIFF: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone, PartialEq)]
 pub struct SetupConfig {
     tls: Option<ListenerTls>,
-    /// The bytes of the client-auth CA file as read now: a SIGHUP after the file changed
-    /// rebuilds the setup even when lb.toml did not change (certificates are followed on
-    /// their own, the CA is not).
-    client_ca: Option<Vec<u8>>,
+    /// The bytes of the client-auth CA and CRL files as read now: a SIGHUP after one
+    /// changed rebuilds the setup even when lb.toml did not change (certificates are
+    /// followed on their own, these files are not).
+    client_auth_files: [Option<Vec<u8>>; 2],
     proxy: Option<AcceptProxy>,
     handshake_timeout: Duration,
 }
@@ -82,7 +82,10 @@ impl SetupConfig {
         let ca = l.tls.as_ref().and_then(|t| t.client_auth.as_ref());
         Self {
             tls: l.tls.clone(),
-            client_ca: ca.and_then(|a| std::fs::read(a.ca.get_ref()).ok()),
+            client_auth_files: [
+                ca.and_then(|a| std::fs::read(a.ca.get_ref()).ok()),
+                ca.and_then(|a| std::fs::read(a.crl.as_ref()?).ok()),
+            ],
             proxy: l.proxy_protocol.clone(),
             handshake_timeout: l.header_read_timeout,
         }

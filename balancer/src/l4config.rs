@@ -30,14 +30,17 @@ pub struct ListenerTls {
 
 /// `[listener.tls.client_auth]`: clients must present a certificate that chains to one
 /// in `ca` (mutual TLS); with `optional = true` a client without a certificate is let in
-/// too, but one that presents a certificate must still be verified. `ca` is read at start
-/// and again on every SIGHUP.
+/// too, but one that presents a certificate must still be verified. `crl`: revoked client
+/// certificates (PEM CRLs, one for every CA of a client's chain). Both files are read at
+/// start and again on every SIGHUP.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuth {
     pub ca: Spanned<PathBuf>,
     #[serde(default)]
     pub optional: bool,
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// `[[listener.tls.certificate]]`: a PEM chain and its key, reloaded when either changes.

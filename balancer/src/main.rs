@@ -186,14 +186,18 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
             balancer::tls::client_auth::verifier(auth, &provider)
                 .with_context(|| format!("listener {}: client_auth", l.name.get_ref()))?;
             files.push(format!(
-                "listener {}: client certificates {} against {}",
+                "listener {}: client certificates {} against {}{}",
                 l.name.get_ref(),
                 if auth.optional {
                     "checked when sent"
                 } else {
                     "required"
                 },
-                auth.ca.get_ref().display()
+                auth.ca.get_ref().display(),
+                auth.crl
+                    .as_ref()
+                    .map(|c| format!(", revoked ones listed in {}", c.display()))
+                    .unwrap_or_default()
             ));
         }
     }

@@ -1,7 +1,8 @@
 //! Mutual TLS on a listener through the real binary: a client certificate from the
 //! configured CA is required and reaches the instance as `X-Forwarded-Client-Cert` (a
 //! forged one is dropped), one from another CA or none is refused; `optional = true` lets
-//! clients without a certificate in; a SIGHUP re-reads the CA file.
+//! clients without a certificate in; a SIGHUP re-reads the CA file; a certificate listed in
+//! the CRL file is refused.
 
 mod common;
 mod l4kit;
@@ -48,7 +49,8 @@ async fn headers_seen(lb: &Lb, c: &tokio_rustls::TlsConnector, extra: &str) -> R
     Ok(out)
 }
 
-fn config(pki: &TestPki, ca: &Path, web: SocketAddr, optional: bool) -> String {
+/// lb.toml with one mutual-TLS listener; `auth` goes into `[listener.tls.client_auth]`.
+fn config(pki: &TestPki, ca: &Path, web: SocketAddr, auth: &str) -> String {
     format!(
         r#"
 [admin]
@@ -63,7 +65,7 @@ bind = "127.0.0.1:@PORT@"
   key = "{key}"
   [listener.tls.client_auth]
   ca = "{ca}"
-  optional = {optional}
+  {auth}
 [[service]]
 name = "web"
   [[service.endpoint]]
@@ -83,7 +85,7 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
     let dir = tempfile::tempdir()?;
     let ca = dir.path().join("clients-ca.crt");
     std::fs::copy(ours.path("ca.crt"), &ca)?;
-    let lb = Lb::start(&config(&ours, &ca, web.addr, false)).await?;
+    let lb = Lb::start(&config(&ours, &ca, web.addr, "optional = false")).await?;
     let server_ca = ours.path("ca.crt");
     let (with_ours, with_theirs, without) = (
         connector(&server_ca, Some(&ours))?,
@@ -132,7 +134,7 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
     eventually("two failed handshakes counted", WAIT, failed).await?;
 
     // optional: no certificate is fine, a bad one still is not.
-    lb.write_config(&config(&ours, &ca, web.addr, true))?;
+    lb.write_config(&config(&ours, &ca, web.addr, "optional = true"))?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
     eventually("clients without a certificate let in", WAIT, || async {
         (get(&lb, &without).await.ok() == Some(200)).then_some(())
@@ -166,5 +168,64 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
     })
     .await?;
     assert_eq!(get(&lb, &with_theirs).await?, 200);
+    Ok(())
+}
+
+/// Writes a CRL of `pki`'s CA to `out` (`openssl ca`), listing its client certificate if
+/// `revoke`.
+fn crl(pki: &TestPki, revoke: bool, out: &Path) -> Result<()> {
+    let db = tempfile::tempdir()?;
+    std::fs::write(db.path().join("index.txt"), "")?;
+    std::fs::write(db.path().join("crlnumber"), "01\n")?;
+    std::fs::write(
+        db.path().join("ca.cnf"),
+        "[ca]\ndefault_ca = x\n[x]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+         default_md = sha256\ndefault_crl_days = 2\n",
+    )?;
+    let ca = |args: &[&std::ffi::OsStr]| -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(["ca", "-config", "ca.cnf", "-keyfile"])
+            .arg(pki.path("ca.key"))
+            .arg("-cert")
+            .arg(pki.path("ca.crt"))
+            .args(args)
+            .current_dir(db.path())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl ca: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    if revoke {
+        ca(&["-revoke".as_ref(), pki.path("client.crt").as_os_str()])?;
+    }
+    ca(&["-gencrl".as_ref(), "-out".as_ref(), out.as_os_str()])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_certificate_is_refused_and_the_crl_reread_on_sighup() -> Result<()> {
+    let pki = TestPki::generate()?;
+    let web = Backend::start("web").await?;
+    let dir = tempfile::tempdir()?;
+    let list = dir.path().join("clients.crl");
+    crl(&pki, false, &list)?;
+    let auth = format!("crl = \"{}\"", list.display());
+    let lb = Lb::start(&config(&pki, &pki.path("ca.crt"), web.addr, &auth)).await?;
+    let client = connector(&pki.path("ca.crt"), Some(&pki))?;
+    assert_eq!(get(&lb, &client).await?, 200);
+
+    // The client's certificate revoked, lb.toml unchanged: a SIGHUP reads the CRL again.
+    crl(&pki, true, &list)?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("the revoked client refused", WAIT, || async {
+        get(&lb, &client).await.is_err().then_some(())
+    })
+    .await?;
+    // Refused by the verifier (a failed handshake), not by a balancer gone away.
+    let m = lb.metrics().await?;
+    let failed = metric(&m, "balancer_tls_handshakes_total", &["result=\"error\""]);
+    assert!(failed >= 1.0, "{m}");
     Ok(())
 }

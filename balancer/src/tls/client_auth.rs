@@ -1,9 +1,9 @@
 //! Mutual TLS on a listener: the verifier of client certificates, built from the CA file
-//! of `[listener.tls.client_auth]`.
+//! (and the optional CRL file) of `[listener.tls.client_auth]`.
 //!
-//! The CA file is read when the listener's TLS is set up: at start, and on a SIGHUP whose
-//! file (or `client_auth` settings) differ from what the running setup was built from
-//! (`client_io::SetupConfig` holds the file's bytes). A file that does not load fails the
+//! The files are read when the listener's TLS is set up: at start, and on a SIGHUP whose
+//! files (or `client_auth` settings) differ from what the running setup was built from
+//! (`client_io::SetupConfig` holds the files' bytes). A file that does not load fails the
 //! start or the reload, and a failed reload keeps the previous verifier.
 
 use std::sync::Arc;
@@ -25,7 +25,11 @@ pub fn verifier(
 ) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
     let path = auth.ca.get_ref();
     let roots = roots(&read(path)?).map_err(|msg| invalid(path, msg))?;
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(crl) = &auth.crl {
+        builder = builder.with_crls(crls(&read(crl)?).map_err(|msg| invalid(crl, msg))?);
+    }
     let builder = if auth.optional {
         builder.allow_unauthenticated()
     } else {
@@ -67,6 +71,21 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
         }
     }
     Some(out)
+}
+
+/// The CRLs of a PEM file. With CRLs, rustls checks every certificate of a client's chain
+/// (as Envoy does by default): a CA without a CRL here makes its clients' status unknown,
+/// and refused.
+fn crls(
+    pem: &[u8],
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    let crls = rustls_pemfile::crls(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if crls.is_empty() {
+        return Err("no X509 CRL in the file".into());
+    }
+    Ok(crls)
 }
 
 /// The CA certificates of a PEM file; an error names what is wrong with it.
