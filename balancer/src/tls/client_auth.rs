@@ -35,7 +35,14 @@ pub fn verifier(
     } else {
         builder
     };
-    builder.build().map_err(|e| invalid(path, e.to_string()))
+    builder.build().map_err(|e| {
+        // A CRL is parsed here: the error names its file.
+        let file = match (&e, &auth.crl) {
+            (rustls::server::VerifierBuilderError::InvalidCrl(_), Some(crl)) => crl,
+            _ => path,
+        };
+        invalid(file, e.to_string())
+    })
 }
 
 /// A distinguished name as RFC 4514 writes it: last RDN first, `,` between RDNs, `+`
