@@ -56,6 +56,10 @@ pub struct CertConfig {
     /// The certificate for clients without (or with an unknown) SNI name. Default: the first.
     #[serde(default)]
     pub default: bool,
+    /// A DER OCSP response to staple (as `openssl ocsp -respout` writes it), reloaded
+    /// with the certificate when the file changes.
+    #[serde(default)]
+    pub ocsp: Option<PathBuf>,
 }
 
 /// `[listener.proxy_protocol]`: PROXY v1/v2 headers are required from `trusted` sources and

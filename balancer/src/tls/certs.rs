@@ -43,7 +43,37 @@ pub struct Loaded {
     /// Unix time of `notAfter`.
     pub not_after: i64,
     /// The file contents it was built from, to notice changes.
-    source: (Vec<u8>, Vec<u8>),
+    source: Source,
+}
+
+/// The contents of a certificate's files: chain, key and, if configured, the OCSP
+/// response to staple.
+#[derive(Clone, Default, PartialEq)]
+struct Source {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ocsp: Option<Vec<u8>>,
+}
+
+impl Source {
+    fn read(cfg: &CertConfig) -> Result<Source, CertError> {
+        Ok(Source {
+            cert: read(cfg.cert.get_ref())?,
+            key: read(&cfg.key)?,
+            ocsp: cfg.ocsp.as_deref().map(read).transpose()?,
+        })
+    }
+
+    /// What the files hold now, unreadable ones as empty: to tell whether a failing file
+    /// changed since its error was counted.
+    fn stamp(cfg: &CertConfig) -> Source {
+        let bytes = |p: &Path| std::fs::read(p).unwrap_or_default();
+        Source {
+            cert: bytes(cfg.cert.get_ref()),
+            key: bytes(&cfg.key),
+            ocsp: cfg.ocsp.as_deref().map(bytes),
+        }
+    }
 }
 
 pub(super) fn invalid(path: &Path, msg: impl Into<String>) -> CertError {
@@ -62,32 +92,33 @@ pub(super) fn read(path: &Path) -> Result<Vec<u8>, CertError> {
 
 /// Loads one `[[listener.tls.certificate]]`.
 pub fn load(cfg: &CertConfig, provider: &CryptoProvider) -> Result<Loaded, CertError> {
-    let cert_path = cfg.cert.get_ref();
-    let source = (read(cert_path)?, read(&cfg.key)?);
-    build(cfg, provider, source)
+    build(cfg, provider, Source::read(cfg)?)
 }
 
-fn build(
-    cfg: &CertConfig,
-    provider: &CryptoProvider,
-    source: (Vec<u8>, Vec<u8>),
-) -> Result<Loaded, CertError> {
+fn build(cfg: &CertConfig, provider: &CryptoProvider, source: Source) -> Result<Loaded, CertError> {
     let cert_path = cfg.cert.get_ref();
-    let chain: Vec<_> = rustls_pemfile::certs(&mut &source.0[..])
+    let chain: Vec<_> = rustls_pemfile::certs(&mut &source.cert[..])
         .collect::<Result<_, _>>()
         .map_err(|e| invalid(cert_path, format!("bad PEM: {e}")))?;
     if chain.is_empty() {
         return Err(invalid(cert_path, "no CERTIFICATE in the file"));
     }
-    let key = rustls_pemfile::private_key(&mut &source.1[..])
+    let key = rustls_pemfile::private_key(&mut &source.key[..])
         .map_err(|e| invalid(&cfg.key, format!("bad PEM: {e}")))?
         .ok_or_else(|| invalid(&cfg.key, "no PRIVATE KEY in the file"))?;
-    let key = CertifiedKey::from_der(chain.clone(), key, provider).map_err(|e| {
+    let mut key = CertifiedKey::from_der(chain.clone(), key, provider).map_err(|e| {
         invalid(
             &cfg.key,
             format!("key does not fit {}: {e}", cert_path.display()),
         )
     })?;
+    if let (Some(ocsp), Some(path)) = (&source.ocsp, &cfg.ocsp) {
+        // A DER OCSPResponse is a SEQUENCE; anything else would be stapled as garbage.
+        if ocsp.first() != Some(&0x30) {
+            return Err(invalid(path, "not a DER OCSP response"));
+        }
+        key.ocsp = Some(ocsp.clone());
+    }
     let (_, x509) = x509_parser::parse_x509_certificate(&chain[0])
         .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
     let not_after = x509.validity().not_after.timestamp();
@@ -219,13 +250,9 @@ impl Reloader {
     pub fn poll(&mut self) -> bool {
         let mut changed = false;
         for i in 0..self.configs.len() {
-            let (cert, key) = (
-                self.configs[i].cert.get_ref().clone(),
-                self.configs[i].key.clone(),
-            );
-            let source = match (read(&cert), read(&key)) {
-                (Ok(c), Ok(k)) => (c, k),
-                (Err(e), _) | (_, Err(e)) => {
+            let source = match Source::read(&self.configs[i]) {
+                Ok(s) => s,
+                Err(e) => {
                     self.failed(i, &e);
                     continue;
                 }
@@ -258,9 +285,8 @@ impl Reloader {
 
     fn failed(&mut self, i: usize, e: &CertError) {
         // Log a failing file once per content change, not every second.
-        let stamp = std::fs::read(self.configs[i].cert.get_ref()).unwrap_or_default();
-        let key = std::fs::read(&self.configs[i].key).unwrap_or_default();
-        if self.loaded[i].source == (stamp.clone(), key.clone()) {
+        let stamp = Source::stamp(&self.configs[i]);
+        if self.loaded[i].source == stamp {
             return;
         }
         tracing::error!(listener = %self.listener, error = %e,
@@ -275,7 +301,7 @@ impl Reloader {
             key: old.key.clone(),
             names: old.names.clone(),
             not_after: old.not_after,
-            source: (stamp, key),
+            source: stamp,
         });
     }
 

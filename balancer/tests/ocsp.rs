@@ -1,0 +1,126 @@
+//! OCSP stapling through the real binary: the response file of a certificate is stapled
+//! (OpenSSL's `s_client -status` sees it), and a new response written over it is stapled
+//! from the next handshakes on, with no restart.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, ensure};
+use common::{Backend, Lb, WAIT};
+use wharf_tests::{TestPki, eventually};
+
+/// Writes a DER OCSP response for `pki`'s server certificate, signed by its CA, to `out`:
+/// status `unknown`, or `revoked` (`openssl ocsp` against a one-line index).
+fn ocsp_response(pki: &TestPki, revoked: bool, out: &Path) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let index = dir.path().join("index.txt");
+    let mut line = String::new();
+    if revoked {
+        let serial = Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(pki.path("server.crt"))
+            .output()?;
+        let serial = String::from_utf8(serial.stdout)?;
+        let serial = serial.trim().trim_start_matches("serial=");
+        line = format!("R\t301231000000Z\t250101000000Z\t{serial}\tunknown\t/CN=server\n");
+    }
+    std::fs::write(&index, line)?;
+    let ca = pki.path("ca.crt");
+    let run = Command::new("openssl")
+        .arg("ocsp")
+        .arg("-index")
+        .arg(&index)
+        .arg("-rsigner")
+        .arg(&ca)
+        .arg("-rkey")
+        .arg(pki.path("ca.key"))
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-issuer")
+        .arg(&ca)
+        .arg("-cert")
+        .arg(pki.path("server.crt"))
+        .arg("-respout")
+        .arg(out)
+        .args(["-ndays", "1"])
+        .output()?;
+    ensure!(
+        run.status.success(),
+        "openssl ocsp: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    Ok(())
+}
+
+/// What `openssl s_client -status` prints of one handshake with the listener.
+async fn handshake(port: u16) -> Result<String> {
+    let connect = format!("127.0.0.1:{port}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("openssl")
+            .args(["s_client", "-connect", &connect, "-servername", "localhost"])
+            .arg("-status")
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await??;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ocsp_response_is_stapled_and_follows_its_file() -> Result<()> {
+    let pki = TestPki::generate()?;
+    let web = Backend::start("web").await?;
+    let dir = tempfile::tempdir()?;
+    let resp = dir.path().join("server.ocsp");
+    ocsp_response(&pki, false, &resp)?;
+    let config = format!(
+        r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "https"
+bind = "127.0.0.1:@PORT@"
+  [[listener.route]]
+  service = "web"
+  [[listener.tls.certificate]]
+  cert = "{cert}"
+  key = "{key}"
+  ocsp = "{resp}"
+[[service]]
+name = "web"
+  [[service.endpoint]]
+  addr = "{web}"
+"#,
+        cert = pki.path("server.crt").display(),
+        key = pki.path("server.key").display(),
+        resp = resp.display(),
+        web = web.addr,
+    );
+    let lb = Lb::start(&config).await?;
+    let said = handshake(lb.port).await?;
+    assert!(
+        said.contains("OCSP Response Status: successful") && said.contains("Cert Status: unknown"),
+        "{said}"
+    );
+
+    // A new response renamed over the file: stapled from the next handshakes on.
+    let next = dir.path().join("server.ocsp.new");
+    ocsp_response(&pki, true, &next)?;
+    std::fs::rename(&next, &resp)?;
+    eventually("the new response stapled", WAIT, || async {
+        let said = handshake(lb.port).await.ok()?;
+        said.contains("Cert Status: revoked").then_some(())
+    })
+    .await?;
+
+    // Not an OCSP response: the reload fails, the last good one stays stapled.
+    std::fs::write(&resp, "not DER")?;
+    eventually("the failed reload counted", WAIT, || async {
+        lb.log().contains("certificate reload failed").then_some(())
+    })
+    .await?;
+    assert!(handshake(lb.port).await?.contains("Cert Status: revoked"));
+    Ok(())
+}
