@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use common::{Backend, Lb, WAIT};
-use l4kit::{get_over, metric, tls_connect, tls_connector_as};
+use l4kit::{get_over, https_config, metric, tls_connect, tls_connector_as};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_tests::{TestPki, eventually};
 
@@ -51,30 +51,11 @@ async fn headers_seen(lb: &Lb, c: &tokio_rustls::TlsConnector, extra: &str) -> R
 
 /// lb.toml with one mutual-TLS listener; `auth` goes into `[listener.tls.client_auth]`.
 fn config(pki: &TestPki, ca: &Path, web: SocketAddr, auth: &str) -> String {
-    format!(
-        r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "mtls"
-bind = "127.0.0.1:@PORT@"
-  [[listener.route]]
-  service = "web"
-  [[listener.tls.certificate]]
-  cert = "{crt}"
-  key = "{key}"
-  [listener.tls.client_auth]
-  ca = "{ca}"
-  {auth}
-[[service]]
-name = "web"
-  [[service.endpoint]]
-  addr = "{web}"
-"#,
-        crt = pki.path("server.crt").display(),
-        key = pki.path("server.key").display(),
-        ca = ca.display(),
-    )
+    let client_auth = format!(
+        "  [listener.tls.client_auth]\n  ca = \"{}\"\n  {auth}",
+        ca.display()
+    );
+    https_config("mtls", pki, web, "", &client_auth)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

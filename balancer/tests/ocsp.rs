@@ -3,12 +3,14 @@
 //! from the next handshakes on, with no restart.
 
 mod common;
+mod l4kit;
 
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Result, ensure};
 use common::{Backend, Lb, WAIT};
+use l4kit::https_config;
 use wharf_tests::{TestPki, eventually};
 
 /// Writes a DER OCSP response for `pki`'s server certificate, signed by its CA, to `out`:
@@ -75,29 +77,8 @@ async fn an_ocsp_response_is_stapled_and_follows_its_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let resp = dir.path().join("server.ocsp");
     ocsp_response(&pki, false, &resp)?;
-    let config = format!(
-        r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "https"
-bind = "127.0.0.1:@PORT@"
-  [[listener.route]]
-  service = "web"
-  [[listener.tls.certificate]]
-  cert = "{cert}"
-  key = "{key}"
-  ocsp = "{resp}"
-[[service]]
-name = "web"
-  [[service.endpoint]]
-  addr = "{web}"
-"#,
-        cert = pki.path("server.crt").display(),
-        key = pki.path("server.key").display(),
-        resp = resp.display(),
-        web = web.addr,
-    );
+    let ocsp = format!("ocsp = \"{}\"", resp.display());
+    let config = https_config("https", &pki, web.addr, &ocsp, "");
     let lb = Lb::start(&config).await?;
     let said = handshake(lb.port).await?;
     assert!(

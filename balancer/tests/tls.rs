@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Result;
 use common::{Backend, Lb};
-use l4kit::{Echo, get_over, greeting, issue, metric, tls_connect, tls_connector};
+use l4kit::{Echo, get_over, greeting, https_config, issue, metric, tls_connect, tls_connector};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_tests::TestPki;
 
@@ -308,13 +308,7 @@ async fn tls_echo_upstream(pki: &TestPki) -> Result<SocketAddr> {
 async fn ip_address_sni_is_served_without_a_log_line_per_handshake() -> Result<()> {
     let pki = TestPki::generate()?;
     let backend = Backend::start("web").await?;
-    let config = format!(
-        "[admin]\nbind = \"127.0.0.1:@ADMIN@\"\n[[listener]]\nname = \"https\"\nbind = \"127.0.0.1:@PORT@\"\n  [[listener.route]]\n  service = \"web\"\n  [[listener.tls.certificate]]\n  cert = \"{}\"\n  key = \"{}\"\n[[service]]\nname = \"web\"\n  [[service.endpoint]]\n  addr = \"{}\"\n",
-        pki.path("server.crt").display(),
-        pki.path("server.key").display(),
-        backend.addr
-    );
-    let lb = Lb::start(&config).await?;
+    let lb = Lb::start(&https_config("https", &pki, backend.addr, "", "")).await?;
     let connect = format!("127.0.0.1:{}", lb.port);
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("openssl")

@@ -210,6 +210,41 @@ pub fn issue(
     Ok((crt, key))
 }
 
+/// lb.toml with one HTTPS listener `name` on `@PORT@` serving the test kit's server
+/// certificate and routing everything to a static service `web` at `web`. `cert_extra`
+/// lines go into the certificate's entry, `tls_extra` after it (a `[listener.tls.…]`
+/// table).
+pub fn https_config(
+    name: &str,
+    pki: &wharf_tests::TestPki,
+    web: SocketAddr,
+    cert_extra: &str,
+    tls_extra: &str,
+) -> String {
+    format!(
+        r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "{name}"
+bind = "127.0.0.1:@PORT@"
+  [[listener.route]]
+  service = "web"
+  [[listener.tls.certificate]]
+  cert = "{crt}"
+  key = "{key}"
+  {cert_extra}
+{tls_extra}
+[[service]]
+name = "web"
+  [[service.endpoint]]
+  addr = "{web}"
+"#,
+        crt = pki.path("server.crt").display(),
+        key = pki.path("server.key").display(),
+    )
+}
+
 /// A TLS client trusting the test CA, offering `alpn`.
 pub fn tls_connector(ca: &Path, alpn: &[&str]) -> Result<tokio_rustls::TlsConnector> {
     tls_connector_as(ca, alpn, None)
