@@ -152,53 +152,20 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
     Ok(())
 }
 
-/// Writes a CRL of `pki`'s CA to `out` (`openssl ca`), listing its client certificate if
-/// `revoke`.
-fn crl(pki: &TestPki, revoke: bool, out: &Path) -> Result<()> {
-    let db = tempfile::tempdir()?;
-    std::fs::write(db.path().join("index.txt"), "")?;
-    std::fs::write(db.path().join("crlnumber"), "01\n")?;
-    std::fs::write(
-        db.path().join("ca.cnf"),
-        "[ca]\ndefault_ca = x\n[x]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
-         default_md = sha256\ndefault_crl_days = 2\n",
-    )?;
-    let ca = |args: &[&std::ffi::OsStr]| -> Result<()> {
-        let out = std::process::Command::new("openssl")
-            .args(["ca", "-config", "ca.cnf", "-keyfile"])
-            .arg(pki.path("ca.key"))
-            .arg("-cert")
-            .arg(pki.path("ca.crt"))
-            .args(args)
-            .current_dir(db.path())
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl ca: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    if revoke {
-        ca(&["-revoke".as_ref(), pki.path("client.crt").as_os_str()])?;
-    }
-    ca(&["-gencrl".as_ref(), "-out".as_ref(), out.as_os_str()])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_client_certificate_is_refused_and_the_crl_reread_on_sighup() -> Result<()> {
     let pki = TestPki::generate()?;
     let web = Backend::start("web").await?;
     let dir = tempfile::tempdir()?;
     let list = dir.path().join("clients.crl");
-    crl(&pki, false, &list)?;
+    pki.crl(false, &list)?;
     let auth = format!("crl = \"{}\"", list.display());
     let lb = Lb::start(&config(&pki, &pki.path("ca.crt"), web.addr, &auth)).await?;
     let client = connector(&pki.path("ca.crt"), Some(&pki))?;
     assert_eq!(get(&lb, &client).await?, 200);
 
     // The client's certificate revoked, lb.toml unchanged: a SIGHUP reads the CRL again.
-    crl(&pki, true, &list)?;
+    pki.crl(true, &list)?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
     eventually("the revoked client refused", WAIT, || async {
         get(&lb, &client).await.is_err().then_some(())

@@ -5,56 +5,12 @@
 mod common;
 mod l4kit;
 
-use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Result, ensure};
+use anyhow::Result;
 use common::{Backend, Lb, WAIT};
 use l4kit::https_config;
 use wharf_tests::{TestPki, eventually};
-
-/// Writes a DER OCSP response for `pki`'s server certificate, signed by its CA, to `out`:
-/// status `unknown`, or `revoked` (`openssl ocsp` against a one-line index).
-fn ocsp_response(pki: &TestPki, revoked: bool, out: &Path) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let index = dir.path().join("index.txt");
-    let mut line = String::new();
-    if revoked {
-        let serial = Command::new("openssl")
-            .args(["x509", "-noout", "-serial", "-in"])
-            .arg(pki.path("server.crt"))
-            .output()?;
-        let serial = String::from_utf8(serial.stdout)?;
-        let serial = serial.trim().trim_start_matches("serial=");
-        line = format!("R\t301231000000Z\t250101000000Z\t{serial}\tunknown\t/CN=server\n");
-    }
-    std::fs::write(&index, line)?;
-    let ca = pki.path("ca.crt");
-    let run = Command::new("openssl")
-        .arg("ocsp")
-        .arg("-index")
-        .arg(&index)
-        .arg("-rsigner")
-        .arg(&ca)
-        .arg("-rkey")
-        .arg(pki.path("ca.key"))
-        .arg("-CA")
-        .arg(&ca)
-        .arg("-issuer")
-        .arg(&ca)
-        .arg("-cert")
-        .arg(pki.path("server.crt"))
-        .arg("-respout")
-        .arg(out)
-        .args(["-ndays", "1"])
-        .output()?;
-    ensure!(
-        run.status.success(),
-        "openssl ocsp: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    Ok(())
-}
 
 /// What `openssl s_client -status` prints of one handshake with the listener.
 async fn handshake(port: u16) -> Result<String> {
@@ -76,7 +32,7 @@ async fn an_ocsp_response_is_stapled_and_follows_its_file() -> Result<()> {
     let web = Backend::start("web").await?;
     let dir = tempfile::tempdir()?;
     let resp = dir.path().join("server.ocsp");
-    ocsp_response(&pki, false, &resp)?;
+    pki.ocsp_response(false, &resp)?;
     let ocsp = format!("ocsp = \"{}\"", resp.display());
     let config = https_config("https", &pki, web.addr, &ocsp, "");
     let lb = Lb::start(&config).await?;
@@ -88,7 +44,7 @@ async fn an_ocsp_response_is_stapled_and_follows_its_file() -> Result<()> {
 
     // A new response renamed over the file: stapled from the next handshakes on.
     let next = dir.path().join("server.ocsp.new");
-    ocsp_response(&pki, true, &next)?;
+    pki.ocsp_response(true, &next)?;
     std::fs::rename(&next, &resp)?;
     eventually("the new response stapled", WAIT, || async {
         let said = handshake(lb.port).await.ok()?;

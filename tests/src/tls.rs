@@ -88,6 +88,73 @@ impl TestPki {
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.path().join(file)
     }
+
+    /// Writes a CRL of the CA (PEM) to `out`, listing the client certificate if
+    /// `revoke_client`.
+    pub fn crl(&self, revoke_client: bool, out: &Path) -> Result<()> {
+        let db = self.ca_db(revoke_client.then_some("client.crt"))?;
+        let (ca, key) = (self.arg("ca.crt"), self.arg("ca.key"));
+        let out = out.display().to_string();
+        let args = ["ca", "-config", "ca.cnf", "-keyfile", &key, "-cert", &ca];
+        openssl(db.path(), &[&args[..], &["-gencrl", "-out", &out]].concat())
+    }
+
+    /// Writes a DER OCSP response for the server certificate, signed by the CA, to `out`:
+    /// status `unknown`, or `revoked`.
+    pub fn ocsp_response(&self, revoked: bool, out: &Path) -> Result<()> {
+        let db = self.ca_db(revoked.then_some("server.crt"))?;
+        let (ca, key, cert) = (
+            self.arg("ca.crt"),
+            self.arg("ca.key"),
+            self.arg("server.crt"),
+        );
+        let out = out.display().to_string();
+        openssl(
+            db.path(),
+            &[
+                "ocsp",
+                "-index",
+                "index.txt",
+                "-rsigner",
+                &ca,
+                "-rkey",
+                &key,
+                "-CA",
+                &ca,
+                "-issuer",
+                &ca,
+                "-cert",
+                &cert,
+                "-respout",
+                &out,
+                "-ndays",
+                "1",
+            ],
+        )
+    }
+
+    /// An `openssl ca` database of the CA in a temporary directory, with `revoked` (a
+    /// certificate file of this PKI) marked revoked.
+    fn ca_db(&self, revoked: Option<&str>) -> Result<TempDir> {
+        let db = tempfile::Builder::new().prefix("wharf-ca-db-").tempdir()?;
+        std::fs::write(db.path().join("index.txt"), "")?;
+        std::fs::write(db.path().join("crlnumber"), "01\n")?;
+        std::fs::write(
+            db.path().join("ca.cnf"),
+            "[ca]\ndefault_ca = x\n[x]\ndatabase = index.txt\ncrlnumber = crlnumber\n\
+             default_md = sha256\ndefault_crl_days = 2\n",
+        )?;
+        if let Some(file) = revoked {
+            let (ca, key, cert) = (self.arg("ca.crt"), self.arg("ca.key"), self.arg(file));
+            let args = ["ca", "-config", "ca.cnf", "-keyfile", &key, "-cert", &ca];
+            openssl(db.path(), &[&args[..], &["-revoke", &cert]].concat())?;
+        }
+        Ok(db)
+    }
+
+    fn arg(&self, file: &str) -> String {
+        self.path(file).display().to_string()
+    }
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
