@@ -182,7 +182,8 @@ pub fn put_status_line(out: &mut Vec<u8>, version: Version, status: StatusCode) 
     out.extend_from_slice(b"\r\n");
 }
 
-fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// Appends one header line `name: value`.
+pub fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

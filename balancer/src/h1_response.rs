@@ -63,7 +63,7 @@ pub async fn write_response<IO: AsyncWrite + LastWrite + Unpin>(
                 if (n == header::CONNECTION && !switching) || n == header::TRANSFER_ENCODING {
                     continue;
                 }
-                put_header(&mut out, n.as_str(), v);
+                h1_head::put(&mut out, n.as_str().as_bytes(), v.as_bytes());
             }
             out.extend_from_slice(lines);
             out
@@ -72,7 +72,7 @@ pub async fn write_response<IO: AsyncWrite + LastWrite + Unpin>(
     let mut chunked = false;
     if !no_body && !has_length && !switching {
         match known {
-            Some(n) => put_header(&mut out, "content-length", &HeaderValue::from(n)),
+            Some(n) => h1_head::put(&mut out, b"content-length", HeaderValue::from(n).as_bytes()),
             None if version == Version::HTTP_11 => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 chunked = true;
@@ -167,13 +167,6 @@ impl LastWrite for ClientIo {
         // Best effort: without the cork the answer still goes out, in two segments.
         let _ = socket2::SockRef::from(self.tcp()).set_tcp_cork(true);
     }
-}
-
-fn put_header(out: &mut Vec<u8>, name: &str, v: &HeaderValue) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(v.as_bytes());
-    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
