@@ -45,6 +45,13 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")
 }
 
+/// The length of the line at the front of `buf` (`crlf`: where its CRLF is), or as much
+/// of it as is known: a CR at the very end may be the start of the CRLF. The limits are
+/// checked against this, so that a line is refused, or not, whatever the reads' sizes.
+fn line_len(buf: &[u8], crlf: Option<usize>) -> usize {
+    crlf.unwrap_or_else(|| buf.len() - usize::from(buf.ends_with(b"\r")))
+}
+
 /// Hex size of a chunk-size line (`1a;ext=x` allowed, whitespace before `;` allowed).
 fn parse_size(line: &[u8]) -> Result<u64, BadChunk> {
     let mut size: u64 = 0;
@@ -91,10 +98,11 @@ impl Decoder {
         loop {
             match self.0 {
                 State::Size => {
-                    let Some(pos) = find_crlf(buf) else {
-                        if buf.len() > MAX_LINE {
-                            return Err(BadChunk("chunk size line too long"));
-                        }
+                    let found = find_crlf(buf);
+                    if line_len(buf, found) > MAX_LINE {
+                        return Err(BadChunk("chunk size line too long"));
+                    }
+                    let Some(pos) = found else {
                         return Ok(Step::NeedMore);
                     };
                     let size = parse_size(&buf[..pos])?;
@@ -129,19 +137,17 @@ impl Decoder {
                     self.0 = State::Size;
                 }
                 State::Trailer(seen) => {
-                    let Some(pos) = find_crlf(buf) else {
-                        if seen + buf.len() > MAX_TRAILERS {
-                            return Err(BadChunk("trailers too large"));
-                        }
+                    let found = find_crlf(buf);
+                    if seen + line_len(buf, found) > MAX_TRAILERS {
+                        return Err(BadChunk("trailers too large"));
+                    }
+                    let Some(pos) = found else {
                         return Ok(Step::NeedMore);
                     };
                     buf.advance(pos + 2);
                     if pos == 0 {
                         self.0 = State::Done;
                         return Ok(Step::Done);
-                    }
-                    if seen + pos > MAX_TRAILERS {
-                        return Err(BadChunk("trailers too large"));
                     }
                     self.0 = State::Trailer(seen + pos + 2);
                 }

@@ -237,6 +237,7 @@ pub fn encode_request(
     let mut prev_xff: Option<&[u8]> = None;
     let host = headers.host();
     let mut has_xfh = false;
+    let mut has_length = false;
     for (name, value) in headers.iter() {
         let keep_upgrade = fwd.upgrade && name.eq_ignore_ascii_case(b"upgrade");
         if !keep_upgrade
@@ -255,6 +256,14 @@ pub fn encode_request(
                 || name.eq_ignore_ascii_case(b"x-forwarded-client-cert"))
         {
             continue;
+        }
+        // One length line: identical duplicates were accepted as one (RFC 9110 §8.6), and
+        // passing both on would leave the next hop to choose (nginx refuses the request).
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if has_length {
+                continue;
+            }
+            has_length = true;
         }
         has_xfh |= name.eq_ignore_ascii_case(b"x-forwarded-host");
         put(out, name, value);
@@ -335,6 +344,27 @@ mod tests {
             upgrade: false,
             chunked: false,
         }
+    }
+
+    #[test]
+    fn a_repeated_length_goes_upstream_once() {
+        let ip = HeaderValue::from_static("10.0.0.9");
+        let h = map(&[
+            ("content-length", "5"),
+            ("x-a", "1"),
+            ("content-length", "5"),
+        ]);
+        let out = encode(
+            &h,
+            &Forwarded {
+                add: false,
+                ..fwd(&ip)
+            },
+        );
+        assert_eq!(
+            out,
+            "GET /a?b HTTP/1.1\r\ncontent-length: 5\r\nx-a: 1\r\n\r\n"
+        );
     }
 
     #[test]

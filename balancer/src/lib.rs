@@ -46,6 +46,8 @@ pub mod tls;
 pub mod upgrade;
 pub mod upstream;
 pub mod upstream_io;
+#[cfg(test)]
+mod wire_props;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
