@@ -26,12 +26,14 @@ use tokio::sync::watch;
 pub const WAIT: Duration = Duration::from_secs(20);
 
 /// A real HTTP/1.1 backend. Paths: `/slow/<ms>` answers after a delay, `/headers` echoes
-/// the request head, `/upgrade` switches to a byte echo, `/status/<code>` answers that code,
+/// the request head, `/mirror` answers `METHOD target\n` and the body it read, `/upgrade` switches to a byte echo, `/status/<code>` answers that code,
 /// anything else answers the backend's name; a backend named `fail*` answers 500 to all. Every answer carries `x-backend`.
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// The targets of the `/mirror` requests read so far.
+    pub mirrored: Arc<Mutex<Vec<String>>>,
     /// Connections currently open to this backend.
     pub open: Arc<AtomicU64>,
     /// Connections accepted since the start.
@@ -53,7 +55,8 @@ impl Backend {
         let accepted = Arc::new(AtomicU64::new(0));
         let accepted_in = accepted.clone();
         let (kill, kill_rx) = watch::channel(false);
-        let (n, h) = (name.to_owned(), hits.clone());
+        let mirrored = Arc::new(Mutex::new(Vec::new()));
+        let (n, h, m) = (name.to_owned(), hits.clone(), mirrored.clone());
         let mut accept_kill = kill_rx.clone();
         tokio::spawn(async move {
             loop {
@@ -61,13 +64,13 @@ impl Backend {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                     _ = accept_kill.wait_for(|k| *k) => return,
                 };
-                let (n, h) = (n.clone(), h.clone());
+                let (n, h, m) = (n.clone(), h.clone(), m.clone());
                 let mut conn_kill = kill_rx.clone();
                 let open = open_in.clone();
                 open.fetch_add(1, Ordering::Relaxed);
                 accepted_in.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| answer(req, n.clone(), h.clone()));
+                    let svc = service_fn(move |req| answer(req, n.clone(), h.clone(), m.clone()));
                     let conn = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .with_upgrades();
@@ -84,6 +87,7 @@ impl Backend {
             name: name.to_owned(),
             addr,
             hits,
+            mirrored,
             open,
             accepted,
             kill,
@@ -106,6 +110,7 @@ async fn answer(
     req: Request<Incoming>,
     name: String,
     hits: Arc<AtomicU64>,
+    mirrored: Arc<Mutex<Vec<String>>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     hits.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_owned();
@@ -143,6 +148,18 @@ async fn answer(
         r.headers_mut()
             .insert("connection", "upgrade".parse().unwrap());
         r
+    } else if path == "/mirror" {
+        // What arrived, for a client to compare with what it sent: method, target, body.
+        let head = format!("{} {}\n", req.method(), req.uri());
+        mirrored.lock().unwrap().push(req.uri().to_string());
+        match req.into_body().collect().await {
+            Ok(b) => Response::new(Full::new([head.as_bytes(), &b.to_bytes()].concat().into())),
+            Err(_) => {
+                let mut r = Response::new(Full::new(Bytes::from("bad body")));
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                r
+            }
+        }
     } else if path == "/echo" {
         let body = req.into_body().collect().await.map(|b| b.to_bytes());
         match body {
