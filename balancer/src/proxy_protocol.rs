@@ -160,8 +160,12 @@ fn parse_v1(line: &[u8]) -> Result<Header, ProxyError> {
         .map_err(|_| ProxyError::Malformed("v1 address"))?;
         Ok(ip)
     };
+    // Digits only, no leading zero (the spec's form; `u16::from_str` alone takes "+80").
     let port = |s: &str| -> Result<u16, ProxyError> {
-        if s.len() > 1 && s.starts_with('0') {
+        if s.is_empty()
+            || !s.bytes().all(|b| b.is_ascii_digit())
+            || (s.len() > 1 && s.starts_with('0'))
+        {
             return Err(ProxyError::Malformed("v1 port"));
         }
         s.parse().map_err(|_| ProxyError::Malformed("v1 port"))
@@ -275,10 +279,19 @@ mod tests {
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         assert_eq!(roundtrip(local).await.0.unwrap().source, None);
         assert_eq!(roundtrip(vec![]).await.0, Err(ProxyError::Missing));
-        assert!(matches!(
-            roundtrip(b"PROXY TCP4 1.2.3.4 x 1 2\r\n".to_vec()).await.0,
-            Err(ProxyError::Malformed(_))
-        ));
+        for bad in [
+            "PROXY TCP4 1.2.3.4 x 1 2\r\n",
+            "PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
+            "PROXY TCP4 1.2.3.4 5.6.7.8 1 02\r\n",
+            "PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n",
+            "PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
+            "PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+        ] {
+            assert!(
+                matches!(roundtrip(bad.into()).await.0, Err(ProxyError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
             roundtrip(format!("PROXY TCP4 {}\r\n", "1".repeat(120)).into_bytes())
                 .await
