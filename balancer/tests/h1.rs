@@ -15,25 +15,6 @@ use anyhow::{Result, bail};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn config(addr: &str) -> String {
-    format!(
-        r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "web"
-bind = "127.0.0.1:@PORT@"
-max_body_bytes = 100000
-  [[listener.route]]
-  service = "web"
-[[service]]
-name = "web"
-  [[service.endpoint]]
-  addr = "{addr}"
-"#
-    )
-}
-
 /// Writes `bytes`, then reads until the balancer closes the connection.
 fn exchange(port: u16, bytes: &[u8]) -> Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
@@ -51,7 +32,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_upstream_connections_are_reused_across_clients() -> Result<()> {
     let a = Backend::start("a").await?;
-    let lb = Lb::start(&config(&a.addr.to_string())).await?;
+    let lb = Lb::start(&one_service_config(&a.addr.to_string())).await?;
     let port = lb.port;
     for i in 0..30 {
         let out = blocking(move || {
@@ -129,7 +110,7 @@ async fn closing_backend() -> Result<(std::net::SocketAddr, Arc<[AtomicU64; 2]>)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_closing_pooled_connections_fails_no_request() -> Result<()> {
     let (addr, counts) = closing_backend().await?;
-    let lb = Lb::start(&config(&addr.to_string())).await?;
+    let lb = Lb::start(&one_service_config(&addr.to_string())).await?;
     // Keep-alive GETs on one client connection: each finds the previous upstream
     // connection closed (resent, or checked) and still gets its answer.
     let client = client();
@@ -175,7 +156,7 @@ async fn upstream_closing_pooled_connections_fails_no_request() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_chunked_expect_and_head_requests() -> Result<()> {
     let a = Backend::start("a").await?;
-    let lb = Lb::start(&config(&a.addr.to_string())).await?;
+    let lb = Lb::start(&one_service_config(&a.addr.to_string())).await?;
     let port = lb.port;
     // Two pipelined requests in one write: two answers, in order.
     let out = blocking(move || {
@@ -252,7 +233,7 @@ fn rss_kib(pid: i32) -> Result<u64> {
 async fn idle_keep_alive_connections_hold_no_buffers() -> Result<()> {
     const CONNS: usize = 1500;
     let a = Backend::start("a").await?;
-    let lb = Lb::start(&config(&a.addr.to_string())).await?;
+    let lb = Lb::start(&one_service_config(&a.addr.to_string())).await?;
     let (port, pid) = (lb.port, lb.pid());
     let one = move || -> Result<TcpStream> {
         let mut s = TcpStream::connect(("127.0.0.1", port))?;

@@ -15,18 +15,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use anyhow::{Context, Result, bail};
+use common::framing::Framing;
 use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
-
-#[derive(Debug, Clone)]
-enum Framing {
-    None,
-    /// `Content-Length`, sent twice when `.0`.
-    Length(bool),
-    /// Chunk sizes (cycled over the body), an extension on each size line, a trailer.
-    Chunked(Vec<usize>, bool, bool),
-}
 
 #[derive(Debug, Clone)]
 struct Req {
@@ -53,39 +45,10 @@ impl Req {
         for line in &self.extra {
             head += &format!("{line}{e}");
         }
-        match &self.framing {
-            Framing::None => {}
-            Framing::Length(twice) => {
-                for _ in 0..(1 + usize::from(*twice)) {
-                    head += &format!("Content-Length: {}{e}", self.body.len());
-                }
-            }
-            Framing::Chunked(..) => head += &format!("Transfer-Encoding: chunked{e}"),
-        }
+        head += &self.framing.head_lines(self.body.len(), e);
         head += e;
         out.extend_from_slice(head.as_bytes());
-        match &self.framing {
-            Framing::Chunked(sizes, ext, trailer) => {
-                let mut rest = &self.body[..];
-                for &n in sizes.iter().cycle() {
-                    if rest.is_empty() {
-                        break;
-                    }
-                    let (chunk, tail) = rest.split_at(n.min(rest.len()));
-                    let ext = if *ext { ";ext=\"x\"" } else { "" };
-                    out.extend_from_slice(format!("{:x}{ext}\r\n", chunk.len()).as_bytes());
-                    out.extend_from_slice(chunk);
-                    out.extend_from_slice(b"\r\n");
-                    rest = tail;
-                }
-                out.extend_from_slice(if *trailer {
-                    b"0\r\nX-T: 1\r\n\r\n"
-                } else {
-                    b"0\r\n\r\n"
-                });
-            }
-            _ => out.extend_from_slice(&self.body),
-        }
+        self.framing.put_body(&self.body, out);
     }
 
     /// What `/mirror` answers when the instance read this request.
@@ -244,23 +207,6 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-const CONFIG: &str = r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-
-[[listener]]
-name = "web"
-bind = "127.0.0.1:@PORT@"
-max_body_bytes = 100000
-  [[listener.route]]
-  service = "web"
-
-[[service]]
-name = "web"
-  [[service.endpoint]]
-  addr = "@BACKEND@"
-"#;
-
 /// 96 cases per property (`PROPTEST_CASES` for more); nothing persisted (the runner is
 /// not a `proptest!` test, it has no source file to keep failures beside).
 fn runner_config() -> Config {
@@ -281,7 +227,7 @@ fn reads() -> impl Strategy<Value = Vec<usize>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_pipelines_reach_the_instance_as_sent() -> Result<()> {
     let backend = Backend::start("a").await?;
-    let lb = Lb::start(&CONFIG.replace("@BACKEND@", &backend.addr.to_string())).await?;
+    let lb = Lb::start(&one_service_config(&backend.addr.to_string())).await?;
     let port = lb.port;
     let result = tokio::task::spawn_blocking(move || {
         let mut runner = TestRunner::new(runner_config());
@@ -313,7 +259,7 @@ async fn generated_pipelines_reach_the_instance_as_sent() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_ends_the_pipeline_and_nothing_after_it_is_sent_on() -> Result<()> {
     let backend = Backend::start("a").await?;
-    let lb = Lb::start(&CONFIG.replace("@BACKEND@", &backend.addr.to_string())).await?;
+    let lb = Lb::start(&one_service_config(&backend.addr.to_string())).await?;
     let port = lb.port;
     let mirrored = backend.mirrored.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -384,7 +330,7 @@ fn the_test_codec_reads_what_it_writes() {
     assert_eq!(
         lossy(&wire),
         "POST /mirror?a=1 HTTP/1.1\nHost: wire.test\nX-A: 1\nTransfer-Encoding: chunked\n\n\
-         3;ext=\"x\"\r\nhel\r\n5;ext=\"x\"\r\nlo wo\r\n3;ext=\"x\"\r\nrld\r\n0\r\nX-T: 1\r\n\r\n"
+         3;ext=\"x\"\r\nhel\r\n5;ext=\"x\"\r\nlo wo\r\n3;ext=\"x\"\r\nrld\r\n0\r\nX-Trailer: 1\r\n\r\n"
     );
     let answers = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
     let (first, used) = parse_answer(answers).unwrap().unwrap();

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
+use common::framing::Framing;
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -20,16 +21,6 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-#[derive(Debug, Clone)]
-enum Framing {
-    /// `Content-Length`, sent twice when `.0`.
-    Length(bool),
-    /// Chunk sizes (cycled over the body), an extension on each size line, a trailer.
-    Chunked(Vec<usize>, bool, bool),
-    /// No length: the body ends when the instance closes the connection.
-    UntilClose,
-}
 
 #[derive(Debug, Clone)]
 struct Resp {
@@ -60,39 +51,10 @@ impl Resp {
         for line in &self.extra {
             head += &format!("{line}{e}");
         }
-        match &self.framing {
-            Framing::Length(twice) => {
-                for _ in 0..(1 + usize::from(*twice)) {
-                    head += &format!("Content-Length: {}{e}", self.body.len());
-                }
-            }
-            Framing::Chunked(..) => head += &format!("Transfer-Encoding: chunked{e}"),
-            Framing::UntilClose => {}
-        }
+        head += &self.framing.head_lines(self.body.len(), e);
         head += e;
         let mut out = head.into_bytes();
-        match &self.framing {
-            Framing::Chunked(sizes, ext, trailer) => {
-                let mut rest = &self.body[..];
-                for &n in sizes.iter().cycle() {
-                    if rest.is_empty() {
-                        break;
-                    }
-                    let (chunk, tail) = rest.split_at(n.min(rest.len()));
-                    let ext = if *ext { ";name=value" } else { "" };
-                    out.extend_from_slice(format!("{:X}{ext}\r\n", chunk.len()).as_bytes());
-                    out.extend_from_slice(chunk);
-                    out.extend_from_slice(b"\r\n");
-                    rest = tail;
-                }
-                out.extend_from_slice(if *trailer {
-                    b"0\r\nX-Trailer: 1\r\n\r\n"
-                } else {
-                    b"0\r\n\r\n"
-                });
-            }
-            _ => out.extend_from_slice(&self.body),
-        }
+        self.framing.put_body(&self.body, &mut out);
         out
     }
 
@@ -210,26 +172,10 @@ async fn serve(mut s: TcpStream, answers: Answers) {
     }
 }
 
-const CONFIG: &str = r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-
-[[listener]]
-name = "web"
-bind = "127.0.0.1:@PORT@"
-  [[listener.route]]
-  service = "web"
-
-[[service]]
-name = "web"
-  [[service.endpoint]]
-  addr = "@BACKEND@"
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_responses_reach_the_client_as_the_instance_meant_them() -> Result<()> {
     let raw = RawInstance::start().await?;
-    let lb = Lb::start(&CONFIG.replace("@BACKEND@", &raw.addr.to_string())).await?;
+    let lb = Lb::start(&one_service_config(&raw.addr.to_string())).await?;
     let h1: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let h2: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)

@@ -2,6 +2,8 @@
 //! `balancer` binary in a guard that kills it on drop, an HTTP client and a load loop.
 #![allow(dead_code)]
 
+pub mod framing;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +26,27 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// An lb.toml with one HTTP listener (`@PORT@`, bodies up to 100 kB) routing everything
+/// to one static instance at `addr`.
+pub fn one_service_config(addr: &str) -> String {
+    format!(
+        r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "web"
+bind = "127.0.0.1:@PORT@"
+max_body_bytes = 100000
+  [[listener.route]]
+  service = "web"
+[[service]]
+name = "web"
+  [[service.endpoint]]
+  addr = "{addr}"
+"#
+    )
+}
 
 /// A real HTTP/1.1 backend. Paths: `/slow/<ms>` answers after a delay, `/headers` echoes
 /// the request head, `/mirror` answers `METHOD target\n` and the body it read, `/upgrade` switches to a byte echo, `/status/<code>` answers that code,
