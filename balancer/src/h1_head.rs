@@ -59,6 +59,18 @@ impl<'a> ReqHeaders<'a> {
         }
     }
 
+    /// `Content-Length` is on more than one line.
+    fn repeated_length(self) -> bool {
+        match self {
+            Self::Raw(h) => h.repeated_length(),
+            Self::Map(m) => m
+                .get_all(http::header::CONTENT_LENGTH)
+                .iter()
+                .nth(1)
+                .is_some(),
+        }
+    }
+
     fn connection_names_more(self) -> bool {
         match self {
             Self::Raw(h) => h.connection_names_more(),
@@ -237,7 +249,9 @@ pub fn encode_request(
     let mut prev_xff: Option<&[u8]> = None;
     let host = headers.host();
     let mut has_xfh = false;
-    let mut has_length = false;
+    // Only a head with several length lines needs each name compared.
+    let repeated_length = headers.repeated_length();
+    let mut length_sent = false;
     for (name, value) in headers.iter() {
         let keep_upgrade = fwd.upgrade && name.eq_ignore_ascii_case(b"upgrade");
         if !keep_upgrade
@@ -259,11 +273,11 @@ pub fn encode_request(
         }
         // One length line: identical duplicates were accepted as one (RFC 9110 §8.6), and
         // passing both on would leave the next hop to choose (nginx refuses the request).
-        if name.eq_ignore_ascii_case(b"content-length") {
-            if has_length {
+        if repeated_length && name.eq_ignore_ascii_case(b"content-length") {
+            if length_sent {
                 continue;
             }
-            has_length = true;
+            length_sent = true;
         }
         has_xfh |= name.eq_ignore_ascii_case(b"x-forwarded-host");
         put(out, name, value);

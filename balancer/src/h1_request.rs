@@ -61,11 +61,13 @@ pub struct RawHead {
     /// Where the header lines start (after the request line).
     lines_at: usize,
     /// What the parser saw on its way, so that the proxy reads the lines only once (to
-    /// forward them): the declared body length, where the first `Host` value is, and
-    /// whether a `Connection` line names headers other than keep-alive/close/upgrade.
+    /// forward them): the declared body length, where the first `Host` value is,
+    /// whether a `Connection` line names headers other than keep-alive/close/upgrade, and
+    /// whether the length came on several (identical) lines.
     content_length: Option<u64>,
     host: Option<(usize, usize)>,
     connection_names_more: bool,
+    repeated_length: bool,
 }
 
 impl RawHead {
@@ -103,6 +105,11 @@ impl RawHead {
     /// A `Connection` line names other headers to drop (beyond keep-alive/close/upgrade).
     pub fn connection_names_more(&self) -> bool {
         self.connection_names_more
+    }
+
+    /// `Content-Length` came on more than one line (with one value: others are refused).
+    pub fn repeated_length(&self) -> bool {
+        self.repeated_length
     }
 }
 
@@ -186,6 +193,7 @@ pub fn parse(
     let mut has_upgrade = false;
     let mut connection_upgrade = false;
     let mut connection_names_more = false;
+    let mut repeated_length = false;
     let mut host = None;
     for h in req.headers.iter() {
         let (name, raw) = (h.name.as_bytes(), h.value);
@@ -194,6 +202,7 @@ pub fn parse(
             if length.is_some_and(|l| l != n) {
                 return Err(HeadError::Bad("conflicting content-lengths"));
             }
+            repeated_length |= length.is_some();
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Several lines form one list: the last line's last coding is what counts.
@@ -246,6 +255,7 @@ pub fn parse(
             content_length: length,
             host,
             connection_names_more,
+            repeated_length,
         },
         body,
         keep_alive: !close,

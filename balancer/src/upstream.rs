@@ -225,6 +225,7 @@ pub fn parse_head(
     // HTTP/1 client gets is forwarded as bytes: no `HeaderMap`, no per-value refcount.
     let as_lines = lines.filter(|_| status != StatusCode::SWITCHING_PROTOCOLS);
     let mut length: Option<u64> = None;
+    let mut repeated_length = false;
     let mut chunked = false;
     let mut te = false;
     let mut close = version == Version::HTTP_10;
@@ -236,6 +237,7 @@ pub fn parse_head(
             if length.is_some_and(|l| l != n) {
                 return Err(UpError::Malformed("conflicting content-lengths"));
             }
+            repeated_length |= length.is_some();
             length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
@@ -264,8 +266,9 @@ pub fn parse_head(
         let mut length_kept = false;
         for h in resp.headers.iter() {
             let name = h.name.as_bytes();
-            // One length line at most: identical duplicates were accepted as one.
-            let is_length = name.eq_ignore_ascii_case(b"content-length");
+            // One length line at most: identical duplicates were accepted as one. (Names
+            // are compared only when a length must go: most heads have one or none.)
+            let is_length = (te || repeated_length) && name.eq_ignore_ascii_case(b"content-length");
             let keep = !(h1_head::is_hop_by_hop(name)
                 || (is_length && (te || length_kept))
                 || (connection_names_more && h1_head::named_by_connection(resp.headers, name)));
@@ -323,7 +326,8 @@ pub fn parse_head(
         if te {
             // Both: the length is ignored (RFC 9112 §6.3); never forward it.
             headers.remove(header::CONTENT_LENGTH);
-        } else if let Some(first) = headers.get(header::CONTENT_LENGTH).cloned() {
+        } else if repeated_length && let Some(first) = headers.get(header::CONTENT_LENGTH).cloned()
+        {
             // Identical duplicates were accepted as one: forward one.
             headers.insert(header::CONTENT_LENGTH, first);
         }

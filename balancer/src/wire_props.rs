@@ -359,15 +359,11 @@ fn forwarded_head(p: &Parsed) -> Vec<u8> {
     let empty = http::HeaderMap::new();
     let peer_ip = http::HeaderValue::from_static("192.0.2.7");
     let mut out = Vec::new();
-    let target = p
-        .request
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str());
+    let target = crate::proxy::forward::origin_form(p.request.uri());
     h1_head::encode_request(
         &mut out,
         p.request.method(),
-        target,
+        &target,
         ReqHeaders::of(Some(&p.head), &empty),
         &Forwarded {
             add: true,
