@@ -11,7 +11,8 @@
 #
 # After the harness's table it prints the balancer's ratios to HAProxy: req/s (target
 # >= 1.15), proxy CPU us per request (target <= 0.8) and p99 (target <= 1.0): from the
-# medians, then per round pair (median of the pairs, all and without hypervisor steal).
+# medians, then per round pair (median of the pairs, all and without hypervisor steal),
+# then the load generator's cap on the req/s ratio in this run (see the end of the file).
 #
 # Same work as HAProxy: the harness's HAProxy config adds no X-Forwarded-* header (no
 # `option forwardfor`), so the balancer runs with `forwarded_headers = false` too.
@@ -102,4 +103,19 @@ for name, col in (("req/s", 2), ("us CPU/req", 8), ("p99 ms", 4)):
         r = ratios(group, col)
         out.append(f"{statistics.median(r):.3f} ({min(r):.2f}-{max(r):.2f})" if r else "-")
     print(f"{name:<14} all {out[0]:<22} steal-free {out[1]}")
+
+# The load generator's cap on this run: wrk and the backends share one core, so no proxy
+# gets more than 1e6 / (their CPU us per request) req/s, and the req/s ratio to HAProxy
+# cannot pass HAProxy's us per request / theirs (behind the balancer). wrk% and bk% are
+# percent of one core: us per request = pct * 1e4 / rps. (Session 7: the measured ratio
+# stayed within ~10 % of this cap in every run; it moves with the VM's speed.)
+def med(name, fn):
+    v = [fn(r[name]) for r in rows.values() if name in r]
+    return statistics.median(v) if v else 0.0
+hap_us = med("haproxy", lambda f: float(f[8]))
+gen_us = med("balancer", lambda f: (float(f[9]) + float(f[10])) * 1e4 / float(f[2]))
+if hap_us > 0 and gen_us > 0:
+    print()
+    print(f"## load generator cap: wrk + backends {gen_us:.1f} us/request behind the balancer, "
+          f"HAProxy {hap_us:.1f} us/request -> req/s ratio cap {hap_us / gen_us:.3f}")
 PY
