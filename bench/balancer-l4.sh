@@ -13,6 +13,9 @@
 # and prints the balancer / HAProxy ratio of each (target: > 1), and the proxy's CPU time
 # (utime + stime from /proc) per request or per MiB with its ratio (target: < 1): the
 # efficiency figure, which holds up when other work on the machine disturbs throughput.
+# A last table gives how busy the load generator's core and each proxy's core were: a
+# test whose load generator is at ~100 % behind both proxies measures that core, not the
+# proxies (TCP bulk, session 5).
 #
 # Settings: TESTS ["tcp-bulk tcp-conn https-ka https-hs"] (a subset runs only those),
 #           DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
@@ -131,17 +134,28 @@ mibs() { awk '/^Transfer\/sec/ { v = $2; u = substr(v, length(v) - 1); n = v + 0
     if (u == "GB") n *= 1024; else if (u == "KB") n /= 1024; print n }'; }
 errors() { awk '/Socket errors|Non-2xx/ { print }'; }
 
-declare -A R C
+declare -A R C G
 # The proxy's CPU time (user + system) so far, in clock ticks.
 ticks() { awk '{ print $14 + $15 }' "/proc/$PROXY_PID/stat"; }
+# Busy and total jiffies of the load generator's CPUs (/proc/stat; busy leaves out idle,
+# iowait and hypervisor steal). LOADGEN_CPUS as a comma list.
+gen_jiffies() {
+    awk -v cpus=",$LOADGEN_CPUS," '$1 ~ /^cpu[0-9]+$/ && index(cpus, "," substr($1, 4) ",") {
+        t = 0; for (i = 2; i <= 9; i++) t += $i; busy += t - $5 - $6 - $9; total += t
+    } END { print busy + 0, total + 0 }' /proc/stat
+}
 # One wrk run: R[proxy,test] = its figure, C[proxy,test] = proxy CPU µs per request (per
 # MiB for bulk) - efficiency, which noise from other work on the machine barely moves.
 run() { # proxy test url extra-args...
-    local p=$1 k=$2 url=$3 t0 t1 out n
+    local p=$1 k=$2 url=$3 t0 t1 out n g0 g1
     shift 3
+    g0=$(gen_jiffies)
     t0=$(ticks)
     out=$(run_wrk "$url" "$@")
     t1=$(ticks)
+    g1=$(gen_jiffies)
+    G[$p,$k]=$(awk -v a="$g0" -v b="$g1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }')
     errors <<<"$out" | sed "s/^/# $p $k: /" >&2
     if [[ $k == tcp-bulk ]]; then
         R[$p,$k]=$(mibs <<<"$out")
@@ -178,7 +192,7 @@ start_proxy() { # name
 stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.3; }
 
 echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS"
-declare -A SUM CSUM
+declare -A SUM CSUM GSUM
 for _ in $(seq "$ROUNDS"); do
     for p in haproxy balancer; do
         start_proxy "$p"
@@ -187,6 +201,7 @@ for _ in $(seq "$ROUNDS"); do
         for k in $TESTS; do
             SUM[$p,$k]=$(awk -v a="${SUM[$p,$k]:-0}" -v b="${R[$p,$k]:-0}" 'BEGIN { print a + b }')
             CSUM[$p,$k]=$(awk -v a="${CSUM[$p,$k]:-0}" -v b="${C[$p,$k]:-0}" 'BEGIN { print a + b }')
+            GSUM[$p,$k]=$(awk -v a="${GSUM[$p,$k]:-0}" -v b="${G[$p,$k]:-0}" 'BEGIN { print a + b }')
         done
     done
 done
@@ -205,3 +220,15 @@ for k in $TESTS; do
     printf '%-10s %10s %10s %6s   %12s %12s %6s  (%s)\n' "$k" "$h" "$b" "$ratio" "$hc" "$bc" "$cratio" "$unit"
 done
 echo "# ratio: balancer / HAProxy - throughput target > 1, CPU per unit target < 1; load at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+# How busy the load generator's core (wrk + nginx: gen-*) and each proxy's core were. With
+# the load generator near 100 % behind both proxies, the throughput ratio is set by what
+# each proxy makes that core do per unit (wakeups, segment sizes), not by the proxy's own
+# cost: compare the CPU columns then.
+printf '%-10s %12s %12s %12s %12s  (busy %%, means over rounds)\n' test gen-haproxy gen-balancer haproxy balancer
+for k in $TESTS; do
+    printf '%-10s %12s %12s %12s %12s\n' "$k" \
+        "$(awk -v s="${GSUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.0f", s / n }')" \
+        "$(awk -v s="${GSUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.0f", s / n }')" \
+        "$(awk -v r="${SUM[haproxy,$k]}" -v c="${CSUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.0f", (r / n) * (c / n) / 1e4 }')" \
+        "$(awk -v r="${SUM[balancer,$k]}" -v c="${CSUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.0f", (r / n) * (c / n) / 1e4 }')"
+done
