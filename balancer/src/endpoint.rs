@@ -61,9 +61,13 @@ impl Endpoint {
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
-            ramp: slow_start
-                .filter(|d| !d.is_zero())
-                .map(|d| (Instant::now(), d)),
+            // Bounded (as the catalog bounds it), so that the ramp's end is an `Instant`.
+            ramp: slow_start.filter(|d| !d.is_zero()).map(|d| {
+                (
+                    Instant::now(),
+                    d.min(catalog::model::duration_str::MAX_DURATION),
+                )
+            }),
             retired: AtomicBool::new(false),
             idle: Mutex::new(VecDeque::new()),
             max_idle,
@@ -202,5 +206,27 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slow start too long to add to an `Instant` panicked in `ramp_end` (the table
+    /// builder calls it for every group).
+    #[test]
+    fn an_endless_slow_start_still_ends_somewhere() {
+        let ep = Endpoint::new(
+            "web".into(),
+            "web-0".into(),
+            "v1".into(),
+            "127.0.0.1:80".parse().unwrap(),
+            Some(Duration::MAX),
+            8,
+            Duration::from_secs(60),
+        );
+        assert!(ep.ramp_end().is_some_and(|t| t > Instant::now()));
+        assert!(ep.effective_weight(10, Instant::now()) >= 1);
     }
 }

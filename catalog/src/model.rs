@@ -299,19 +299,35 @@ pub fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
-/// Durations travel as human strings (`"5s"`, `"500ms"`, `"1m 30s"`).
+/// Durations travel as human strings (`"5s"`, `"500ms"`, `"1m 30s"`), at most
+/// [`MAX_DURATION`](duration_str::MAX_DURATION) long.
 pub mod duration_str {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
+
+    /// The longest duration a value may carry (366 days). Longer ones are refused where
+    /// they are read (an etcd value is then skipped, a config file names the key): every
+    /// part adds durations to `Instant`s, and an addition that overflows panics.
+    pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+        parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    /// A human duration of at most [`MAX_DURATION`].
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+        if d > MAX_DURATION {
+            return Err(format!(
+                "{s:?} is longer than the longest duration allowed (366 days)"
+            ));
+        }
+        Ok(d)
     }
 }
 
@@ -330,7 +346,7 @@ pub mod opt_duration_str {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         match Option::<String>::deserialize(d)? {
-            Some(s) => humantime::parse_duration(&s)
+            Some(s) => super::duration_str::parse(&s)
                 .map(Some)
                 .map_err(serde::de::Error::custom),
             None => Ok(None),

@@ -109,6 +109,23 @@ mod tests {
 
     const INSTANCE: &str = r#"{"id":"n1-web-0-80","service":"web","version":"v1","node":"n1","addr":"127.0.0.1","port":80}"#;
 
+    /// A duration too long to add to an `Instant` (the balancer ramps `slow_start` from
+    /// now; it panicked) is refused with the key, so the watcher skips and counts it.
+    #[test]
+    fn an_absurd_duration_is_refused() {
+        let ks = Keyspace::default();
+        let ok = kv("/wharf/v1/services/web/config", r#"{"slow_start":"30s"}"#);
+        assert!(decode(&ks, &ok).is_ok());
+        for bad in [
+            r#"{"slow_start":"500000000years"}"#,
+            r#"{"drain_timeout":"367days"}"#,
+            r#"{"check":{"interval":"1000000years"}}"#,
+        ] {
+            let err = decode(&ks, &kv("/wharf/v1/services/web/config", bad)).unwrap_err();
+            assert!(err.to_string().contains("longest duration"), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn decodes_an_instance() {
         let ks = Keyspace::default();
