@@ -22,6 +22,8 @@ pub mod builder;
 pub mod chunked;
 pub mod client_io;
 pub mod config;
+#[cfg(test)]
+mod config_props;
 pub mod deadline;
 pub mod endpoint;
 pub mod h1_head;
