@@ -202,6 +202,17 @@ pub fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The request target for the upstream hop, in origin form (RFC 9112 §3.2.1): an
+/// absolute-form target (`http://host?q`, from a client that speaks to us as a proxy, or
+/// an HTTP/2 request) loses its scheme and authority, and an empty path becomes `/`.
+pub fn origin_form(uri: &http::Uri) -> std::borrow::Cow<'_, str> {
+    match uri.path_and_query().map(|p| p.as_str()) {
+        Some(t) if t.starts_with('/') || t == "*" => t.into(),
+        Some(t) => format!("/{t}").into(),
+        None => "/".into(),
+    }
+}
+
 /// What the balancer adds to a forwarded request.
 pub struct Forwarded<'a> {
     /// Add `X-Forwarded-*` (the listener's `forwarded_headers`); when false the client's
@@ -357,6 +368,19 @@ mod tests {
             authority: None,
             upgrade: false,
             chunked: false,
+        }
+    }
+
+    #[test]
+    fn targets_go_upstream_in_origin_form() {
+        for (uri, want) in [
+            ("http://a.example?y", "/?y"),
+            ("http://a.example", "/"),
+            ("https://a.example:8443/x/y?z", "/x/y?z"),
+            ("/p?q", "/p?q"),
+            ("*", "*"),
+        ] {
+            assert_eq!(origin_form(&uri.parse().unwrap()), want, "{uri}");
         }
     }
 

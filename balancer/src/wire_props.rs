@@ -359,7 +359,7 @@ fn forwarded_head(p: &Parsed) -> Vec<u8> {
     let empty = http::HeaderMap::new();
     let peer_ip = http::HeaderValue::from_static("192.0.2.7");
     let mut out = Vec::new();
-    let target = crate::proxy::forward::origin_form(p.request.uri());
+    let target = h1_head::origin_form(p.request.uri());
     h1_head::encode_request(
         &mut out,
         p.request.method(),

@@ -75,7 +75,7 @@ where
     // A body of unknown length (chunked from an HTTP/1.1 client, or HTTP/2 without
     // content-length) goes upstream chunked.
     let chunked = has_body && declared.is_none();
-    let target = origin_form(req.uri());
+    let target = h1_head::origin_form(req.uri());
     // The head for the upstream hop, encoded straight from the client's headers.
     let mut head = Vec::with_capacity(256 + headers.encoded_len_hint());
     h1_head::encode_request(
@@ -305,17 +305,6 @@ where
 
 /// An attempt at `ep` that got no answer (connect error, timeout, broken connection):
 /// an error on the status page and a step towards ejection.
-/// The request target for the upstream hop, in origin form (RFC 9112 §3.2.1): an
-/// absolute-form target (`http://host?q`, from a client that speaks to us as a proxy, or
-/// an HTTP/2 request) loses its scheme and authority, and an empty path becomes `/`.
-pub(crate) fn origin_form(uri: &http::Uri) -> std::borrow::Cow<'_, str> {
-    match uri.path_and_query().map(|p| p.as_str()) {
-        Some(t) if t.starts_with('/') || t == "*" => t.into(),
-        Some(t) => format!("/{t}").into(),
-        None => "/".into(),
-    }
-}
-
 fn no_answer(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
     ep.stats.record_failure();
     outlier::record_failure(ep, svc, s);
@@ -333,20 +322,4 @@ async fn tunnel(client: OnUpgrade, up: UpConn, in_flight: InFlight) {
         return;
     }
     let _ = tokio::io::copy_bidirectional(&mut client, &mut io).await;
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn targets_go_upstream_in_origin_form() {
-        for (uri, want) in [
-            ("http://a.example?y", "/?y"),
-            ("http://a.example", "/"),
-            ("https://a.example:8443/x/y?z", "/x/y?z"),
-            ("/p?q", "/p?q"),
-            ("*", "*"),
-        ] {
-            assert_eq!(super::origin_form(&uri.parse().unwrap()), want, "{uri}");
-        }
-    }
 }

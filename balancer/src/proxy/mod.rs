@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::table::{ListenerSettings, Route, RoutingTable};
 
 mod exchange;
-pub(crate) mod forward;
+mod forward;
 mod headers;
 
 use headers::host_of;
