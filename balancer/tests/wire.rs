@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use common::framing::Framing;
 use common::*;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
 #[derive(Debug, Clone)]
 struct Req {
@@ -207,19 +207,6 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// 96 cases per property (`PROPTEST_CASES` for more); nothing persisted (the runner is
-/// not a `proptest!` test, it has no source file to keep failures beside).
-fn runner_config() -> Config {
-    Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(96),
-        failure_persistence: None,
-        ..Config::default()
-    }
-}
-
 fn reads() -> impl Strategy<Value = Vec<usize>> {
     prop::collection::vec(prop_oneof![2 => 1usize..16, 1 => 16usize..4096], 1..16)
 }
@@ -230,7 +217,7 @@ async fn generated_pipelines_reach_the_instance_as_sent() -> Result<()> {
     let lb = Lb::start(&one_service_config(&backend.addr.to_string())).await?;
     let port = lb.port;
     let result = tokio::task::spawn_blocking(move || {
-        let mut runner = TestRunner::new(runner_config());
+        let mut runner = proptest_runner(96);
         runner.run(
             &(prop::collection::vec(valid_request(), 1..5), reads()),
             |(reqs, sizes)| {
@@ -263,7 +250,7 @@ async fn a_refused_request_ends_the_pipeline_and_nothing_after_it_is_sent_on() -
     let port = lb.port;
     let mirrored = backend.mirrored.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let mut runner = TestRunner::new(runner_config());
+        let mut runner = proptest_runner(96);
         let strategy = (
             prop::collection::vec(valid_request(), 0..3),
             prop::sample::select(REFUSED),

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::TestCaseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -184,15 +184,7 @@ async fn generated_responses_reach_the_client_as_the_instance_meant_them() -> Re
     let answers = raw.answers.clone();
     let port = lb.port;
     let result = tokio::task::spawn_blocking(move || {
-        let cases = std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(128);
-        let mut runner = TestRunner::new(Config {
-            cases,
-            failure_persistence: None,
-            ..Config::default()
-        });
+        let mut runner = proptest_runner(128);
         let next_id = std::sync::atomic::AtomicU64::new(0);
         runner
             .run(&(response(), any::<bool>()), |(resp, over_h2)| {

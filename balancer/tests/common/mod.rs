@@ -27,6 +27,21 @@ use tokio::sync::watch;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// A proptest runner for a test that drives the real binary from a blocking thread (no
+/// `proptest!` macro): `default_cases` cases unless `PROPTEST_CASES` says otherwise, and
+/// nothing persisted (there is no source file to keep failures beside).
+pub fn proptest_runner(default_cases: u32) -> proptest::test_runner::TestRunner {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_cases);
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..Default::default()
+    })
+}
+
 /// An lb.toml with one HTTP listener (`@PORT@`, bodies up to 100 kB) routing everything
 /// to one static instance at `addr`.
 pub fn one_service_config(addr: &str) -> String {
