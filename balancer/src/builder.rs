@@ -18,7 +18,7 @@ use crate::endpoint::Endpoint;
 use crate::metrics::{ClassCounters, Metrics};
 use crate::table::{
     Group, HostMatch, ListenerSettings, ListenerTable, Member, Route, RoutingTable, ServiceShared,
-    ServiceTable,
+    ServiceTable, TcpSettings,
 };
 use crate::tcp::UpstreamOpts;
 
@@ -472,6 +472,11 @@ impl TableBuilder {
                 outlier_failures: up.outlier.consecutive_failures,
                 base_ejection: up.outlier.base_ejection,
                 max_ejection_percent: up.outlier.max_ejection_percent,
+                tcp: TcpSettings {
+                    idle_timeout: l.idle_timeout,
+                    drain_timeout: l.drain_timeout,
+                    bulk_batching: l.bulk_batching,
+                },
             };
             let mut routes = Vec::new();
             // A tcp listener is one catch-all route to its service.

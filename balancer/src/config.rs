@@ -189,6 +189,11 @@ pub struct ListenerConfig {
     /// this long (capped by `shutdown_timeout`), then they are closed.
     #[serde(default = "d_drain", with = "catalog::model::duration_str")]
     pub drain_timeout: Duration,
+    /// `tcp` listeners: once a connection has streamed 1 MiB one way without a pause, wake
+    /// per batch of up to 256 KiB instead of per arrival (`SO_RCVLOWAT`): less CPU per MiB
+    /// and more bulk throughput, for up to ~2 ms more on the last bytes of each long burst.
+    #[serde(default)]
+    pub bulk_batching: bool,
     /// TLS termination (`[listener.tls]`).
     #[serde(default)]
     pub tls: Option<crate::l4config::ListenerTls>,

@@ -287,6 +287,13 @@ pub(crate) fn validate(
                             .into(),
                     ));
                 }
+                if l.bulk_batching {
+                    return Err(err(
+                        at,
+                        &format!("listener[{i}].bulk_batching"),
+                        "only tcp listeners take `bulk_batching`".into(),
+                    ));
+                }
             }
         }
         if l.idle_timeout.is_zero() {
@@ -413,6 +420,21 @@ proxy_protocol = "v2"
         let bad = TCP.replace("service = \"pg\"\n", "service = \"nope\"\n");
         let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
         assert!(e.starts_with("lb.toml:6:"), "{e}");
+    }
+
+    #[test]
+    fn bulk_batching_is_for_tcp_listeners() {
+        let c = LbConfig::parse(TCP, "lb.toml").unwrap();
+        assert!(!c.listeners[0].bulk_batching, "off by default");
+        let on = TCP.replace(
+            "service = \"pg\"\n",
+            "service = \"pg\"\nbulk_batching = true\n",
+        );
+        assert!(LbConfig::parse(&on, "lb.toml").unwrap().listeners[0].bulk_batching);
+        let http = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:80\"\nbulk_batching = true\n";
+        let e = LbConfig::parse(http, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:2:"), "{e}");
+        assert!(e.contains("listener[0].bulk_batching"), "{e}");
     }
 
     #[test]

@@ -356,8 +356,6 @@ fn start_listener(
                 shared.clone(),
                 l4.upstreams.clone(),
                 l4.metrics.clone(),
-                l.idle_timeout,
-                l.drain_timeout,
             )),
             tracker.clone(),
             stop_rx,

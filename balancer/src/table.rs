@@ -41,6 +41,16 @@ pub struct ListenerSettings {
     pub outlier_failures: u32,
     pub base_ejection: Duration,
     pub max_ejection_percent: u32,
+    /// What a `tcp` listener's connections stream with (read once per connection).
+    pub tcp: TcpSettings,
+}
+
+/// A `tcp` listener's streaming settings; a SIGHUP changes them for new connections.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpSettings {
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub bulk_batching: bool,
 }
 
 pub struct ListenerTable {

@@ -176,6 +176,68 @@ name = "echo"
     Ok(())
 }
 
+/// SIGHUP changes a kept tcp listener's streaming settings for new connections only: a
+/// connection from before keeps its idle timeout, a new one gets the new one. With
+/// `bulk_batching` on, a bulk echo still comes back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_streaming_settings_for_new_connections() -> Result<()> {
+    let a = Echo::start("a", false).await?;
+    let config = |idle: &str, batching: bool| {
+        format!(
+            r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "echo"
+bind = "127.0.0.1:@PORT@"
+protocol = "tcp"
+service = "echo"
+idle_timeout = "{idle}"
+bulk_batching = {batching}
+[[service]]
+name = "echo"
+  [[service.endpoint]]
+  addr = "{}"
+"#,
+            a.addr
+        )
+    };
+    let lb = Lb::start(&config("60s", false)).await?;
+    let mut kept = TcpStream::connect(addr(&lb)).await?;
+    assert_eq!(greeting(&mut kept).await?, "a");
+
+    lb.write_config(&config("700ms", true))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    wharf_tests::eventually("reload applied", l4kit::WAIT, || async {
+        let m = lb.metrics().await.ok()?;
+        (metric(&m, "balancer_config_reloads_total", &["result=\"ok\""]) >= 1.0).then_some(())
+    })
+    .await
+    .map_err(|e| e.context(lb.log()))?;
+
+    let mut fresh = TcpStream::connect(addr(&lb)).await?;
+    assert_eq!(greeting(&mut fresh).await?, "a");
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(l4kit::WAIT, fresh.read(&mut buf)).await??;
+    assert_eq!(n, 0, "expected EOF from the new idle timeout");
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    // Idle for longer than the new timeout, the old connection is still there.
+    kept.write_all(b"tick").await?;
+    let mut got = [0u8; 4];
+    tokio::time::timeout(l4kit::WAIT, kept.read_exact(&mut got)).await??;
+    assert_eq!(&got, b"tick");
+
+    let payload: Vec<u8> = (0..6_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let (_, back) = echo_roundtrip(addr(&lb), &payload).await?;
+    assert!(back == payload, "echoed bytes differ");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_v1_and_v2_headers_reach_the_backend() -> Result<()> {
     let v1 = Echo::start("v1", true).await?;

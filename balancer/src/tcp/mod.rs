@@ -5,6 +5,7 @@
 //! Per connection: PROXY header / TLS from the client (`client_io`), pick + connect
 //! (retries), optional PROXY header and TLS to the upstream, then `pump`.
 
+mod low_water;
 pub mod pump;
 mod splice;
 
@@ -28,7 +29,7 @@ use crate::outlier;
 use crate::proxy::Shared;
 use crate::proxy_protocol;
 use crate::server::{ConnTracker, until_true};
-use crate::table::{ListenerSettings, ServiceTable};
+use crate::table::{ListenerSettings, ServiceTable, TcpSettings};
 use crate::tls::upstream::{UpstreamTlsClient, UpstreamTlsError};
 use crate::upstream_io;
 use pump::{End, Meter, Metered};
@@ -91,8 +92,6 @@ pub struct TcpContext {
     pub shared: Arc<Shared>,
     pub upstreams: Arc<UpstreamMap>,
     pub metrics: Arc<L4Metrics>,
-    pub idle_timeout: Duration,
-    pub drain_timeout: Duration,
     /// Pre-resolved per-listener series (no label lookup per connection).
     pub active: prometheus::IntGauge,
     pub bytes_in: prometheus::IntCounter,
@@ -103,15 +102,12 @@ pub struct TcpContext {
 }
 
 impl TcpContext {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: Arc<str>,
         setup: SharedSetup,
         shared: Arc<Shared>,
         upstreams: Arc<UpstreamMap>,
         metrics: Arc<L4Metrics>,
-        idle_timeout: Duration,
-        drain_timeout: Duration,
     ) -> Self {
         Self {
             active: metrics.tcp_active.with_label_values(&[&name]),
@@ -123,8 +119,6 @@ impl TcpContext {
             shared,
             upstreams,
             metrics,
-            idle_timeout,
-            drain_timeout,
         }
     }
 
@@ -286,16 +280,19 @@ async fn handle(
     let opts = ctx.upstreams.load().get(&*svc.name).cloned();
     // Read while the table is at hand: the connection may outlive this table.
     let access_log = lt.settings.access_log;
+    let settings = lt.settings.tcp;
     drop(table);
     let client_tls = accepted.io.is_tls();
     let meter = Meter::new(&ctx.bytes_in, &ctx.bytes_out);
     ctx.active.inc();
     let end = match (accepted.io, opts) {
-        (ClientIo::Plain(client), None) => plain(ctx, client, upstream, &meter, shutdown).await,
+        (ClientIo::Plain(client), None) => {
+            plain(settings, client, upstream, &meter, shutdown).await
+        }
         (client, opts) => {
             let a = (accepted.client, accepted.destination);
             Box::pin(slow_path(
-                ctx, client, a, upstream, &ep, opts, &meter, shutdown,
+                settings, client, a, upstream, &ep, opts, &meter, shutdown,
             ))
             .await
         }
@@ -325,7 +322,7 @@ async fn handle(
 /// TLS, then the buffered copy.
 #[allow(clippy::too_many_arguments)]
 async fn slow_path(
-    ctx: &TcpContext,
+    settings: TcpSettings,
     client: ClientIo,
     (client_addr, destination): (SocketAddr, Option<SocketAddr>),
     mut upstream: TcpStream,
@@ -347,10 +344,10 @@ async fn slow_path(
         }
     }
     match (client, opts.and_then(|o| o.tls.clone())) {
-        (ClientIo::Plain(client), None) => plain(ctx, client, upstream, meter, shutdown).await,
-        (client, None) => buffered(ctx, client, upstream, meter, shutdown).await,
+        (ClientIo::Plain(client), None) => plain(settings, client, upstream, meter, shutdown).await,
+        (client, None) => buffered(settings, client, upstream, meter, shutdown).await,
         (client, Some(tls)) => match tls.connect(ep.addr.ip(), upstream).await {
-            Ok(up) => buffered(ctx, client, up, meter, shutdown).await,
+            Ok(up) => buffered(settings, client, up, meter, shutdown).await,
             Err(e) => {
                 tracing::warn!(service = %ep.service, instance = %ep.id, error = %e, "upstream TLS handshake failed");
                 End::Done
@@ -362,7 +359,7 @@ async fn slow_path(
 /// Two plain sockets: spliced (zero copy) when two pipes are to be had, else copied
 /// (boxed: the buffered copy's state is large and rarely needed).
 async fn plain(
-    ctx: &TcpContext,
+    settings: TcpSettings,
     client: TcpStream,
     upstream: TcpStream,
     meter: &Meter<'_>,
@@ -370,12 +367,13 @@ async fn plain(
 ) -> End {
     match splice::Pipes::take() {
         Some(pipes) => {
-            let relay = pin!(splice::relay(&client, &upstream, pipes, meter));
-            pump_on(ctx, relay, meter, shutdown).await
+            let batching = settings.bulk_batching;
+            let relay = pin!(splice::relay(&client, &upstream, pipes, meter, batching));
+            pump_on(settings, relay, meter, shutdown).await
         }
         None => {
             let client = ClientIo::Plain(client);
-            Box::pin(buffered(ctx, client, upstream, meter, shutdown)).await
+            Box::pin(buffered(settings, client, upstream, meter, shutdown)).await
         }
     }
 }
@@ -384,7 +382,7 @@ async fn plain(
 /// `relay` is pinned by the caller: passed by value, it would be stored again in each
 /// enclosing future (rustc keeps an async fn's arguments and their moved copies apart).
 async fn pump_on<F>(
-    ctx: &TcpContext,
+    settings: TcpSettings,
     relay: Pin<&mut F>,
     meter: &Meter<'_>,
     shutdown: watch::Receiver<bool>,
@@ -392,14 +390,19 @@ async fn pump_on<F>(
 where
     F: Future<Output = std::io::Result<()>>,
 {
-    pump::pump(relay, meter, ctx.idle_timeout, ctx.drain_timeout, shutdown).await
+    let TcpSettings {
+        idle_timeout,
+        drain_timeout,
+        ..
+    } = settings;
+    pump::pump(relay, meter, idle_timeout, drain_timeout, shutdown).await
 }
 
 /// The buffered copy (TLS on a side, or no pipe to spare). A connection cut short by
 /// the idle timeout or the drain deadline is told so, bounded (TLS close_notify
 /// included); one that ended by itself was already shut down by the copy.
 async fn buffered<U>(
-    ctx: &TcpContext,
+    settings: TcpSettings,
     client: ClientIo,
     mut upstream: U,
     meter: &Meter<'_>,
@@ -414,7 +417,7 @@ where
     };
     let end = {
         let copy = pin!(pump::copy(&mut client, &mut upstream));
-        pump_on(ctx, copy, meter, shutdown).await
+        pump_on(settings, copy, meter, shutdown).await
     };
     if end != End::Done {
         let bye = Duration::from_secs(1);

@@ -21,6 +21,7 @@ use nix::sys::socket::{MsgFlags, recv, send};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::low_water::LowWater;
 use super::pump::Meter;
 
 /// Pipes in existence (in use or pooled), all threads together.
@@ -142,11 +143,24 @@ pub async fn relay(
     upstream: &TcpStream,
     pipes: Pipes,
     meter: &Meter<'_>,
+    bulk_batching: bool,
 ) -> io::Result<()> {
     let Pipes(mut up, mut down) = pipes;
     let ended = AtomicBool::new(false);
-    let to_upstream = one_way(client, upstream, &mut up, &ended, |n| meter.read(n));
-    let to_client = one_way(upstream, client, &mut down, &ended, |n| meter.wrote(n));
+    let to_upstream = one_way(
+        (client, upstream),
+        &mut up,
+        LowWater::new(bulk_batching),
+        &ended,
+        |n| meter.read(n),
+    );
+    let to_client = one_way(
+        (upstream, client),
+        &mut down,
+        LowWater::new(bulk_batching),
+        &ended,
+        |n| meter.wrote(n),
+    );
     tokio::try_join!(to_upstream, to_client).map(|_| ())
 }
 
@@ -158,11 +172,12 @@ pub async fn relay(
 /// for a request or a short answer that costs the kernel less than two splices through a
 /// pipe, and a short read tells that the socket is drained, so the next read waits for
 /// readiness instead of ending in EAGAIN. A read that fills the scratch buffer marks a
-/// bulk transfer: from then on the direction splices (`src` → pipe → `dst`).
+/// bulk transfer: from then on the direction splices (`src` → pipe → `dst`), and with
+/// `bulk_batching` a sustained stream wakes the thread per batch ([`LowWater`]).
 async fn one_way(
-    src: &TcpStream,
-    dst: &TcpStream,
+    (src, dst): (&TcpStream, &TcpStream),
     lent: &mut Lent,
+    mut mark: LowWater,
     ended: &AtomicBool,
     moved: impl Fn(u64),
 ) -> io::Result<()> {
@@ -173,7 +188,7 @@ async fn one_way(
     let mut bulk = false;
     loop {
         // Fill: only when the pipe is empty, so a full pipe never blocks the socket read.
-        src.readable().await?;
+        mark.readable(src).await?;
         // Whatever enters the pipe is counted in `lent.held` at once, also when the call
         // then fails: a pipe is pooled again only if it holds nothing.
         let read = if bulk {
@@ -202,6 +217,9 @@ async fn one_way(
                 let _ = socket2::SockRef::from(dst).shutdown(Shutdown::Write);
             }
             return Ok(());
+        }
+        if bulk {
+            mark.spliced(src, n);
         }
         bulk = bulk || n == SCRATCH;
         // Drain.
@@ -345,7 +363,7 @@ mod tests {
         // Like the listener, the relay's owner closes both sockets once it returns (the
         // last EOF is passed on by that close, not by a shutdown).
         let relay = async {
-            let r = relay(&client_side, &upstream_side, pipes, &meter).await;
+            let r = relay(&client_side, &upstream_side, pipes, &meter, false).await;
             drop((client_side, upstream_side));
             r
         };
@@ -396,7 +414,7 @@ mod tests {
         let meter = Meter::detached();
         let pipes = Pipes::take().expect("pipes");
         let relay = async {
-            let r = relay(&client_side, &upstream_side, pipes, &meter).await;
+            let r = relay(&client_side, &upstream_side, pipes, &meter, false).await;
             drop((client_side, upstream_side));
             r
         };
@@ -434,6 +452,56 @@ mod tests {
         assert_eq!(meter.totals(), (n, n));
     }
 
+    /// `bulk_batching`: a sustained stream raises the mark on the upstream socket, and
+    /// bytes left below it when the sender pauses (no FIN) still go on, after which the
+    /// mark is down again.
+    #[tokio::test]
+    async fn a_batched_stream_raises_the_mark_and_its_tail_still_arrives() {
+        use super::super::low_water::tests::mark_of;
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let meter = Meter::detached();
+        let pipes = Pipes::take().expect("pipes");
+        const BULK: usize = 8 << 20;
+        const TAIL: usize = 1000;
+        let (bulk_read, bulk_seen) = tokio::sync::oneshot::channel::<()>();
+        // The sockets outlive the relay: the client side checks the upstream's mark.
+        let relay = relay(&client_side, &upstream_side, pipes, &meter, true);
+        let backend_io = async move {
+            backend.write_all(&vec![7; BULK]).await.unwrap();
+            // The tail goes only once the bulk has been read: it arrives alone, below
+            // any mark, and the connection stays open.
+            bulk_seen.await.unwrap();
+            backend.write_all(&[9; TAIL]).await.unwrap();
+            backend
+        };
+        let client_io = async {
+            let mut got = 0;
+            let mut highest = 0;
+            let mut buf = vec![0; 64 * 1024];
+            while got < BULK {
+                got += client.read(&mut buf).await.unwrap();
+                highest = highest.max(mark_of(&upstream_side));
+            }
+            assert_eq!(got, BULK, "bytes of the tail came with the bulk");
+            bulk_read.send(()).unwrap();
+            let mut tail = vec![0; TAIL];
+            client.read_exact(&mut tail).await.unwrap();
+            assert!(tail.iter().all(|&b| b == 9));
+            (highest, mark_of(&upstream_side), client)
+        };
+        let deadline = std::time::Duration::from_secs(20);
+        let streamed = async { tokio::join!(backend_io, client_io) };
+        tokio::select! {
+            r = relay => panic!("the relay ended early: {r:?}"),
+            r = tokio::time::timeout(deadline, streamed) => {
+                let (_backend, (highest, after, _client)) = r.expect("the tail never arrived");
+                assert!(highest > 1, "the mark was never raised");
+                assert_eq!(after, 1, "the mark stayed up after the sender paused");
+            }
+        }
+    }
+
     /// An upstream that answers and closes (HTTP/1.0, `Connection: close`): when its FIN is
     /// known by the time the answer is read, the answer and the FIN reach the client in
     /// one segment, not a data segment followed by a bare FIN.
@@ -456,7 +524,7 @@ mod tests {
         let meter = Meter::detached();
         let pipes = Pipes::take().expect("pipes");
         let relay = async {
-            let r = relay(&client_side, &upstream_side, pipes, &meter).await;
+            let r = relay(&client_side, &upstream_side, pipes, &meter, false).await;
             drop((client_side, upstream_side));
             r
         };
