@@ -7,6 +7,8 @@
 # (ECDSA P-256 certificate, TLS 1.3, keep-alive to the backend). wrk (pinned with the
 # backend to LOADGEN_CPUS) measures:
 #   tcp-bulk   GET /big through the tcp frontend            → MiB/s
+#   tcp-bulk-b the same; the balancer's listener has bulk_batching = true (HAProxy has
+#              no such setting: its tcp frontend again)   → MiB/s
 #   tcp-conn   GET / with Connection: close via tcp frontend → connections/s
 #   https-ka   GET / over TLS, keep-alive                    → requests/s
 #   https-hs   GET / over TLS, Connection: close             → handshakes/s (full, no resumption)
@@ -17,7 +19,7 @@
 # test whose load generator is at ~100 % behind both proxies measures that core, not the
 # proxies (TCP bulk, session 5).
 #
-# Settings: TESTS ["tcp-bulk tcp-conn https-ka https-hs"] (a subset runs only those),
+# Settings: TESTS ["tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs"] (a subset runs only those),
 #           DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
 #           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer),
 #           BALANCER_BIN (measure that binary, no build), KEEP_TMP=1 (keep the work dir).
@@ -25,7 +27,7 @@
 # Cleanup: every process started is killed by PID on exit (bench/lib.sh).
 set -euo pipefail
 
-TESTS=${TESTS:-tcp-bulk tcp-conn https-ka https-hs}
+TESTS=${TESTS:-tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs}
 DURATION=${DURATION:-5}
 CONNS=${CONNS:-32}
 ROUNDS=${ROUNDS:-1}
@@ -39,7 +41,7 @@ BIN=$(PROFILE=release build_bin BALANCER_BIN wharf-balancer balancer)
 
 bench_init
 chmod 755 "$WORK"  # nginx workers run as nobody
-BACK=$(free_port); TCP=$(free_port); TLS=$(free_port); ADMIN=$(free_port)
+BACK=$(free_port); TCP=$(free_port); TCPB=$(free_port); TLS=$(free_port); ADMIN=$(free_port)
 
 # Backend.
 mkdir -p "$WORK/nginx/logs" "$WORK/www"
@@ -105,6 +107,12 @@ bind = "127.0.0.1:$TCP"
 protocol = "tcp"
 service = "raw"
 [[listener]]
+name = "tcpb"
+bind = "127.0.0.1:$TCPB"
+protocol = "tcp"
+service = "raw"
+bulk_batching = true
+[[listener]]
 name = "tls"
 bind = "127.0.0.1:$TLS"
   [[listener.route]]
@@ -157,7 +165,7 @@ run() { # proxy test url extra-args...
     G[$p,$k]=$(awk -v a="$g0" -v b="$g1" 'BEGIN { split(a, x, " "); split(b, y, " ");
         d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }')
     errors <<<"$out" | sed "s/^/# $p $k: /" >&2
-    if [[ $k == tcp-bulk ]]; then
+    if [[ $k == tcp-bulk* ]]; then
         R[$p,$k]=$(mibs <<<"$out")
         n=$(awk '/ read$/ || / read,/ { for (i = 1; i <= NF; i++) if ($i == "read" || $i == "read,") v = $(i - 1);
             u = substr(v, length(v) - 1); x = v + 0; if (u == "GB") x *= 1024; else if (u == "KB") x /= 1024; print x }' <<<"$out")
@@ -168,10 +176,13 @@ run() { # proxy test url extra-args...
     C[$p,$k]=$(awk -v d="$((t1 - t0))" -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN { if (n > 0) printf "%.2f", d * 1e6 / hz / n; else print 0 }')
 }
 measure() { # proxy
-    local p=$1 k
+    local p=$1 k port
     for k in $TESTS; do
         case $k in
             tcp-bulk) run "$p" tcp-bulk "http://127.0.0.1:$TCP/big" -c4 ;;
+            tcp-bulk-b)
+                port=$([[ $p == balancer ]] && echo "$TCPB" || echo "$TCP")
+                run "$p" tcp-bulk-b "http://127.0.0.1:$port/big" -c4 ;;
             tcp-conn) run "$p" tcp-conn "http://127.0.0.1:$TCP/" -H "Connection: close" ;;
             https-ka) run "$p" https-ka "https://127.0.0.1:$TLS/" ;;
             https-hs) run "$p" https-hs "https://127.0.0.1:$TLS/" -H "Connection: close" ;;
@@ -216,7 +227,7 @@ for k in $TESTS; do
     hc=$(awk -v s="${CSUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.2f", s / n }')
     bc=$(awk -v s="${CSUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.2f", s / n }')
     cratio=$(awk -v h="$hc" -v b="$bc" 'BEGIN { if (h > 0) printf "%.2f", b / h; else print "-" }')
-    unit=$([[ $k == tcp-bulk ]] && echo "MiB/s; CPU µs per MiB" || echo "/s; CPU µs per request")
+    unit=$([[ $k == tcp-bulk* ]] && echo "MiB/s; CPU µs per MiB" || echo "/s; CPU µs per request")
     printf '%-10s %10s %10s %6s   %12s %12s %6s  (%s)\n' "$k" "$h" "$b" "$ratio" "$hc" "$bc" "$cratio" "$unit"
 done
 echo "# ratio: balancer / HAProxy - throughput target > 1, CPU per unit target < 1; load at end: $(cut -d' ' -f1-3 /proc/loadavg)"
