@@ -10,12 +10,18 @@
 //! several pipe-fuls. Figures: balancer/README.md, "Round 8".
 //!
 //! The price is the tail of a burst: bytes below the mark that arrive as the sender
-//! pauses (an answer's last bytes on a kept-alive connection) wake nobody. So the mark is
-//! set only on a *sustained* stream ([`SUSTAINED`] bytes spliced without a pause), every
-//! wait under the mark has a deadline ([`STALL`]), and a deadline that passes lowers the
-//! mark and starts the count over: a burst's last bytes wait at most [`STALL`] plus the
-//! timer's millisecond granularity, once per burst. That is why it is a listener option,
-//! off by default: an interactive protocol with answers above 1 MiB would see it.
+//! pauses (an answer's last bytes on a kept-alive connection) wake nobody. So:
+//!
+//! - the mark goes up only on a *sustained* one-way stream: [`SUSTAINED`] bytes spliced
+//!   this way with no byte the other way in between (a request on a kept-alive
+//!   connection starts the count over, so a series of short answers never gets a mark);
+//! - every wait under the mark has a deadline ([`STALL`]); when it passes, the mark goes
+//!   down and the count starts over. A burst's last bytes thus wait [`STALL`] plus the
+//!   timer's millisecond granularity, 1–2 ms, once per burst of more than [`SUSTAINED`].
+//!
+//! On one connection alone that tail costs more than batching saves (balancer/README.md),
+//! which is why it is a listener option, off by default: for relays of many concurrent
+//! bulk streams (backups, replication, downloads), not for interactive protocols.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -23,7 +29,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-/// Bytes spliced without a pause before the mark goes up.
+/// Bytes spliced one way, with no pause and no byte the other way, before the mark goes up.
 const SUSTAINED: u64 = 1 << 20;
 /// The highest mark: four pipe-fuls (a splice moves at most 64 KiB).
 const MARK: usize = 256 * 1024;
@@ -39,8 +45,10 @@ const STALL: Duration = Duration::from_millis(1);
 /// One relay direction's mark on its source socket.
 pub(super) struct LowWater {
     enabled: bool,
-    /// Bytes spliced since the stream started or last paused.
+    /// Bytes spliced this way since the stream started, paused, or heard the other way.
     streak: u64,
+    /// The other way's byte count when `streak` was last checked.
+    heard: u64,
     /// Whether a mark above one byte is set.
     raised: bool,
 }
@@ -50,6 +58,7 @@ impl LowWater {
         Self {
             enabled,
             streak: 0,
+            heard: 0,
             raised: false,
         }
     }
@@ -72,10 +81,15 @@ impl LowWater {
         }
     }
 
-    /// Counts `n` bytes spliced from `src`; raises the mark once the stream is sustained.
-    pub(super) fn spliced(&mut self, src: &TcpStream, n: usize) {
+    /// Counts `n` bytes spliced from `src`, `heard` being the bytes moved the other way
+    /// so far; raises the mark once the stream is sustained.
+    pub(super) fn spliced(&mut self, src: &TcpStream, n: usize, heard: u64) {
         if !self.enabled || self.raised {
             return;
+        }
+        if heard != self.heard {
+            self.heard = heard;
+            self.streak = 0;
         }
         self.streak += n as u64;
         if self.streak < SUSTAINED {

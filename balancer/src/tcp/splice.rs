@@ -152,21 +152,22 @@ pub async fn relay(
         &mut up,
         LowWater::new(bulk_batching),
         &ended,
-        |n| meter.read(n),
+        (|n| meter.read(n), || meter.totals().1),
     );
     let to_client = one_way(
         (upstream, client),
         &mut down,
         LowWater::new(bulk_batching),
         &ended,
-        |n| meter.wrote(n),
+        (|n| meter.wrote(n), || meter.totals().0),
     );
     tokio::try_join!(to_upstream, to_client).map(|_| ())
 }
 
 /// `src` → `dst` until EOF on `src`, then shuts down writing on `dst` — unless the other
 /// direction has already ended (`ended`): then both sockets are about to be closed,
-/// which sends the FIN anyway, and the shutdown would be a wasted syscall.
+/// which sends the FIN anyway, and the shutdown would be a wasted syscall. `moved` counts
+/// the bytes this way; `heard` tells the bytes moved the other way so far.
 ///
 /// Small reads go by `recv` into a per-thread scratch buffer and `send` ([`relay_small`]):
 /// for a request or a short answer that costs the kernel less than two splices through a
@@ -179,7 +180,7 @@ async fn one_way(
     lent: &mut Lent,
     mut mark: LowWater,
     ended: &AtomicBool,
-    moved: impl Fn(u64),
+    (moved, heard): (impl Fn(u64), impl Fn() -> u64),
 ) -> io::Result<()> {
     let Some(pipe) = lent.pipe.as_ref() else {
         return Err(io::Error::other("pipe already returned"));
@@ -219,7 +220,7 @@ async fn one_way(
             return Ok(());
         }
         if bulk {
-            mark.spliced(src, n);
+            mark.spliced(src, n, heard());
         }
         bulk = bulk || n == SCRATCH;
         // Drain.
@@ -498,6 +499,47 @@ mod tests {
                 let (_backend, (highest, after, _client)) = r.expect("the tail never arrived");
                 assert!(highest > 1, "the mark was never raised");
                 assert_eq!(after, 1, "the mark stayed up after the sender paused");
+            }
+        }
+    }
+
+    /// `bulk_batching` on a kept-alive request/answer connection: answers that together
+    /// pass the sustained count, each after a request, never raise the mark (so their
+    /// tails never wait for the stall deadline).
+    #[tokio::test]
+    async fn answers_after_requests_never_raise_the_mark() {
+        use super::super::low_water::tests::mark_of;
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let meter = Meter::detached();
+        let pipes = Pipes::take().expect("pipes");
+        const ANSWER: usize = 512 * 1024;
+        const ROUNDS: usize = 8;
+        let relay = relay(&client_side, &upstream_side, pipes, &meter, true);
+        let backend_io = async move {
+            let mut request = [0; 4];
+            for _ in 0..ROUNDS {
+                backend.read_exact(&mut request).await.unwrap();
+                backend.write_all(&vec![5; ANSWER]).await.unwrap();
+            }
+            backend
+        };
+        let client_io = async {
+            let mut highest = 0;
+            let mut answer = vec![0; ANSWER];
+            for _ in 0..ROUNDS {
+                client.write_all(b"next").await.unwrap();
+                client.read_exact(&mut answer).await.unwrap();
+                highest = highest.max(mark_of(&upstream_side));
+            }
+            highest
+        };
+        let streamed = async { tokio::join!(backend_io, client_io) };
+        tokio::select! {
+            r = relay => panic!("the relay ended early: {r:?}"),
+            r = tokio::time::timeout(std::time::Duration::from_secs(20), streamed) => {
+                let (_backend, highest) = r.expect("the answers never arrived");
+                assert_eq!(highest, 1, "a mark was raised on a request/answer connection");
             }
         }
     }
