@@ -21,6 +21,7 @@
 #
 # Settings: TESTS ["tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs"] (a subset runs only those),
 #           DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
+#           BULK_CONNS [4] and BULK_KB [10240] (the bulk tests' connections and file size),
 #           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer),
 #           BALANCER_BIN (measure that binary, no build), KEEP_TMP=1 (keep the work dir).
 # Needs: haproxy nginx wrk openssl taskset curl python3 (Debian packages), a Rust toolchain.
@@ -46,7 +47,7 @@ BACK=$(free_port); TCP=$(free_port); TCPB=$(free_port); TLS=$(free_port); ADMIN=
 # Backend.
 mkdir -p "$WORK/nginx/logs" "$WORK/www"
 head -c 100 /dev/zero | tr '\0' x >"$WORK/www/index.html"
-head -c $((10 * 1024 * 1024)) /dev/urandom >"$WORK/www/big"
+head -c $((${BULK_KB:-10240} * 1024)) /dev/urandom >"$WORK/www/big"
 cat >"$WORK/nginx/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
@@ -179,10 +180,10 @@ measure() { # proxy
     local p=$1 k port
     for k in $TESTS; do
         case $k in
-            tcp-bulk) run "$p" tcp-bulk "http://127.0.0.1:$TCP/big" -c4 ;;
+            tcp-bulk) run "$p" tcp-bulk "http://127.0.0.1:$TCP/big" -c"${BULK_CONNS:-4}" ;;
             tcp-bulk-b)
                 port=$([[ $p == balancer ]] && echo "$TCPB" || echo "$TCP")
-                run "$p" tcp-bulk-b "http://127.0.0.1:$port/big" -c4 ;;
+                run "$p" tcp-bulk-b "http://127.0.0.1:$port/big" -c"${BULK_CONNS:-4}" ;;
             tcp-conn) run "$p" tcp-conn "http://127.0.0.1:$TCP/" -H "Connection: close" ;;
             https-ka) run "$p" https-ka "https://127.0.0.1:$TLS/" ;;
             https-hs) run "$p" https-hs "https://127.0.0.1:$TLS/" -H "Connection: close" ;;

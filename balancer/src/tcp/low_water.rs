@@ -19,9 +19,10 @@
 //!   down and the count starts over. A burst's last bytes thus wait [`STALL`] plus the
 //!   timer's millisecond granularity, 1–2 ms, once per burst of more than [`SUSTAINED`].
 //!
-//! On one connection alone that tail costs more than batching saves (balancer/README.md),
-//! which is why it is a listener option, off by default: for relays of many concurrent
-//! bulk streams (backups, replication, downloads), not for interactive protocols.
+//! On one connection with answers of a few MiB that tail costs more than batching saves
+//! (balancer/README.md), which is why it is a listener option, off by default: for relays
+//! of many concurrent bulk streams (backups, replication, downloads), not for interactive
+//! protocols.
 
 use std::io;
 use std::os::fd::AsRawFd;
