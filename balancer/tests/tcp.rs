@@ -18,6 +18,15 @@ fn addr(lb: &Lb) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], lb.port))
 }
 
+/// Waits until the balancer closes the silent connection `s` (EOF); how long that took.
+async fn idle_close(s: &mut TcpStream) -> Result<Duration> {
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(l4kit::WAIT, s.read(&mut buf)).await??;
+    anyhow::ensure!(n == 0, "expected EOF from the idle timeout, got {n} bytes");
+    Ok(t.elapsed())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_echo_weights_retries_and_metrics() -> Result<()> {
     let a = Echo::start("a", false).await?;
@@ -124,11 +133,7 @@ name = "echo"
     // Idle: closed by the balancer after ~700 ms of silence, not before.
     let mut idle = TcpStream::connect(addr(&lb)).await?;
     assert_eq!(greeting(&mut idle).await?, "a");
-    let t = Instant::now();
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(l4kit::WAIT, idle.read(&mut buf)).await??;
-    assert_eq!(n, 0, "expected EOF from the idle timeout");
-    let waited = t.elapsed();
+    let waited = idle_close(&mut idle).await?;
     assert!(waited >= Duration::from_millis(600), "{waited:?}");
     assert!(waited < Duration::from_secs(5), "{waited:?}");
     let m = lb.metrics().await?;
@@ -217,15 +222,8 @@ name = "echo"
 
     let mut fresh = TcpStream::connect(addr(&lb)).await?;
     assert_eq!(greeting(&mut fresh).await?, "a");
-    let t = Instant::now();
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(l4kit::WAIT, fresh.read(&mut buf)).await??;
-    assert_eq!(n, 0, "expected EOF from the new idle timeout");
-    assert!(
-        t.elapsed() >= Duration::from_millis(600),
-        "{:?}",
-        t.elapsed()
-    );
+    let waited = idle_close(&mut fresh).await?;
+    assert!(waited >= Duration::from_millis(600), "{waited:?}");
     // Idle for longer than the new timeout, the old connection is still there.
     kept.write_all(b"tick").await?;
     let mut got = [0u8; 4];
