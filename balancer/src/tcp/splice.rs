@@ -465,6 +465,10 @@ mod tests {
         let pipes = Pipes::take().expect("pipes");
         const BULK: usize = 8 << 20;
         const TAIL: usize = 1000;
+        // A fixed receive buffer (no autotuning to wait for): room for the largest mark.
+        socket2::SockRef::from(&upstream_side)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
         let (bulk_read, bulk_seen) = tokio::sync::oneshot::channel::<()>();
         // The sockets outlive the relay: the client side checks the upstream's mark.
         let relay = relay(&client_side, &upstream_side, pipes, &meter, true);
@@ -515,6 +519,10 @@ mod tests {
         let pipes = Pipes::take().expect("pipes");
         const ANSWER: usize = 512 * 1024;
         const ROUNDS: usize = 8;
+        // As above: a buffer that leaves room for a mark, were one raised.
+        socket2::SockRef::from(&upstream_side)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
         let relay = relay(&client_side, &upstream_side, pipes, &meter, true);
         let backend_io = async move {
             let mut request = [0; 4];
