@@ -1,5 +1,19 @@
-//! `bulk_batching`: waking once per batch of a sustained bulk stream, not per arrival,
-//! with a receive low-water mark (`SO_RCVLOWAT`).
+//! Low-water marks on the sockets of a bulk relay direction.
+//!
+//! **The unsent mark (always).** Once a direction turns bulk, its destination gets
+//! `TCP_NOTSENT_LOWAT` = [`UNSENT`]: the kernel takes no more from us while that much is
+//! queued and not yet sent. Without it, a fast relay fills the destination's send buffer
+//! (a MiB and more) whenever the receiver's window is shut, and every later window update
+//! then sends from that backlog in the *receiver's* context. On loopback, where the
+//! receiving side is the load generator, that put our transmit work on its saturated
+//! core; our sockets were window-limited a third of the time, HAProxy's (which copies
+//! 16 KiB at a time) far less. With the mark, what is sent is sent from our write, and the
+//! bytes wait in our pipe instead. It never delays a byte the receiver has room for, and
+//! HTTP/2 servers use the same option to keep their queues short. Figures:
+//! balancer/README.md, "Round 8".
+//!
+//! **The receive mark (`bulk_batching`).** Waking once per batch of a sustained bulk
+//! stream, not per arrival, with `SO_RCVLOWAT`.
 //!
 //! Without it, every write the sender makes while the relay sleeps wakes the relay's
 //! thread, and the relay moves a few dozen KiB and sleeps again, about ten times per MiB.
@@ -29,6 +43,9 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+
+/// Unsent bytes a bulk direction's destination may hold (`TCP_NOTSENT_LOWAT`).
+const UNSENT: usize = 16 * 1024;
 
 /// Bytes spliced one way, with no pause and no byte the other way, before the mark goes up.
 const SUSTAINED: u64 = 1 << 20;
@@ -76,7 +93,7 @@ impl LowWater {
                 self.streak = 0;
                 self.raised = false;
                 // The kernel reports the bytes already queued as soon as the mark is 1.
-                set(src, 1)?;
+                set(src, RCVLOWAT, 1)?;
                 src.readable().await
             }
         }
@@ -103,24 +120,37 @@ impl LowWater {
         if mark < SMALLEST_MARK {
             return;
         }
-        match set(src, mark) {
+        match set(src, RCVLOWAT, mark) {
             Ok(()) => self.raised = true,
             Err(e) => tracing::debug!(error = %e, "SO_RCVLOWAT refused; waking on every arrival"),
         }
     }
 }
 
-/// Sets `SO_RCVLOWAT` (neither nix nor socket2 wraps it).
+/// A direction turned bulk: its destination queues at most [`UNSENT`] unsent bytes. A
+/// failure only loses the gain, so it is logged and ignored.
+pub(super) fn limit_unsent(dst: &TcpStream) {
+    if let Err(e) = set(dst, NOTSENT_LOWAT, UNSENT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT refused");
+    }
+}
+
+/// A socket option of `c_int` value: (level, name).
+type IntOpt = (libc::c_int, libc::c_int);
+const RCVLOWAT: IntOpt = (libc::SOL_SOCKET, libc::SO_RCVLOWAT);
+const NOTSENT_LOWAT: IntOpt = (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT);
+
+/// Sets an integer socket option (neither nix nor socket2 wraps these two).
 #[allow(unsafe_code)]
-fn set(s: &TcpStream, bytes: usize) -> io::Result<()> {
+fn set(s: &TcpStream, (level, name): IntOpt, bytes: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: the option value is a plain `c_int` that lives for the call, and its size is
     // passed along; the descriptor is borrowed from a live socket.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
+            level,
+            name,
             (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -137,21 +167,30 @@ pub(super) mod tests {
     use super::*;
 
     /// The socket's current `SO_RCVLOWAT`.
-    #[allow(unsafe_code)]
     pub fn mark_of(s: &TcpStream) -> usize {
+        get(s, RCVLOWAT)
+    }
+
+    /// The socket's current `TCP_NOTSENT_LOWAT` (0: none).
+    pub fn unsent_of(s: &TcpStream) -> usize {
+        get(s, NOTSENT_LOWAT)
+    }
+
+    #[allow(unsafe_code)]
+    fn get(s: &TcpStream, (level, name): IntOpt) -> usize {
         let mut value: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: `value` and `len` live for the call and describe a plain `c_int`.
         let rc = unsafe {
             libc::getsockopt(
                 s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
+                level,
+                name,
                 (&raw mut value).cast(),
                 &mut len,
             )
         };
-        assert_eq!(rc, 0, "SO_RCVLOWAT: {}", io::Error::last_os_error());
+        assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
         value as usize
     }
 }

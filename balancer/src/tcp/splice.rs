@@ -21,7 +21,7 @@ use nix::sys::socket::{MsgFlags, recv, send};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::low_water::LowWater;
+use super::low_water::{self, LowWater};
 use super::pump::Meter;
 
 /// Pipes in existence (in use or pooled), all threads together.
@@ -173,8 +173,9 @@ pub async fn relay(
 /// for a request or a short answer that costs the kernel less than two splices through a
 /// pipe, and a short read tells that the socket is drained, so the next read waits for
 /// readiness instead of ending in EAGAIN. A read that fills the scratch buffer marks a
-/// bulk transfer: from then on the direction splices (`src` → pipe → `dst`), and with
-/// `bulk_batching` a sustained stream wakes the thread per batch ([`LowWater`]).
+/// bulk transfer: from then on the direction splices (`src` → pipe → `dst`), `dst` holds
+/// little unsent ([`low_water::limit_unsent`]), and with `bulk_batching` a sustained
+/// stream wakes the thread per batch ([`LowWater`]).
 async fn one_way(
     (src, dst): (&TcpStream, &TcpStream),
     lent: &mut Lent,
@@ -221,8 +222,10 @@ async fn one_way(
         }
         if bulk {
             mark.spliced(src, n, heard());
+        } else if n == SCRATCH {
+            bulk = true;
+            low_water::limit_unsent(dst);
         }
-        bulk = bulk || n == SCRATCH;
         // Drain.
         while lent.held > 0 {
             dst.writable().await?;
@@ -451,6 +454,43 @@ mod tests {
         r.unwrap();
         let n = (ROUNDS * SIZE) as u64;
         assert_eq!(meter.totals(), (n, n));
+    }
+
+    /// A bulk direction keeps little unsent in its destination; a direction that only
+    /// carried small messages leaves its destination as the kernel made it.
+    #[tokio::test]
+    async fn a_bulk_direction_limits_what_its_destination_holds_unsent() {
+        use super::super::low_water::tests::unsent_of;
+        let (mut client, client_side) = pair().await;
+        let (upstream_side, mut backend) = pair().await;
+        let meter = Meter::detached();
+        let pipes = Pipes::take().expect("pipes");
+        const BULK: usize = 1 << 20;
+        let relay = relay(&client_side, &upstream_side, pipes, &meter, false);
+        let backend_io = async move {
+            let mut request = [0; 4];
+            backend.read_exact(&mut request).await.unwrap();
+            backend.write_all(&vec![3; BULK]).await.unwrap();
+            backend
+        };
+        let client_io = async {
+            client.write_all(b"give").await.unwrap();
+            let mut answer = vec![0; BULK];
+            client.read_exact(&mut answer).await.unwrap();
+        };
+        let streamed = async { tokio::join!(backend_io, client_io) };
+        tokio::select! {
+            r = relay => panic!("the relay ended early: {r:?}"),
+            r = tokio::time::timeout(std::time::Duration::from_secs(20), streamed) => {
+                r.expect("the answer never arrived");
+            }
+        }
+        assert_eq!(
+            unsent_of(&client_side),
+            16 * 1024,
+            "the bulk direction's destination"
+        );
+        assert_eq!(unsent_of(&upstream_side), 0, "the request's destination");
     }
 
     /// `bulk_batching`: a sustained stream raises the mark on the upstream socket, and
