@@ -349,6 +349,21 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// Runs `work` beside a relay that must outlive it (the connection stays open), within
+    /// a deadline; `what` names what `work` waits for.
+    async fn beside<T>(
+        relay: impl Future<Output = io::Result<()>>,
+        work: impl Future<Output = T>,
+        what: &str,
+    ) -> T {
+        tokio::select! {
+            r = relay => panic!("the relay ended early: {r:?}"),
+            r = tokio::time::timeout(std::time::Duration::from_secs(20), work) => {
+                r.unwrap_or_else(|_| panic!("{what} never arrived"))
+            }
+        }
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
@@ -478,13 +493,12 @@ mod tests {
             let mut answer = vec![0; BULK];
             client.read_exact(&mut answer).await.unwrap();
         };
-        let streamed = async { tokio::join!(backend_io, client_io) };
-        tokio::select! {
-            r = relay => panic!("the relay ended early: {r:?}"),
-            r = tokio::time::timeout(std::time::Duration::from_secs(20), streamed) => {
-                r.expect("the answer never arrived");
-            }
-        }
+        beside(
+            relay,
+            async { tokio::join!(backend_io, client_io) },
+            "the answer",
+        )
+        .await;
         assert_eq!(
             unsent_of(&client_side),
             16 * 1024,
@@ -535,16 +549,10 @@ mod tests {
             assert!(tail.iter().all(|&b| b == 9));
             (highest, mark_of(&upstream_side), client)
         };
-        let deadline = std::time::Duration::from_secs(20);
         let streamed = async { tokio::join!(backend_io, client_io) };
-        tokio::select! {
-            r = relay => panic!("the relay ended early: {r:?}"),
-            r = tokio::time::timeout(deadline, streamed) => {
-                let (_backend, (highest, after, _client)) = r.expect("the tail never arrived");
-                assert!(highest > 1, "the mark was never raised");
-                assert_eq!(after, 1, "the mark stayed up after the sender paused");
-            }
-        }
+        let (_backend, (highest, after, _client)) = beside(relay, streamed, "the tail").await;
+        assert!(highest > 1, "the mark was never raised");
+        assert_eq!(after, 1, "the mark stayed up after the sender paused");
     }
 
     /// `bulk_batching` on a kept-alive request/answer connection: answers that together
@@ -583,13 +591,11 @@ mod tests {
             highest
         };
         let streamed = async { tokio::join!(backend_io, client_io) };
-        tokio::select! {
-            r = relay => panic!("the relay ended early: {r:?}"),
-            r = tokio::time::timeout(std::time::Duration::from_secs(20), streamed) => {
-                let (_backend, highest) = r.expect("the answers never arrived");
-                assert_eq!(highest, 1, "a mark was raised on a request/answer connection");
-            }
-        }
+        let (_backend, highest) = beside(relay, streamed, "the answers").await;
+        assert_eq!(
+            highest, 1,
+            "a mark was raised on a request/answer connection"
+        );
     }
 
     /// An upstream that answers and closes (HTTP/1.0, `Connection: close`): when its FIN is
