@@ -177,12 +177,7 @@ service = "echo"
     prober.more(10).await?;
     lb.write_config(&config(true))?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
-    wharf_tests::eventually("reload applied", WAIT, || async {
-        let m = lb.metrics().await.ok()?;
-        (metric(&m, "balancer_config_reloads_total", &["result=\"ok\""]) >= 1.0).then_some(())
-    })
-    .await
-    .map_err(|e| e.context(lb.log()))?;
+    lb.reloads("ok", 1.0).await?;
 
     // New connections: a PROXY header is required, then SNI finds the added certificate.
     let mut tcp = TcpStream::connect(https).await?;
@@ -242,11 +237,7 @@ service = "echo"
     let broken = config(true).replace(&*a_crt.to_string_lossy(), "/nonexistent/a.crt");
     lb.write_config(&broken)?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
-    wharf_tests::eventually("reload refused", WAIT, || async {
-        let m = lb.metrics().await.ok()?;
-        (metric(&m, "balancer_config_reloads_total", &["result=\"error\""]) >= 1.0).then_some(())
-    })
-    .await?;
+    lb.reloads("error", 1.0).await?;
     let mut tcp = TcpStream::connect(https).await?;
     tcp.write_all(&balancer::proxy_protocol::encode_v2(
         "203.0.113.9:1".parse()?,
@@ -271,12 +262,7 @@ service = "echo"
         .replace(&*a_key.to_string_lossy(), &b_key.to_string_lossy());
     lb.write_config(&only_b)?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
-    wharf_tests::eventually("second reload applied", WAIT, || async {
-        let m = lb.metrics().await.ok()?;
-        (metric(&m, "balancer_config_reloads_total", &["result=\"ok\""]) >= 2.0).then_some(())
-    })
-    .await
-    .map_err(|e| e.context(lb.log()))?;
+    lb.reloads("ok", 2.0).await?;
     let m = lb.metrics().await?;
     assert!(!series(&m, &a_crt), "{m}");
     assert!(series(&m, &b_crt), "{m}");
@@ -315,22 +301,11 @@ bind = "127.0.0.1:@PORT@"
     assert_eq!(get(&mut kept, "/").await?, (200, "web".into()));
 
     let prober = ConnectProber::start(vec![front]);
-    let reloaded = |n: f64| {
-        let lb = &lb;
-        async move {
-            wharf_tests::eventually("reload applied", WAIT, || async {
-                let m = lb.metrics().await.ok()?;
-                (metric(&m, "balancer_config_reloads_total", &["result=\"ok\""]) >= n).then_some(())
-            })
-            .await
-            .map_err(|e| e.context(lb.log()))
-        }
-    };
     let short = std::time::Duration::from_secs(2);
 
     lb.write_config(&config(true))?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
-    reloaded(1.0).await?;
+    lb.reloads("ok", 1.0).await?;
     // The old loop may take one more connection while it stops: ask until tcp answers.
     wharf_tests::eventually("tcp on the listener's address", WAIT, || async {
         let mut s = TcpStream::connect(front).await.ok()?;
@@ -348,7 +323,7 @@ bind = "127.0.0.1:@PORT@"
 
     lb.write_config(&config(false))?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
-    reloaded(2.0).await?;
+    lb.reloads("ok", 2.0).await?;
     wharf_tests::eventually("http on the listener's address", WAIT, || async {
         let s = TcpStream::connect(front).await.ok()?;
         let mut tx = http1(s).await.ok()?;

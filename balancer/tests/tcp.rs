@@ -213,12 +213,7 @@ name = "echo"
 
     lb.write_config(&config("700ms", true))?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
-    wharf_tests::eventually("reload applied", l4kit::WAIT, || async {
-        let m = lb.metrics().await.ok()?;
-        (metric(&m, "balancer_config_reloads_total", &["result=\"ok\""]) >= 1.0).then_some(())
-    })
-    .await
-    .map_err(|e| e.context(lb.log()))?;
+    lb.reloads("ok", 1.0).await?;
 
     let mut fresh = TcpStream::connect(addr(&lb)).await?;
     assert_eq!(greeting(&mut fresh).await?, "a");

@@ -325,6 +325,18 @@ impl Lb {
         .await?;
         Ok(body)
     }
+
+    /// Waits until `balancer_config_reloads_total{result}` reaches `at_least` (after a
+    /// SIGHUP); the error carries the balancer's log.
+    pub async fn reloads(&self, result: &str, at_least: f64) -> Result<()> {
+        let series = format!("balancer_config_reloads_total{{result=\"{result}\"}}");
+        wharf_tests::eventually(&format!("{series} >= {at_least}"), WAIT, || async {
+            let m = self.metrics().await.ok()?;
+            (sample(&m, &series)? >= at_least).then_some(())
+        })
+        .await
+        .map_err(|e| e.context(self.log()))
+    }
 }
 
 impl Drop for Lb {
