@@ -18,6 +18,28 @@ fn addr(lb: &Lb) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], lb.port))
 }
 
+/// An lb.toml with one tcp listener `echo` (`@PORT@`) to one static instance at `backend`;
+/// `top` goes before `[admin]`, `listener` into the `[[listener]]` table.
+fn echo_config(backend: SocketAddr, top: &str, listener: &str) -> String {
+    format!(
+        r#"
+{top}
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "echo"
+bind = "127.0.0.1:@PORT@"
+protocol = "tcp"
+service = "echo"
+{listener}
+[[service]]
+name = "echo"
+  [[service.endpoint]]
+  addr = "{backend}"
+"#
+    )
+}
+
 /// Waits until the balancer closes the silent connection `s` (EOF); how long that took.
 async fn idle_close(s: &mut TcpStream) -> Result<Duration> {
     let t = Instant::now();
@@ -109,24 +131,10 @@ algorithm = "round_robin"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_idle_timeout_and_draining() -> Result<()> {
     let a = Echo::start("a", false).await?;
-    let config = format!(
-        r#"
-shutdown_timeout = "20s"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "echo"
-bind = "127.0.0.1:@PORT@"
-protocol = "tcp"
-service = "echo"
-idle_timeout = "700ms"
-drain_timeout = "1500ms"
-[[service]]
-name = "echo"
-  [[service.endpoint]]
-  addr = "{}"
-"#,
-        a.addr
+    let config = echo_config(
+        a.addr,
+        r#"shutdown_timeout = "20s""#,
+        "idle_timeout = \"700ms\"\ndrain_timeout = \"1500ms\"",
     );
     let mut lb = Lb::start(&config).await?;
 
@@ -188,24 +196,8 @@ name = "echo"
 async fn sighup_changes_streaming_settings_for_new_connections() -> Result<()> {
     let a = Echo::start("a", false).await?;
     let config = |idle: &str, batching: bool| {
-        format!(
-            r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "echo"
-bind = "127.0.0.1:@PORT@"
-protocol = "tcp"
-service = "echo"
-idle_timeout = "{idle}"
-bulk_batching = {batching}
-[[service]]
-name = "echo"
-  [[service.endpoint]]
-  addr = "{}"
-"#,
-            a.addr
-        )
+        let listener = format!("idle_timeout = \"{idle}\"\nbulk_batching = {batching}");
+        echo_config(a.addr, "", &listener)
     };
     let lb = Lb::start(&config("60s", false)).await?;
     let mut kept = TcpStream::connect(addr(&lb)).await?;
