@@ -99,12 +99,14 @@ impl LowWater {
         }
     }
 
-    /// Counts `n` bytes spliced from `src`, `heard` being the bytes moved the other way
-    /// so far; raises the mark once the stream is sustained.
-    pub(super) fn spliced(&mut self, src: &TcpStream, n: usize, heard: u64) {
+    /// Counts `n` bytes spliced from `src`, `heard` telling the bytes moved the other way
+    /// so far (read only with `bulk_batching` on); raises the mark once the stream is
+    /// sustained.
+    pub(super) fn spliced(&mut self, src: &TcpStream, n: usize, heard: impl Fn() -> u64) {
         if !self.enabled || self.raised {
             return;
         }
+        let heard = heard();
         if heard != self.heard {
             self.heard = heard;
             self.streak = 0;

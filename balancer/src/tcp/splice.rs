@@ -221,7 +221,7 @@ async fn one_way(
             return Ok(());
         }
         if bulk {
-            mark.spliced(src, n, heard());
+            mark.spliced(src, n, &heard);
         } else if n == SCRATCH {
             bulk = true;
             low_water::limit_unsent(dst);
