@@ -2,7 +2,7 @@
 //! configured CA is required and reaches the instance as `X-Forwarded-Client-Cert` (a
 //! forged one is dropped), one from another CA or none is refused; `optional = true` lets
 //! clients without a certificate in; a SIGHUP re-reads the CA file; a certificate listed in
-//! the CRL file is refused.
+//! the CRL file is refused, and so is every client while the CRL is past its nextUpdate.
 
 mod common;
 mod l4kit;
@@ -175,5 +175,33 @@ async fn a_revoked_client_certificate_is_refused_and_the_crl_reread_on_sighup() 
     let m = lb.metrics().await?;
     let failed = metric(&m, "balancer_tls_handshakes_total", &["result=\"error\""]);
     assert!(failed >= 1.0, "{m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_crl_refuses_clients_until_a_fresh_one_is_read() -> Result<()> {
+    let pki = TestPki::generate()?;
+    let web = Backend::start("web").await?;
+    let dir = tempfile::tempdir()?;
+    let list = dir.path().join("clients.crl");
+    // Nothing revoked, but the list is stale: it cannot vouch for the client any more.
+    pki.expired_crl(&list)?;
+    let auth = format!("crl = \"{}\"", list.display());
+    let lb = Lb::start(&config(&pki, &pki.path("ca.crt"), web.addr, &auth)).await?;
+    let client = connector(&pki.path("ca.crt"), Some(&pki))?;
+    assert!(get(&lb, &client).await.is_err(), "a stale CRL was trusted");
+    let m = lb.metrics().await?;
+    let failed = metric(&m, "balancer_tls_handshakes_total", &["result=\"error\""]);
+    assert!(failed >= 1.0, "{m}");
+    // The operator is told why, when the list is read.
+    assert!(lb.log().contains("CRL expired"), "{}", lb.log());
+
+    // A fresh list (the same contents) read on SIGHUP admits the client again.
+    pki.crl(false, &list)?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("the client admitted with a fresh CRL", WAIT, || async {
+        matches!(get(&lb, &client).await, Ok(200)).then_some(())
+    })
+    .await?;
     Ok(())
 }

@@ -92,11 +92,28 @@ impl TestPki {
     /// Writes a CRL of the CA (PEM) to `out`, listing the client certificate if
     /// `revoke_client`.
     pub fn crl(&self, revoke_client: bool, out: &Path) -> Result<()> {
+        self.gencrl(revoke_client, &[], out)
+    }
+
+    /// Writes a CRL of the CA (PEM) to `out` that revokes nothing and whose nextUpdate
+    /// passed long ago (2020).
+    pub fn expired_crl(&self, out: &Path) -> Result<()> {
+        let dates = [
+            "-crl_lastupdate",
+            "20200101000000Z",
+            "-crl_nextupdate",
+            "20200102000000Z",
+        ];
+        self.gencrl(false, &dates, out)
+    }
+
+    fn gencrl(&self, revoke_client: bool, extra: &[&str], out: &Path) -> Result<()> {
         let db = self.ca_db(revoke_client.then_some("client.crt"))?;
         let (ca, key) = (self.arg("ca.crt"), self.arg("ca.key"));
         let out = out.display().to_string();
         let args = ["ca", "-config", "ca.cnf", "-keyfile", &key, "-cert", &ca];
-        openssl(db.path(), &[&args[..], &["-gencrl", "-out", &out]].concat())
+        let output = ["-gencrl", "-out", &out];
+        openssl(db.path(), &[&args[..], extra, &output[..]].concat())
     }
 
     /// Writes a DER OCSP response for the server certificate, signed by the CA, to `out`:

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateRevocationListDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 
@@ -28,7 +29,12 @@ pub fn verifier(
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if let Some(crl) = &auth.crl {
-        builder = builder.with_crls(crls(&read(crl)?).map_err(|msg| invalid(crl, msg))?);
+        let list = crls(&read(crl)?).map_err(|msg| invalid(crl, msg))?;
+        warn_if_expired(crl, &list);
+        // A CRL past its nextUpdate no longer says which certificates are revoked, so a
+        // chain it covers is refused, as OpenSSL (HAProxy, nginx) and BoringSSL (Envoy)
+        // refuse it; rustls would otherwise go on trusting a stale list.
+        builder = builder.with_crls(list).enforce_revocation_expiration();
     }
     let builder = if auth.optional {
         builder.allow_unauthenticated()
@@ -83,9 +89,7 @@ fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
 /// The CRLs of a PEM file. With CRLs, rustls checks every certificate of a client's chain
 /// (as Envoy does by default): a CA without a CRL here makes its clients' status unknown,
 /// and refused.
-fn crls(
-    pem: &[u8],
-) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+fn crls(pem: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
     let crls = rustls_pemfile::crls(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("bad PEM: {e}"))?;
@@ -93,6 +97,25 @@ fn crls(
         return Err("no X509 CRL in the file".into());
     }
     Ok(crls)
+}
+
+/// Says so in the log when a CRL that was just read is already past its nextUpdate: every
+/// client whose chain it covers is refused until a fresh one is read (on a SIGHUP).
+fn warn_if_expired(path: &std::path::Path, list: &[CertificateRevocationListDer<'static>]) {
+    let now = x509_parser::time::ASN1Time::now();
+    for der in list {
+        let Ok((_, crl)) = x509_parser::parse_x509_crl(der) else {
+            continue; // the verifier's builder reports a CRL it cannot parse
+        };
+        if let Some(next) = crl.next_update().filter(|next| *next < now) {
+            tracing::warn!(
+                file = %path.display(),
+                issuer = %crl.issuer(),
+                next_update = %next,
+                "CRL expired: clients whose chain it covers are refused until a fresh one is read"
+            );
+        }
+    }
 }
 
 /// The CA certificates of a PEM file; an error names what is wrong with it.
