@@ -19,6 +19,8 @@
 # test whose load generator is at ~100 % behind both proxies measures that core, not the
 # proxies (TCP bulk, session 5).
 #
+# With ROUNDS > 1, rounds alternate which proxy goes first, and a last table gives the
+# median of the per-round throughput ratios.
 # Settings: TESTS ["tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs"] (a subset runs only those),
 #           DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
 #           BULK_CONNS [4] and BULK_KB [10240] (the bulk tests' connections and file size),
@@ -143,7 +145,7 @@ mibs() { awk '/^Transfer\/sec/ { v = $2; u = substr(v, length(v) - 1); n = v + 0
     if (u == "GB") n *= 1024; else if (u == "KB") n /= 1024; print n }'; }
 errors() { awk '/Socket errors|Non-2xx/ { print }'; }
 
-declare -A R C G
+declare -A R C G PR
 # The proxy's CPU time (user + system) so far, in clock ticks.
 ticks() { awk '{ print $14 + $15 }' "/proc/$PROXY_PID/stat"; }
 # Busy and total jiffies of the load generator's CPUs (/proc/stat; busy leaves out idle,
@@ -205,16 +207,25 @@ stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/n
 
 echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS"
 declare -A SUM CSUM GSUM
-for _ in $(seq "$ROUNDS"); do
-    for p in haproxy balancer; do
+PAIRS=$WORK/pairs  # one line per round and test: round test haproxy balancer
+for round in $(seq "$ROUNDS"); do
+    # Odd rounds measure HAProxy first, even rounds the balancer: on a VM whose speed
+    # drifts within a round, always going second would tilt every round the same way.
+    order="haproxy balancer"
+    ((round % 2)) || order="balancer haproxy"
+    for p in $order; do
         start_proxy "$p"
         measure "$p"
         stop_proxy
         for k in $TESTS; do
+            PR[$round,$p,$k]=${R[$p,$k]:-0}
             SUM[$p,$k]=$(awk -v a="${SUM[$p,$k]:-0}" -v b="${R[$p,$k]:-0}" 'BEGIN { print a + b }')
             CSUM[$p,$k]=$(awk -v a="${CSUM[$p,$k]:-0}" -v b="${C[$p,$k]:-0}" 'BEGIN { print a + b }')
             GSUM[$p,$k]=$(awk -v a="${GSUM[$p,$k]:-0}" -v b="${G[$p,$k]:-0}" 'BEGIN { print a + b }')
         done
+    done
+    for k in $TESTS; do
+        echo "$round $k ${PR[$round,haproxy,$k]} ${PR[$round,balancer,$k]}" >>"$PAIRS"
     done
 done
 
@@ -244,3 +255,19 @@ for k in $TESTS; do
         "$(awk -v r="${SUM[haproxy,$k]}" -v c="${CSUM[haproxy,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.0f", (r / n) * (c / n) / 1e4 }')" \
         "$(awk -v r="${SUM[balancer,$k]}" -v c="${CSUM[balancer,$k]}" -v n="$ROUNDS" 'BEGIN { printf "%.0f", (r / n) * (c / n) / 1e4 }')"
 done
+
+# The throughput ratio of each round's pair (both proxies measured within a minute of each
+# other): its median moves less with the VM's speed than the ratio of the means above.
+if ((ROUNDS > 1)); then
+    python3 - "$PAIRS" <<'PY'
+import statistics, sys
+by_test = {}
+for line in open(sys.argv[1]):
+    _, test, h, b = line.split()
+    if float(h) > 0:
+        by_test.setdefault(test, []).append(float(b) / float(h))
+print("# throughput ratio per round pair: median (min-max), rounds alternate which proxy goes first")
+for test, r in by_test.items():
+    print(f"{test:<10} {statistics.median(r):6.2f} ({min(r):.2f}-{max(r):.2f})  " + " ".join(f"{x:.2f}" for x in r))
+PY
+fi
