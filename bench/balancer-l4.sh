@@ -22,7 +22,8 @@
 # With ROUNDS > 1, rounds alternate which proxy goes first, and a last table gives the
 # median of the per-round throughput ratios.
 # Settings: TESTS ["tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs"] (a subset runs only those),
-#           DURATION [5] s per run, CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
+#           DURATION [5] s per run, after WARMUP [1] s unmeasured (0: none),
+#           CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
 #           BULK_CONNS [4] and BULK_KB [10240] (the bulk tests' connections and file size),
 #           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer),
 #           BALANCER_BIN (measure that binary, no build), KEEP_TMP=1 (keep the work dir).
@@ -32,6 +33,7 @@ set -euo pipefail
 
 TESTS=${TESTS:-tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs}
 DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
 CONNS=${CONNS:-32}
 ROUNDS=${ROUNDS:-1}
 PROXY_CPUS=${PROXY_CPUS:-1}
@@ -160,6 +162,11 @@ gen_jiffies() {
 run() { # proxy test url extra-args...
     local p=$1 k=$2 url=$3 t0 t1 out n g0 g1
     shift 3
+    # Unmeasured warm-up: the proxy's first connections (buffers, pools, page cache) are not
+    # what a long-running proxy does.
+    if [[ $WARMUP != 0 ]]; then
+        taskset -c "$LOADGEN_CPUS" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$@" "$url" >/dev/null 2>&1
+    fi
     g0=$(gen_jiffies)
     t0=$(ticks)
     out=$(run_wrk "$url" "$@")
