@@ -6,6 +6,7 @@
 //! (retries), optional PROXY header and TLS to the upstream, then `pump`.
 
 mod low_water;
+mod pipes;
 pub mod pump;
 mod splice;
 
@@ -365,7 +366,7 @@ async fn plain(
     meter: &Meter<'_>,
     shutdown: watch::Receiver<bool>,
 ) -> End {
-    match splice::Pipes::take() {
+    match pipes::Pipes::take() {
         Some(pipes) => {
             let batching = settings.bulk_batching;
             let relay = pin!(splice::relay(&client, &upstream, pipes, meter, batching));

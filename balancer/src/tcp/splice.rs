@@ -3,138 +3,28 @@
 //! visit user space (the buffered copy costs two memcpys per byte, which is most of a
 //! bulk transfer's CPU). HAProxy does the same with `option splice-*`.
 //!
-//! Pipes are a scarce kernel resource (two per connection, and a user gets only
-//! `pipe-user-pages-soft` pages of pipe buffers before new pipes shrink to one page), so
-//! they come from a small per-thread pool, are returned only when empty, and at most
-//! [`MAX_PIPES`] exist at once; a connection that finds none left uses the buffered copy.
+//! The pipes come from a small pool ([`super::pipes`]); a connection that finds none
+//! left uses the buffered copy.
 
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 
-use nix::fcntl::{OFlag, SpliceFFlags, splice};
+use nix::fcntl::{SpliceFFlags, splice};
 use nix::sys::socket::{MsgFlags, recv, send};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::low_water::{self, LowWater};
+use super::pipes::{Lent, Pipe, Pipes};
 use super::pump::Meter;
 
-/// Pipes in existence (in use or pooled), all threads together.
-static PIPES: AtomicUsize = AtomicUsize::new(0);
-/// Upper bound on [`PIPES`]: 1024 pipes of the default 64 KiB stay within Linux's
-/// default per-user soft limit of pipe pages (16,384).
-const MAX_PIPES: usize = 1024;
-/// Idle pipes kept per worker thread.
-const POOL_PER_THREAD: usize = 64;
 /// The most one splice call moves: the default pipe capacity.
 const CHUNK: usize = 64 * 1024;
-
-thread_local! {
-    static POOL: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
-}
-
-/// One pipe: what is written to `w` is read from `r`.
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-}
-
-impl Pipe {
-    /// A pooled pipe or a new one; `None` when [`MAX_PIPES`] are out or the kernel says no.
-    fn take() -> Option<Pipe> {
-        if let Some(p) = POOL.with(|pool| pool.borrow_mut().pop()) {
-            return Some(p);
-        }
-        if PIPES.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
-            PIPES.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
-            // Past the per-user pipe budget the kernel makes small pipes (a page or two):
-            // [`relay_small`] parks up to `SCRATCH` bytes in an empty pipe at once, so a
-            // pipe that cannot hold them is not used.
-            Ok((r, w))
-                if nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
-                    .is_ok_and(|size| size as usize >= SCRATCH) =>
-            {
-                Some(Pipe { r, w })
-            }
-            Ok(_) => {
-                PIPES.fetch_sub(1, Ordering::Relaxed);
-                tracing::debug!("pipe too small for splicing; using the buffered copy");
-                None
-            }
-            Err(e) => {
-                PIPES.fetch_sub(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "no pipe for splicing; using the buffered copy");
-                None
-            }
-        }
-    }
-
-    /// Back to the pool if it holds no bytes (a pipe with leftovers would leak them into
-    /// the next connection); otherwise closed.
-    fn give(self, empty: bool) {
-        if empty {
-            let refused = POOL.with(|pool| {
-                let mut pool = pool.borrow_mut();
-                if pool.len() < POOL_PER_THREAD {
-                    pool.push(self);
-                    None
-                } else {
-                    Some(self)
-                }
-            });
-            if refused.is_none() {
-                return;
-            }
-        }
-        PIPES.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A pipe lent to one direction of a relay; goes back to the pool (if empty) on drop.
-struct Lent {
-    pipe: Option<Pipe>,
-    /// Bytes spliced in and not yet out.
-    held: usize,
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        if let Some(p) = self.pipe.take() {
-            p.give(self.held == 0);
-        }
-    }
-}
-
-/// Two pipes for one connection, or `None` (use the buffered copy).
-pub struct Pipes(Lent, Lent);
-
-impl Pipes {
-    pub fn take() -> Option<Pipes> {
-        let a = Pipe::take()?;
-        let Some(b) = Pipe::take() else {
-            a.give(true);
-            return None;
-        };
-        Some(Pipes(
-            Lent {
-                pipe: Some(a),
-                held: 0,
-            },
-            Lent {
-                pipe: Some(b),
-                held: 0,
-            },
-        ))
-    }
-}
 
 /// Relays both ways until both directions reached EOF (each EOF is passed on as a
 /// half-close) or one failed. Counts bytes from and to `client` in `meter`.
@@ -252,7 +142,7 @@ async fn one_way(
 }
 
 /// Bytes a direction reads by `recv` before it turns to splicing.
-const SCRATCH: usize = 16 * 1024;
+pub(super) const SCRATCH: usize = 16 * 1024;
 
 thread_local! {
     /// Holds bytes only within one [`relay_small`] call (no await in between).
