@@ -1,6 +1,6 @@
 //! `lb.toml` sections of the L4 features: TLS termination, upstream TLS, PROXY protocol,
 //! `tcp` listeners, self-upgrade. Kept apart from `config.rs` so the HTTP configuration
-//! stays readable; `config::LbConfig::validate` calls [`validate`].
+//! stays readable; `config::LbConfig::validate` calls `validate` here.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
