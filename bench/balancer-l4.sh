@@ -20,7 +20,8 @@
 # proxies (TCP bulk, session 5).
 #
 # With ROUNDS > 1, rounds alternate which proxy goes first, and a last table gives the
-# median of the per-round throughput ratios.
+# median of the per-round throughput ratios (also over the rounds without hypervisor steal,
+# STEAL_MAX [1] %).
 # Settings: TESTS ["tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs"] (a subset runs only those),
 #           DURATION [5] s per run, after WARMUP [1] s unmeasured (0: none),
 #           CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
@@ -147,7 +148,7 @@ mibs() { awk '/^Transfer\/sec/ { v = $2; u = substr(v, length(v) - 1); n = v + 0
     if (u == "GB") n *= 1024; else if (u == "KB") n /= 1024; print n }'; }
 errors() { awk '/Socket errors|Non-2xx/ { print }'; }
 
-declare -A R C G PR
+declare -A R C G PR S
 # The proxy's CPU time (user + system) so far, in clock ticks.
 ticks() { awk '{ print $14 + $15 }' "/proc/$PROXY_PID/stat"; }
 # Busy and total jiffies of the load generator's CPUs (/proc/stat; busy leaves out idle,
@@ -156,6 +157,11 @@ gen_jiffies() {
     awk -v cpus=",$LOADGEN_CPUS," '$1 ~ /^cpu[0-9]+$/ && index(cpus, "," substr($1, 4) ",") {
         t = 0; for (i = 2; i <= 9; i++) t += $i; busy += t - $5 - $6 - $9; total += t
     } END { print busy + 0, total + 0 }' /proc/stat
+}
+# Hypervisor steal and total jiffies of all CPUs: a run with steal measured a host that
+# took the VM's cores away, whatever the proxies did.
+steal_jiffies() {
+    awk '$1 ~ /^cpu[0-9]+$/ { for (i = 2; i <= 9; i++) t += $i; s += $9 } END { print s + 0, t + 0 }' /proc/stat
 }
 # One wrk run: R[proxy,test] = its figure, C[proxy,test] = proxy CPU µs per request (per
 # MiB for bulk) - efficiency, which noise from other work on the machine barely moves.
@@ -168,10 +174,14 @@ run() { # proxy test url extra-args...
         taskset -c "$LOADGEN_CPUS" wrk -t1 -c"$CONNS" -d"${WARMUP}s" "$@" "$url" >/dev/null 2>&1
     fi
     g0=$(gen_jiffies)
+    s0=$(steal_jiffies)
     t0=$(ticks)
     out=$(run_wrk "$url" "$@")
     t1=$(ticks)
     g1=$(gen_jiffies)
+    s1=$(steal_jiffies)
+    S[$p,$k]=$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }')
     G[$p,$k]=$(awk -v a="$g0" -v b="$g1" 'BEGIN { split(a, x, " "); split(b, y, " ");
         d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }')
     errors <<<"$out" | sed "s/^/# $p $k: /" >&2
@@ -213,8 +223,8 @@ start_proxy() { # name
 stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.3; }
 
 echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS"
-declare -A SUM CSUM GSUM
-PAIRS=$WORK/pairs  # one line per round and test: round test haproxy balancer
+declare -A SUM CSUM GSUM PS
+PAIRS=$WORK/pairs  # one line per round and test: round test haproxy balancer, steal% of each
 for round in $(seq "$ROUNDS"); do
     # Odd rounds measure HAProxy first, even rounds the balancer: on a VM whose speed
     # drifts within a round, always going second would tilt every round the same way.
@@ -226,13 +236,14 @@ for round in $(seq "$ROUNDS"); do
         stop_proxy
         for k in $TESTS; do
             PR[$round,$p,$k]=${R[$p,$k]:-0}
+            PS[$round,$p,$k]=${S[$p,$k]:-0}
             SUM[$p,$k]=$(awk -v a="${SUM[$p,$k]:-0}" -v b="${R[$p,$k]:-0}" 'BEGIN { print a + b }')
             CSUM[$p,$k]=$(awk -v a="${CSUM[$p,$k]:-0}" -v b="${C[$p,$k]:-0}" 'BEGIN { print a + b }')
             GSUM[$p,$k]=$(awk -v a="${GSUM[$p,$k]:-0}" -v b="${G[$p,$k]:-0}" 'BEGIN { print a + b }')
         done
     done
     for k in $TESTS; do
-        echo "$round $k ${PR[$round,haproxy,$k]} ${PR[$round,balancer,$k]}" >>"$PAIRS"
+        echo "$round $k ${PR[$round,haproxy,$k]} ${PR[$round,balancer,$k]} ${PS[$round,haproxy,$k]} ${PS[$round,balancer,$k]}" >>"$PAIRS"
     done
 done
 
@@ -266,15 +277,23 @@ done
 # The throughput ratio of each round's pair (both proxies measured within a minute of each
 # other): its median moves less with the VM's speed than the ratio of the means above.
 if ((ROUNDS > 1)); then
-    python3 - "$PAIRS" <<'PY'
+    python3 - "$PAIRS" "${STEAL_MAX:-1}" <<'PY'
 import statistics, sys
-by_test = {}
+steal_max = float(sys.argv[2])
+by_test, quiet = {}, {}
 for line in open(sys.argv[1]):
-    _, test, h, b = line.split()
+    _, test, h, b, sh, sb = line.split()
     if float(h) > 0:
-        by_test.setdefault(test, []).append(float(b) / float(h))
-print("# throughput ratio per round pair: median (min-max), rounds alternate which proxy goes first")
+        r = float(b) / float(h)
+        by_test.setdefault(test, []).append(r)
+        if max(float(sh), float(sb)) <= steal_max:
+            quiet.setdefault(test, []).append(r)
+def summary(r):
+    return f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})" if r else "-"
+print(f"# throughput ratio per round pair (rounds alternate which proxy goes first): median (min-max),"
+      f" all rounds and those with steal% <= {steal_max:g} on both sides")
 for test, r in by_test.items():
-    print(f"{test:<10} {statistics.median(r):6.2f} ({min(r):.2f}-{max(r):.2f})  " + " ".join(f"{x:.2f}" for x in r))
+    q = quiet.get(test, [])
+    print(f"{test:<10} all {summary(r):<18} steal-free {summary(q):<18} {len(q)}/{len(r)}  " + " ".join(f"{x:.2f}" for x in r))
 PY
 fi
