@@ -280,9 +280,10 @@ if ((ROUNDS > 1)); then
     python3 - "$PAIRS" "${STEAL_MAX:-1}" <<'PY'
 import statistics, sys
 steal_max = float(sys.argv[2])
-by_test, quiet = {}, {}
+by_test, quiet, steal = {}, {}, {}
 for line in open(sys.argv[1]):
     _, test, h, b, sh, sb = line.split()
+    steal.setdefault(test, []).append(max(float(sh), float(sb)))
     if float(h) > 0:
         r = float(b) / float(h)
         by_test.setdefault(test, []).append(r)
@@ -294,6 +295,7 @@ print(f"# throughput ratio per round pair (rounds alternate which proxy goes fir
       f" all rounds and those with steal% <= {steal_max:g} on both sides")
 for test, r in by_test.items():
     q = quiet.get(test, [])
-    print(f"{test:<10} all {summary(r):<18} steal-free {summary(q):<18} {len(q)}/{len(r)}  " + " ".join(f"{x:.2f}" for x in r))
+    print(f"{test:<10} all {summary(r):<18} steal-free {summary(q):<18} {len(q)}/{len(r)}"
+          f"  steal% med {statistics.median(steal[test]):.0f}  " + " ".join(f"{x:.2f}" for x in r))
 PY
 fi
