@@ -15,6 +15,9 @@ pub struct L4Metrics {
     pub tls_handshakes: IntCounterVec,
     pub tls_reloads: IntCounterVec,
     pub tls_expiry: GaugeVec,
+    /// `balancer_tls_crl_next_update_timestamp_seconds{listener}`: the earliest
+    /// `nextUpdate` of the client-certificate CRLs read (absent without a CRL).
+    pub tls_crl_next_update: GaugeVec,
     pub proxy_rejected: IntCounterVec,
 }
 
@@ -77,6 +80,17 @@ impl L4Metrics {
                         "Seconds until the served certificate expires (negative: expired).",
                     ),
                     &["listener", "certificate"],
+                )
+                .unwrap(),
+            ),
+            tls_crl_next_update: reg(
+                r,
+                GaugeVec::new(
+                    Opts::new(
+                        "balancer_tls_crl_next_update_timestamp_seconds",
+                        "Unix time of the earliest nextUpdate of a listener's client-certificate CRLs; past it, the clients they cover are refused until a fresh CRL is read.",
+                    ),
+                    &["listener"],
                 )
                 .unwrap(),
             ),

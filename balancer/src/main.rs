@@ -160,6 +160,14 @@ fn upgrade_command(config: &LbConfig) -> ExitCode {
     }
 }
 
+/// Whole days from now until the Unix time `at` (negative: past).
+fn days_from_now(at: i64) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    (at - now).div_euclid(86_400)
+}
+
 /// `--check`: the file is valid (or we would not be here); with etcd, list the catalog
 /// once and print the routes it would produce.
 async fn check(config: Arc<LbConfig>) -> Result<()> {
@@ -170,11 +178,7 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
         for c in l.tls.iter().flat_map(|t| &t.certificates) {
             let loaded = balancer::tls::certs::load(c, &provider)
                 .with_context(|| format!("listener {}", l.name.get_ref()))?;
-            let days = (loaded.not_after
-                - std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() as i64))
-                / 86_400;
+            let days = days_from_now(loaded.not_after);
             files.push(format!(
                 "listener {}: certificate {} for {:?}, expires in {days} days",
                 l.name.get_ref(),
@@ -183,10 +187,10 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
             ));
         }
         if let Some(auth) = l.tls.as_ref().and_then(|t| t.client_auth.as_ref()) {
-            balancer::tls::client_auth::verifier(auth, &provider)
+            let verifier = balancer::tls::client_auth::verifier(auth, &provider)
                 .with_context(|| format!("listener {}: client_auth", l.name.get_ref()))?;
             files.push(format!(
-                "listener {}: client certificates {} against {}{}",
+                "listener {}: client certificates {} against {}{}{}",
                 l.name.get_ref(),
                 if auth.optional {
                     "checked when sent"
@@ -197,7 +201,12 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
                 auth.crl
                     .as_ref()
                     .map(|c| format!(", revoked ones listed in {}", c.display()))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                match verifier.crl_next_update.map(days_from_now) {
+                    Some(days) if days < 0 => format!(" (EXPIRED {} days ago)", -days),
+                    Some(days) => format!(" (next update due in {days} days)"),
+                    None => String::new(),
+                }
             ));
         }
     }

@@ -193,8 +193,12 @@ async fn an_expired_crl_refuses_clients_until_a_fresh_one_is_read() -> Result<()
     let m = lb.metrics().await?;
     let failed = metric(&m, "balancer_tls_handshakes_total", &["result=\"error\""]);
     assert!(failed >= 1.0, "{m}");
-    // The operator is told why, when the list is read.
+    // The operator is told why, when the list is read, and can alert on the date.
     assert!(lb.log().contains("CRL expired"), "{}", lb.log());
+    let next_update = "balancer_tls_crl_next_update_timestamp_seconds";
+    let listener = ["listener=\"mtls\""];
+    // 2020-01-02T00:00:00Z, as `TestPki::expired_crl` wrote it.
+    assert_eq!(metric(&m, next_update, &listener), 1_577_923_200.0, "{m}");
 
     // A fresh list (the same contents) read on SIGHUP admits the client again.
     pki.crl(false, &list)?;
@@ -203,5 +207,11 @@ async fn an_expired_crl_refuses_clients_until_a_fresh_one_is_read() -> Result<()
         matches!(get(&lb, &client).await, Ok(200)).then_some(())
     })
     .await?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let m = lb.metrics().await?;
+    assert!(
+        metric(&m, next_update, &listener) > now.as_secs_f64(),
+        "{m}"
+    );
     Ok(())
 }

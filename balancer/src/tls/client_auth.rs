@@ -17,20 +17,26 @@ use rustls::server::danger::ClientCertVerifier;
 use super::certs::{CertError, invalid, read};
 use crate::l4config::ClientAuth;
 
+/// A client-certificate verifier and what the operator is told about its CRLs.
+pub struct Verifier {
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// Unix time of the earliest `nextUpdate` of the CRL file (`None`: no CRL file, or
+    /// no CRL in it states one).
+    pub crl_next_update: Option<i64>,
+}
+
 /// The verifier for `auth`: certificates must chain to one of the CA file's certificates
 /// (and carry the client-auth usage when they state usages); `optional` also admits
 /// clients that present none.
-pub fn verifier(
-    auth: &ClientAuth,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ClientCertVerifier>, CertError> {
+pub fn verifier(auth: &ClientAuth, provider: &Arc<CryptoProvider>) -> Result<Verifier, CertError> {
     let path = auth.ca.get_ref();
     let roots = roots(&read(path)?).map_err(|msg| invalid(path, msg))?;
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let mut crl_next_update = None;
     if let Some(crl) = &auth.crl {
         let list = crls(&read(crl)?).map_err(|msg| invalid(crl, msg))?;
-        warn_if_expired(crl, &list);
+        crl_next_update = next_update(crl, &list);
         // A CRL past its nextUpdate no longer says which certificates are revoked, so a
         // chain it covers is refused, as OpenSSL (HAProxy, nginx) and BoringSSL (Envoy)
         // refuse it; rustls would otherwise go on trusting a stale list.
@@ -41,13 +47,17 @@ pub fn verifier(
     } else {
         builder
     };
-    builder.build().map_err(|e| {
+    let verifier = builder.build().map_err(|e| {
         // A CRL is parsed here: the error names its file.
         let file = match (&e, &auth.crl) {
             (rustls::server::VerifierBuilderError::InvalidCrl(_), Some(crl)) => crl,
             _ => path,
         };
         invalid(file, e.to_string())
+    })?;
+    Ok(Verifier {
+        verifier,
+        crl_next_update,
     })
 }
 
@@ -99,15 +109,23 @@ fn crls(pem: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, String
     Ok(crls)
 }
 
-/// Says so in the log when a CRL that was just read is already past its nextUpdate: every
-/// client whose chain it covers is refused until a fresh one is read (on a SIGHUP).
-fn warn_if_expired(path: &std::path::Path, list: &[CertificateRevocationListDer<'static>]) {
+/// The earliest `nextUpdate` of the CRLs just read from `path` (Unix time). One already
+/// past is said in the log: every client whose chain it covers is refused until a fresh
+/// list is read (on a SIGHUP).
+fn next_update(
+    path: &std::path::Path,
+    list: &[CertificateRevocationListDer<'static>],
+) -> Option<i64> {
     let now = x509_parser::time::ASN1Time::now();
+    let mut earliest = None;
     for der in list {
         let Ok((_, crl)) = x509_parser::parse_x509_crl(der) else {
             continue; // the verifier's builder reports a CRL it cannot parse
         };
-        if let Some(next) = crl.next_update().filter(|next| *next < now) {
+        let Some(next) = crl.next_update() else {
+            continue;
+        };
+        if next < now {
             tracing::warn!(
                 file = %path.display(),
                 issuer = %crl.issuer(),
@@ -115,7 +133,10 @@ fn warn_if_expired(path: &std::path::Path, list: &[CertificateRevocationListDer<
                 "CRL expired: clients whose chain it covers are refused until a fresh one is read"
             );
         }
+        let at = next.timestamp();
+        earliest = Some(earliest.map_or(at, |e: i64| e.min(at)));
     }
+    earliest
 }
 
 /// The CA certificates of a PEM file; an error names what is wrong with it.

@@ -86,10 +86,25 @@ pub fn listener(
             path: "rustls".into(),
             msg: e.to_string(),
         })?;
-    let builder = match &tls.client_auth {
-        Some(auth) => builder.with_client_cert_verifier(client_auth::verifier(auth, &provider)?),
-        None => builder.with_no_client_auth(),
+    let name: Arc<str> = l.name.get_ref().as_str().into();
+    let (builder, crl_next_update) = match &tls.client_auth {
+        Some(auth) => {
+            let v = client_auth::verifier(auth, &provider)?;
+            (
+                builder.with_client_cert_verifier(v.verifier),
+                v.crl_next_update,
+            )
+        }
+        None => (builder.with_no_client_auth(), None),
     };
+    let crl_gauge = &metrics.tls_crl_next_update;
+    match crl_next_update {
+        Some(at) => crl_gauge.with_label_values(&[&*name]).set(at as f64),
+        // No CRL (any more, after a reload): no series, rather than a stale date.
+        None => {
+            let _ = crl_gauge.remove_label_values(&[&*name]);
+        }
+    }
     let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = match &tls.alpn {
         Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
@@ -98,7 +113,6 @@ pub fn listener(
         }
         None => Vec::new(),
     };
-    let name: Arc<str> = l.name.get_ref().as_str().into();
     let reloader = Reloader {
         listener: name.clone(),
         configs: tls.certificates.clone(),
