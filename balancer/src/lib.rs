@@ -331,6 +331,7 @@ fn start_listener(
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
     let setup = Arc::new(ArcSwap::from_pointee(client_setup(l, l4)?));
+    tls::publish_crl(&l4.metrics, &name, setup.load().tls.as_ref());
     l4.keep(&name, &sock);
     // Accepted sockets inherit TCP_NODELAY from the listener: one setsockopt here instead
     // of one per connection (also for sockets inherited on an upgrade).
@@ -505,6 +506,7 @@ fn reload(
         let old = slot.swap(Arc::new(setup));
         old.retire();
         let new = slot.load();
+        tls::publish_crl(&l4.metrics, &new.listener, new.tls.as_ref());
         tls::forget_expiry(
             &l4.metrics,
             &new.listener,
@@ -541,6 +543,7 @@ fn reload(
             if !config.listeners.iter().any(|l| *l.name.get_ref() == h.name) {
                 l4.forget(&h.name);
                 tls::forget_expiry(&l4.metrics, &h.name, old.config.tls(), None);
+                tls::publish_crl(&l4.metrics, &h.name, None);
             }
             let _ = h.stop.send(true);
             false

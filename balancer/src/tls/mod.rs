@@ -40,6 +40,20 @@ pub fn forget_expiry(
     }
 }
 
+/// Sets the CRL date series of `listener` from the TLS setup it serves with now (called
+/// once that setup is in place: at start, and when a SIGHUP has swapped it in, so a
+/// reload that fails later leaves the date of the CRL still in use). Without a CRL, or
+/// without the listener, there is no series rather than a stale date.
+pub fn publish_crl(metrics: &L4Metrics, listener: &str, tls: Option<&TlsListener>) {
+    let gauge = &metrics.tls_crl_next_update;
+    match tls.and_then(|t| t.crl_next_update) {
+        Some(at) => gauge.with_label_values(&[listener]).set(at as f64),
+        None => {
+            let _ = gauge.remove_label_values(&[listener]);
+        }
+    }
+}
+
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -51,6 +65,8 @@ pub struct TlsListener {
     pub acceptor: TlsAcceptor,
     /// Dropping it stops the reload task.
     reload: watch::Sender<bool>,
+    /// The earliest `nextUpdate` of its client-certificate CRLs (Unix time).
+    crl_next_update: Option<i64>,
 }
 
 impl TlsListener {
@@ -97,14 +113,6 @@ pub fn listener(
         }
         None => (builder.with_no_client_auth(), None),
     };
-    let crl_gauge = &metrics.tls_crl_next_update;
-    match crl_next_update {
-        Some(at) => crl_gauge.with_label_values(&[&*name]).set(at as f64),
-        // No CRL (any more, after a reload): no series, rather than a stale date.
-        None => {
-            let _ = crl_gauge.remove_label_values(&[&*name]);
-        }
-    }
     let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = match &tls.alpn {
         Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
@@ -135,5 +143,6 @@ pub fn listener(
     Ok(Some(TlsListener {
         acceptor: TlsAcceptor::from(Arc::new(config)),
         reload,
+        crl_next_update,
     }))
 }
