@@ -152,16 +152,51 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
     Ok(())
 }
 
+/// A listener that checks client certificates against a CRL file, and a client whose
+/// certificate comes from the listener's CA.
+/// Destructure it with `_web` and `_dir` bound: they must live as long as the test.
+struct CrlRig {
+    pki: TestPki,
+    _web: Backend,
+    _dir: tempfile::TempDir,
+    /// The CRL file (rewrite it, then SIGHUP).
+    list: std::path::PathBuf,
+    lb: Lb,
+    client: tokio_rustls::TlsConnector,
+}
+
+impl CrlRig {
+    /// `write` puts the first CRL in place before the balancer starts.
+    async fn start(write: impl FnOnce(&TestPki, &Path) -> Result<()>) -> Result<Self> {
+        let pki = TestPki::generate()?;
+        let web = Backend::start("web").await?;
+        let dir = tempfile::tempdir()?;
+        let list = dir.path().join("clients.crl");
+        write(&pki, &list)?;
+        let auth = format!("crl = \"{}\"", list.display());
+        let lb = Lb::start(&config(&pki, &pki.path("ca.crt"), web.addr, &auth)).await?;
+        let client = connector(&pki.path("ca.crt"), Some(&pki))?;
+        Ok(Self {
+            pki,
+            _web: web,
+            _dir: dir,
+            list,
+            lb,
+            client,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_client_certificate_is_refused_and_the_crl_reread_on_sighup() -> Result<()> {
-    let pki = TestPki::generate()?;
-    let web = Backend::start("web").await?;
-    let dir = tempfile::tempdir()?;
-    let list = dir.path().join("clients.crl");
-    pki.crl(false, &list)?;
-    let auth = format!("crl = \"{}\"", list.display());
-    let lb = Lb::start(&config(&pki, &pki.path("ca.crt"), web.addr, &auth)).await?;
-    let client = connector(&pki.path("ca.crt"), Some(&pki))?;
+    let CrlRig {
+        pki,
+        list,
+        lb,
+        client,
+        _web,
+        _dir,
+    } = CrlRig::start(|pki, list| pki.crl(false, list)).await?;
     assert_eq!(get(&lb, &client).await?, 200);
 
     // The client's certificate revoked, lb.toml unchanged: a SIGHUP reads the CRL again.
@@ -180,15 +215,15 @@ async fn a_revoked_client_certificate_is_refused_and_the_crl_reread_on_sighup() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_crl_refuses_clients_until_a_fresh_one_is_read() -> Result<()> {
-    let pki = TestPki::generate()?;
-    let web = Backend::start("web").await?;
-    let dir = tempfile::tempdir()?;
-    let list = dir.path().join("clients.crl");
     // Nothing revoked, but the list is stale: it cannot vouch for the client any more.
-    pki.expired_crl(&list)?;
-    let auth = format!("crl = \"{}\"", list.display());
-    let lb = Lb::start(&config(&pki, &pki.path("ca.crt"), web.addr, &auth)).await?;
-    let client = connector(&pki.path("ca.crt"), Some(&pki))?;
+    let CrlRig {
+        pki,
+        list,
+        lb,
+        client,
+        _web,
+        _dir,
+    } = CrlRig::start(|pki, list| pki.expired_crl(list)).await?;
     assert!(get(&lb, &client).await.is_err(), "a stale CRL was trusted");
     let m = lb.metrics().await?;
     let failed = metric(&m, "balancer_tls_handshakes_total", &["result=\"error\""]);
