@@ -261,13 +261,20 @@ mod tests {
         (c, s)
     }
 
+    /// A relay's surroundings: (client, client side, upstream side, backend, pipes); the
+    /// client is connected to the client side, the upstream side to the backend.
+    async fn rig() -> (TcpStream, TcpStream, TcpStream, TcpStream, Pipes) {
+        let (client, client_side) = pair().await;
+        let (upstream_side, backend) = pair().await;
+        let pipes = Pipes::take().expect("pipes");
+        (client, client_side, upstream_side, backend, pipes)
+    }
+
     /// 4 MiB each way through the relay, with half-closes, byte-exact and counted.
     #[tokio::test]
     async fn relays_both_ways_with_half_close_and_counts() {
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut backend) = pair().await;
+        let (mut client, client_side, upstream_side, mut backend, pipes) = rig().await;
         let meter = Meter::detached();
-        let pipes = Pipes::take().expect("pipes");
         let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
         // Like the listener, the relay's owner closes both sockets once it returns (the
         // last EOF is passed on by that close, not by a shutdown).
@@ -366,10 +373,8 @@ mod tests {
     #[tokio::test]
     async fn a_bulk_direction_limits_what_its_destination_holds_unsent() {
         use super::super::low_water::tests::unsent_of;
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut backend) = pair().await;
+        let (mut client, client_side, upstream_side, mut backend, pipes) = rig().await;
         let meter = Meter::detached();
-        let pipes = Pipes::take().expect("pipes");
         const BULK: usize = 1 << 20;
         let relay = relay(&client_side, &upstream_side, pipes, &meter, false);
         let backend_io = async move {
@@ -403,10 +408,8 @@ mod tests {
     #[tokio::test]
     async fn a_batched_stream_raises_the_mark_and_its_tail_still_arrives() {
         use super::super::low_water::tests::mark_of;
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut backend) = pair().await;
+        let (mut client, client_side, upstream_side, mut backend, pipes) = rig().await;
         let meter = Meter::detached();
-        let pipes = Pipes::take().expect("pipes");
         const BULK: usize = 8 << 20;
         const TAIL: usize = 1000;
         // A fixed receive buffer (no autotuning to wait for): room for the largest mark.
@@ -451,10 +454,8 @@ mod tests {
     #[tokio::test]
     async fn answers_after_requests_never_raise_the_mark() {
         use super::super::low_water::tests::mark_of;
-        let (mut client, client_side) = pair().await;
-        let (upstream_side, mut backend) = pair().await;
+        let (mut client, client_side, upstream_side, mut backend, pipes) = rig().await;
         let meter = Meter::detached();
-        let pipes = Pipes::take().expect("pipes");
         const ANSWER: usize = 512 * 1024;
         const ROUNDS: usize = 8;
         // As above: a buffer that leaves room for a mark, were one raised.
