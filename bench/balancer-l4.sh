@@ -163,6 +163,11 @@ gen_jiffies() {
 steal_jiffies() {
     awk '$1 ~ /^cpu[0-9]+$/ { for (i = 2; i <= 9; i++) t += $i; s += $9 } END { print s + 0, t + 0 }' /proc/stat
 }
+# Percent of the jiffies between two "part total" samples that went to the part.
+share() { # before after
+    awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }'
+}
 # One wrk run: R[proxy,test] = its figure, C[proxy,test] = proxy CPU µs per request (per
 # MiB for bulk) - efficiency, which noise from other work on the machine barely moves.
 run() { # proxy test url extra-args...
@@ -180,10 +185,8 @@ run() { # proxy test url extra-args...
     t1=$(ticks)
     g1=$(gen_jiffies)
     s1=$(steal_jiffies)
-    S[$p,$k]=$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ");
-        d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }')
-    G[$p,$k]=$(awk -v a="$g0" -v b="$g1" 'BEGIN { split(a, x, " "); split(b, y, " ");
-        d = y[2] - x[2]; if (d > 0) printf "%.0f", (y[1] - x[1]) * 100 / d; else print 0 }')
+    S[$p,$k]=$(share "$s0" "$s1")
+    G[$p,$k]=$(share "$g0" "$g1")
     errors <<<"$out" | sed "s/^/# $p $k: /" >&2
     if [[ $k == tcp-bulk* ]]; then
         R[$p,$k]=$(mibs <<<"$out")
