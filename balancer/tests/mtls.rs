@@ -154,7 +154,6 @@ async fn client_certificates_are_required_verified_and_their_ca_reread_on_sighup
 
 /// A listener that checks client certificates against a CRL file, and a client whose
 /// certificate comes from the listener's CA.
-/// Destructure it with `_web` and `_dir` bound: they must live as long as the test.
 struct CrlRig {
     pki: TestPki,
     _web: Backend,
@@ -189,21 +188,15 @@ impl CrlRig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_client_certificate_is_refused_and_the_crl_reread_on_sighup() -> Result<()> {
-    let CrlRig {
-        pki,
-        list,
-        lb,
-        client,
-        _web,
-        _dir,
-    } = CrlRig::start(|pki, list| pki.crl(false, list)).await?;
-    assert_eq!(get(&lb, &client).await?, 200);
+    let rig = CrlRig::start(|pki, list| pki.crl(false, list)).await?;
+    let (pki, list, lb, client) = (&rig.pki, &rig.list, &rig.lb, &rig.client);
+    assert_eq!(get(lb, client).await?, 200);
 
     // The client's certificate revoked, lb.toml unchanged: a SIGHUP reads the CRL again.
-    pki.crl(true, &list)?;
+    pki.crl(true, list)?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
     eventually("the revoked client refused", WAIT, || async {
-        get(&lb, &client).await.is_err().then_some(())
+        get(lb, client).await.is_err().then_some(())
     })
     .await?;
     // Refused by the verifier (a failed handshake), not by a balancer gone away.
@@ -216,15 +209,9 @@ async fn a_revoked_client_certificate_is_refused_and_the_crl_reread_on_sighup() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_crl_refuses_clients_until_a_fresh_one_is_read() -> Result<()> {
     // Nothing revoked, but the list is stale: it cannot vouch for the client any more.
-    let CrlRig {
-        pki,
-        list,
-        lb,
-        client,
-        _web,
-        _dir,
-    } = CrlRig::start(|pki, list| pki.expired_crl(list)).await?;
-    assert!(get(&lb, &client).await.is_err(), "a stale CRL was trusted");
+    let rig = CrlRig::start(|pki, list| pki.expired_crl(list)).await?;
+    let (pki, list, lb, client) = (&rig.pki, &rig.list, &rig.lb, &rig.client);
+    assert!(get(lb, client).await.is_err(), "a stale CRL was trusted");
     let m = lb.metrics().await?;
     let failed = metric(&m, "balancer_tls_handshakes_total", &["result=\"error\""]);
     assert!(failed >= 1.0, "{m}");
@@ -236,10 +223,10 @@ async fn an_expired_crl_refuses_clients_until_a_fresh_one_is_read() -> Result<()
     assert_eq!(metric(&m, next_update, &listener), 1_577_923_200.0, "{m}");
 
     // A fresh list (the same contents) read on SIGHUP admits the client again.
-    pki.crl(false, &list)?;
+    pki.crl(false, list)?;
     lb.signal(nix::sys::signal::Signal::SIGHUP);
     eventually("the client admitted with a fresh CRL", WAIT, || async {
-        matches!(get(&lb, &client).await, Ok(200)).then_some(())
+        matches!(get(lb, client).await, Ok(200)).then_some(())
     })
     .await?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
