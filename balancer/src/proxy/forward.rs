@@ -101,9 +101,16 @@ where
     // resent: the head is still in `head`.
     let may_resend = !has_body && idempotent(&method) && !upgrade;
 
+    // Instances that failed this request (not picked again), and two retry counts: `failed`
+    // attempts that were an instance's fault (bounded by `retries` and the budget), and
+    // `stale` pooled connections the upstream had closed (free, but bounded too). Kept
+    // apart so that a stale connection met first does not use up a crashed instance's
+    // retries.
     let mut tried: Vec<usize> = Vec::new();
-    let mut attempts = 0u32;
-    let mut last = StatusCode::BAD_GATEWAY;
+    let mut failed = 0u32;
+    let mut stale = 0u32;
+    // The answer if no attempt succeeds: none made (no instance) is a 503.
+    let mut last: Option<StatusCode> = None;
     while let Some(member) = select::pick(svc, &tried, ctx.start) {
         let ep = member.ep.clone();
         let version = member.version;
@@ -131,14 +138,14 @@ where
                     svc.shared.connect_errors.inc();
                     no_answer(&ep, svc, s);
                     tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
-                    last = if matches!(e, ConnectError::Timeout) {
+                    last = Some(if matches!(e, ConnectError::Timeout) {
                         StatusCode::GATEWAY_TIMEOUT
                     } else {
                         StatusCode::BAD_GATEWAY
-                    };
+                    });
                     tried.push(Arc::as_ptr(&ep) as usize);
-                    attempts += 1;
-                    if attempts <= s.retries && svc.shared.withdraw() {
+                    failed += 1;
+                    if failed <= s.retries && svc.shared.withdraw() {
                         svc.shared.retries_connect.inc();
                         continue;
                     }
@@ -163,7 +170,7 @@ where
                 Some(t) => {
                     // The request's start stands for "now" on the first attempt over a pooled
                     // connection (microseconds ago): one clock read less per request.
-                    let from = if reused && attempts == 0 {
+                    let from = if reused && failed + stale == 0 {
                         ctx.start
                     } else {
                         Instant::now()
@@ -187,13 +194,29 @@ where
                 );
             }
             Ok(Ok(resp)) => resp,
-            Ok(Err(Fail::HeadWrite(e))) if reused => {
-                // Never reached the upstream: the connection closed under us. Same
-                // request, another connection; does not count against the budget.
-                tracing::debug!(instance = %ep.id, error = %e, "stale pooled connection");
-                ep.clear_idle();
-                attempts += 1;
-                if attempts <= s.retries + 2 {
+            Ok(Err(Fail::HeadWrite(e))) => {
+                // The head never reached the upstream whole and the body is still unread:
+                // the same request goes to another connection, whatever its method.
+                last = Some(StatusCode::BAD_GATEWAY);
+                if reused {
+                    // A pooled connection the upstream closed as we wrote: not the
+                    // instance's fault, and not charged to the budget.
+                    tracing::debug!(instance = %ep.id, error = %e, "stale pooled connection");
+                    ep.clear_idle();
+                    stale += 1;
+                    if stale <= s.retries + 2 {
+                        continue;
+                    }
+                    break;
+                }
+                // A new connection reset before it took the head: the instance crashed or
+                // closed its listener between the handshake and this write.
+                tracing::debug!(instance = %ep.id, error = %e, "new connection reset before the request head");
+                no_answer(&ep, svc, s);
+                tried.push(Arc::as_ptr(&ep) as usize);
+                failed += 1;
+                if failed <= s.retries && svc.shared.withdraw() {
+                    svc.shared.retries_reset.inc();
                     continue;
                 }
                 break;
@@ -217,24 +240,30 @@ where
             }
             Ok(Err(e)) => {
                 tracing::debug!(instance = %ep.id, error = %e, reused, "upstream failed before answering");
-                let stale = reused && matches!(e, Fail::Response(UpError::ClosedBeforeResponse));
-                if stale {
+                last = Some(StatusCode::BAD_GATEWAY);
+                let closed = matches!(e, Fail::Response(UpError::ClosedBeforeResponse));
+                // A stale keep-alive connection is not the instance's fault: free retry.
+                let stale_conn = reused && closed;
+                if stale_conn {
                     ep.clear_idle();
+                    stale += 1;
                 } else {
                     no_answer(&ep, svc, s);
                     tried.push(Arc::as_ptr(&ep) as usize);
+                    failed += 1;
                 }
-                attempts += 1;
-                // A stale keep-alive connection is not the instance's fault: free retry.
+                // The budget is asked last: only a retry that will happen takes from it.
                 if may_resend
-                    && matches!(e, Fail::Response(UpError::ClosedBeforeResponse))
-                    && attempts <= s.retries + 1
-                    && (stale || svc.shared.withdraw())
+                    && closed
+                    && if stale_conn {
+                        stale <= s.retries + 2
+                    } else {
+                        failed <= s.retries && svc.shared.withdraw()
+                    }
                 {
                     svc.shared.retries_reset.inc();
                     continue;
                 }
-                last = StatusCode::BAD_GATEWAY;
                 break;
             }
         };
@@ -266,7 +295,7 @@ where
                 ClientUpgrade::No => {
                     // Switched without being asked: nothing sane to pass on.
                     outlier::record_failure(&ep, svc, s);
-                    last = StatusCode::BAD_GATEWAY;
+                    last = Some(StatusCode::BAD_GATEWAY);
                     break;
                 }
             };
@@ -289,16 +318,18 @@ where
         ctx.record(Some(version), status, elapsed);
         return r;
     }
-    let resp = if last == StatusCode::GATEWAY_TIMEOUT {
-        plain(last, "upstream connect timed out\n", false)
-    } else if tried.is_empty() && attempts == 0 {
-        plain(
+    let resp = match last {
+        Some(StatusCode::GATEWAY_TIMEOUT) => plain(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream connect timed out\n",
+            false,
+        ),
+        Some(_) => plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", false),
+        None => plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "no backend available\n",
             false,
-        )
-    } else {
-        plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", false)
+        ),
     };
     ctx.finish(None, resp)
 }
