@@ -11,7 +11,12 @@
 #              no such setting: its tcp frontend again)   → MiB/s
 #   tcp-conn   GET / with Connection: close via tcp frontend → connections/s
 #   https-ka   GET / over TLS, keep-alive                    → requests/s
-#   https-hs   GET / over TLS, Connection: close             → handshakes/s (full, no resumption)
+#   https-hs   GET / over TLS, Connection: close             → handshakes/s, resumed: wrk keeps
+#              its session across reconnects (SSL_clear) and offers it, and both proxies
+#              resume by default (TLS 1.3 PSK with ECDHE: no certificate, no signature)
+#   https-full the same on a second TLS frontend with resumption off on both (HAProxy
+#              `no-tls-tickets` and no session cache, the balancer `session_resumption =
+#              false`)                                       → full handshakes/s
 # and prints the balancer / HAProxy ratio of each (target: > 1), and the proxy's CPU time
 # (utime + stime from /proc) per request or per MiB with its ratio (target: < 1): the
 # efficiency figure, which holds up when other work on the machine disturbs throughput.
@@ -22,7 +27,7 @@
 # With ROUNDS > 1, rounds alternate which proxy goes first, and a last table gives the
 # median of the per-round throughput ratios (also over the rounds without hypervisor steal,
 # STEAL_MAX [1] %).
-# Settings: TESTS ["tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs"] (a subset runs only those),
+# Settings: TESTS ["tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs https-full"] (a subset runs only those),
 #           DURATION [5] s per run, after WARMUP [1] s unmeasured (0: none),
 #           CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
 #           BULK_CONNS [4] and BULK_KB [10240] (the bulk tests' connections and file size),
@@ -32,7 +37,7 @@
 # Cleanup: every process started is killed by PID on exit (bench/lib.sh).
 set -euo pipefail
 
-TESTS=${TESTS:-tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs}
+TESTS=${TESTS:-tcp-bulk tcp-bulk-b tcp-conn https-ka https-hs https-full}
 DURATION=${DURATION:-5}
 WARMUP=${WARMUP:-1}
 CONNS=${CONNS:-32}
@@ -47,7 +52,7 @@ BIN=$(PROFILE=release build_bin BALANCER_BIN wharf-balancer balancer)
 
 bench_init
 chmod 755 "$WORK"  # nginx workers run as nobody
-BACK=$(free_port); TCP=$(free_port); TCPB=$(free_port); TLS=$(free_port); ADMIN=$(free_port)
+BACK=$(free_port); TCP=$(free_port); TCPB=$(free_port); TLS=$(free_port); TLSF=$(free_port); ADMIN=$(free_port)
 
 # Backend.
 mkdir -p "$WORK/nginx/logs" "$WORK/www"
@@ -83,6 +88,8 @@ global
     maxconn 8000
     ssl-default-bind-options ssl-min-ver TLSv1.2
     tune.ssl.default-dh-param 2048
+    # No stateful session cache (https-full); tls_in still resumes with stateless tickets.
+    tune.ssl.cachesize 0
 defaults
     timeout connect 5s
     timeout client 60s
@@ -97,6 +104,10 @@ backend tcp_be
 frontend tls_in
     mode http
     bind 127.0.0.1:$TLS ssl crt $WORK/combined.pem alpn h2,http/1.1
+    default_backend http_be
+frontend tls_full
+    mode http
+    bind 127.0.0.1:$TLSF ssl crt $WORK/combined.pem alpn h2,http/1.1 no-tls-tickets
     default_backend http_be
 backend http_be
     mode http
@@ -123,6 +134,16 @@ name = "tls"
 bind = "127.0.0.1:$TLS"
   [[listener.route]]
   service = "web"
+  [[listener.tls.certificate]]
+  cert = "$WORK/cert.pem"
+  key = "$WORK/key.pem"
+[[listener]]
+name = "tlsfull"
+bind = "127.0.0.1:$TLSF"
+  [[listener.route]]
+  service = "web"
+  [listener.tls]
+  session_resumption = false
   [[listener.tls.certificate]]
   cert = "$WORK/cert.pem"
   key = "$WORK/key.pem"
@@ -209,6 +230,7 @@ measure() { # proxy
             tcp-conn) run "$p" tcp-conn "http://127.0.0.1:$TCP/" -H "Connection: close" ;;
             https-ka) run "$p" https-ka "https://127.0.0.1:$TLS/" ;;
             https-hs) run "$p" https-hs "https://127.0.0.1:$TLS/" -H "Connection: close" ;;
+            https-full) run "$p" https-full "https://127.0.0.1:$TLSF/" -H "Connection: close" ;;
             *) echo "balancer-l4: unknown test $k" >&2; exit 1 ;;
         esac
     done

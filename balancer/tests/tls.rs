@@ -1,6 +1,7 @@
 //! TLS termination through the real binary: SNI with a default certificate, a certificate
 //! swapped on disk under continuous handshakes, a bad file keeping the old certificate,
-//! the expiry metric, h2 via ALPN, TLS on a tcp listener, TLS to upstreams.
+//! the expiry metric, h2 via ALPN, TLS on a tcp listener, TLS to upstreams, session
+//! resumption on and off.
 
 mod common;
 mod l4kit;
@@ -9,9 +10,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use common::{Backend, Lb};
-use l4kit::{Echo, get_over, greeting, https_config, issue, metric, tls_connect, tls_connector};
+use l4kit::{
+    Echo, get_over, greeting, https_config, issue, metric, resuming_tls_connector, tls_connect,
+    tls_connector,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wharf_tests::TestPki;
 
@@ -332,6 +336,55 @@ async fn ip_address_sni_is_served_without_a_log_line_per_handshake() -> Result<(
     assert!(said.contains("Protocol version"), "no handshake: {said}");
     let log = lb.log();
     assert!(!log.contains("SNI"), "{log}");
+    Ok(())
+}
+
+/// How each of two connections in a row from one client (the same session store) got
+/// its session: `Full` then `Resumed` when the listener offers resumption.
+async fn two_handshakes(lb: &Lb, pki: &TestPki) -> Result<[rustls::HandshakeKind; 2]> {
+    let client = resuming_tls_connector(&pki.path("ca.crt"))?;
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (s, _) = tls_connect(&client, addr(lb), "localhost").await?;
+        let kind = s
+            .get_ref()
+            .1
+            .handshake_kind()
+            .context("handshake unfinished")?;
+        // A TLS 1.3 ticket arrives after the handshake: read the answer to take it in.
+        let (status, _) = get_over(s, false, "/").await?;
+        assert_eq!(status, 200);
+        kinds.push(kind);
+    }
+    Ok([kinds[0], kinds[1]])
+}
+
+/// Resumption is offered by default (a returning client skips the certificate and its
+/// signature); `session_resumption = false` makes every handshake a full one, applied by
+/// a SIGHUP to a listener that keeps its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_resumption_is_offered_and_can_be_turned_off() -> Result<()> {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let pki = TestPki::generate()?;
+    let backend = Backend::start("web").await?;
+    let config = |resume: bool| {
+        let tls = format!("[listener.tls]\nsession_resumption = {resume}");
+        https_config("https", &pki, backend.addr, "", "").replacen(
+            "  [[listener.tls.certificate]]",
+            &format!("{tls}\n  [[listener.tls.certificate]]"),
+            1,
+        )
+    };
+    let lb = Lb::start(&config(true)).await?;
+    assert_eq!(two_handshakes(&lb, &pki).await?, [Full, Resumed]);
+
+    lb.write_config(&config(false))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    wharf_tests::eventually("the reload turned resumption off", l4kit::WAIT, || async {
+        let kinds = two_handshakes(&lb, &pki).await.ok()?;
+        (kinds == [Full, Full]).then_some(())
+    })
+    .await?;
     Ok(())
 }
 

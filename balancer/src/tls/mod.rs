@@ -54,6 +54,9 @@ pub fn publish_crl(metrics: &L4Metrics, listener: &str, tls: Option<&TlsListener
     }
 }
 
+/// TLS 1.2 sessions kept per listener for resumption by session ID.
+const SESSION_CACHE: usize = 20_000;
+
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -114,6 +117,21 @@ pub fn listener(
         None => (builder.with_no_client_auth(), None),
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
+    if tls.session_resumption {
+        // TLS 1.3: stateless tickets (the session sealed under a key that rotates every
+        // 6 hours), so any number of clients can resume; rustls' default names sessions
+        // in its 256-entry cache instead, about 128 returning clients at two tickets each.
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| CertError::Invalid {
+                path: "rustls".into(),
+                msg: format!("session ticket keys: {e}"),
+            })?;
+        // TLS 1.2 session IDs: HAProxy's default cache size (`tune.ssl.cachesize`).
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    } else {
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     config.alpn_protocols = match &tls.alpn {
         Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
         None if l.protocol == ListenerProtocol::Http => {

@@ -282,6 +282,14 @@ pub fn tls_connector_as(
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
+/// [`tls_connector`] (no ALPN) that keeps the sessions the server offers and resumes them
+/// (rustls' default in-memory store), as browsers and OpenSSL clients do.
+pub fn resuming_tls_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector> {
+    let mut cfg = rustls::ClientConfig::clone(tls_connector(ca, &[])?.config());
+    cfg.resumption = rustls::client::Resumption::default();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
 /// Sends `GET path` over an established stream with HTTP/1.1 (or h2); (status, body).
 pub async fn get_over<S>(s: S, h2: bool, path: &str) -> Result<(u16, String)>
 where
