@@ -27,7 +27,7 @@ pub struct ListenerTls {
     #[serde(default)]
     pub client_auth: Option<ClientAuth>,
     /// Session resumption for returning clients (default on): TLS 1.3 stateless tickets,
-    /// two after each handshake, sealed under a key that rotates every 6 hours, and TLS
+    /// `session_tickets` after each handshake, sealed under a key that rotates every 6 hours, and TLS
     /// 1.2 session IDs in a cache of 20,000 sessions. A SIGHUP that rebuilds the
     /// listener's TLS setup starts with new keys and an empty cache (each client makes one
     /// full handshake again). `false`: no tickets, no cache, every handshake a full one
@@ -35,6 +35,19 @@ pub struct ListenerTls {
     /// off` with `ssl_session_cache off`).
     #[serde(default = "d_true")]
     pub session_resumption: bool,
+    /// TLS 1.3 tickets sent after each handshake (default 2, as OpenSSL after a full
+    /// handshake; OpenSSL sends 1 after a resumed one, Go's crypto/tls 1 after any). Each
+    /// ticket resumes one later connection: a client that opens several at once resumes
+    /// as many of them. 0: TLS 1.3 clients do not resume (TLS 1.2 session IDs still do).
+    #[serde(default = "d_tickets")]
+    pub session_tickets: u8,
+}
+
+/// Bounds `session_tickets`: more only costs every handshake bytes and work.
+const MAX_SESSION_TICKETS: u8 = 8;
+
+fn d_tickets() -> u8 {
+    2
 }
 
 /// `[listener.tls.client_auth]`: clients must present a certificate that chains to one
@@ -318,6 +331,13 @@ pub(crate) fn validate(
                     at,
                     &format!("listener[{i}].tls.certificate"),
                     "at least one [[listener.tls.certificate]] is needed".into(),
+                ));
+            }
+            if tls.session_tickets > MAX_SESSION_TICKETS {
+                return Err(err(
+                    at,
+                    &format!("listener[{i}].tls.session_tickets"),
+                    format!("{} is more than {MAX_SESSION_TICKETS}", tls.session_tickets),
                 ));
             }
             if tls.certificates.iter().filter(|c| c.default).count() > 1 {

@@ -339,6 +339,16 @@ async fn ip_address_sni_is_served_without_a_log_line_per_handshake() -> Result<(
     Ok(())
 }
 
+/// `config` with `table` (a `[listener.tls]` table) put in front of its first
+/// certificate: TOML keys after `[[listener.tls.certificate]]` would belong to that entry.
+fn with_tls_table(config: String, table: &str) -> String {
+    config.replacen(
+        "  [[listener.tls.certificate]]",
+        &format!("{table}\n  [[listener.tls.certificate]]"),
+        1,
+    )
+}
+
 /// How each of two connections in a row from one client (the same session store) got
 /// its session: `Full` then `Resumed` when the listener offers resumption.
 async fn two_handshakes(lb: &Lb, pki: &TestPki) -> Result<[rustls::HandshakeKind; 2]> {
@@ -368,12 +378,8 @@ async fn session_resumption_is_offered_and_can_be_turned_off() -> Result<()> {
     let pki = TestPki::generate()?;
     let backend = Backend::start("web").await?;
     let config = |resume: bool| {
-        let tls = format!("[listener.tls]\nsession_resumption = {resume}");
-        https_config("https", &pki, backend.addr, "", "").replacen(
-            "  [[listener.tls.certificate]]",
-            &format!("{tls}\n  [[listener.tls.certificate]]"),
-            1,
-        )
+        let table = format!("[listener.tls]\nsession_resumption = {resume}");
+        with_tls_table(https_config("https", &pki, backend.addr, "", ""), &table)
     };
     let lb = Lb::start(&config(true)).await?;
     assert_eq!(two_handshakes(&lb, &pki).await?, [Full, Resumed]);
@@ -383,6 +389,50 @@ async fn session_resumption_is_offered_and_can_be_turned_off() -> Result<()> {
     wharf_tests::eventually("the reload turned resumption off", l4kit::WAIT, || async {
         let kinds = two_handshakes(&lb, &pki).await.ok()?;
         (kinds == [Full, Full]).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// The TLS 1.3 session tickets an OpenSSL client is sent over one connection (a GET
+/// with `Connection: close`, read to the end).
+async fn tickets_sent(lb: &Lb) -> Result<usize> {
+    let connect = format!("127.0.0.1:{}", lb.port);
+    let out = tokio::task::spawn_blocking(move || -> std::io::Result<std::process::Output> {
+        let mut child = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &connect, "-msg", "-ign_eof"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        child.wait_with_output()
+    })
+    .await??;
+    let said = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(said.contains("200 OK"), "no answer: {said}");
+    Ok(said.matches("NewSessionTicket").count())
+}
+
+/// Two tickets per handshake by default; `session_tickets` sets how many (a SIGHUP
+/// applies it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_tickets_sets_the_tickets_sent_per_handshake() -> Result<()> {
+    let pki = TestPki::generate()?;
+    let backend = Backend::start("web").await?;
+    let config =
+        |table: &str| with_tls_table(https_config("https", &pki, backend.addr, "", ""), table);
+    let lb = Lb::start(&config("")).await?;
+    assert_eq!(tickets_sent(&lb).await?, 2);
+    lb.write_config(&config("[listener.tls]\nsession_tickets = 1"))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    wharf_tests::eventually("one ticket per handshake", l4kit::WAIT, || async {
+        (tickets_sent(&lb).await.ok()? == 1).then_some(())
     })
     .await?;
     Ok(())
@@ -426,6 +476,18 @@ fn check_loads_certificates_and_names_bad_files() -> Result<()> {
     assert!(!bad.status.success());
     assert!(
         err.contains("listener https") && err.contains("server.key"),
+        "{err}"
+    );
+    // Too many tickets: file, line and key.
+    let many = with_tls_table(
+        config(&pki.path("server.crt")),
+        "[listener.tls]\nsession_tickets = 9",
+    );
+    let bad = run(many)?;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        err.contains("lb.toml:2") && err.contains("listener[0].tls.session_tickets"),
         "{err}"
     );
     Ok(())

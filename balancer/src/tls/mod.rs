@@ -126,6 +126,7 @@ pub fn listener(
                 path: "rustls".into(),
                 msg: format!("session ticket keys: {e}"),
             })?;
+        config.send_tls13_tickets = usize::from(tls.session_tickets);
         // TLS 1.2 session IDs: HAProxy's default cache size (`tune.ssl.cachesize`).
         config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
     } else {
