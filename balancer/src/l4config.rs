@@ -26,13 +26,13 @@ pub struct ListenerTls {
     /// Mutual TLS (`[listener.tls.client_auth]`).
     #[serde(default)]
     pub client_auth: Option<ClientAuth>,
-    /// Session resumption for returning clients (default on): TLS 1.3 stateless tickets,
-    /// `session_tickets` after each handshake, sealed under a key that rotates every 6 hours, and TLS
-    /// 1.2 session IDs in a cache of 20,000 sessions. A SIGHUP that rebuilds the
-    /// listener's TLS setup starts with new keys and an empty cache (each client makes one
-    /// full handshake again). `false`: no tickets, no cache, every handshake a full one
-    /// (HAProxy's `no-tls-tickets` with no session cache; nginx's `ssl_session_tickets
-    /// off` with `ssl_session_cache off`).
+    /// Session resumption for returning clients (default on): stateless tickets (TLS 1.3:
+    /// `session_tickets` after each handshake; TLS 1.2: RFC 5077), sealed under keys that
+    /// rotate every 6 hours, and TLS 1.2 session IDs in a cache of 20,000 sessions. A
+    /// SIGHUP that rebuilds the listener's TLS setup starts with new keys and an empty
+    /// cache (each client makes one full handshake again). `false`: no tickets, no cache,
+    /// every handshake a full one (HAProxy's `no-tls-tickets` with no session cache;
+    /// nginx's `ssl_session_tickets off` with `ssl_session_cache off`).
     #[serde(default = "d_true")]
     pub session_resumption: bool,
     /// TLS 1.3 tickets sent after each handshake (default 2, as OpenSSL after a full
