@@ -101,17 +101,10 @@ where
     // resent: the head is still in `head`.
     let may_resend = !has_body && idempotent(&method) && !upgrade;
 
-    // Instances that failed this request (not picked again), and two retry counts: `failed`
-    // attempts that were an instance's fault (bounded by `retries` and the budget), and
-    // `stale` pooled connections the upstream had closed (free, but bounded too). Kept
-    // apart so that a stale connection met first does not use up a crashed instance's
-    // retries.
-    let mut tried: Vec<usize> = Vec::new();
-    let mut failed = 0u32;
-    let mut stale = 0u32;
+    let mut tries = Tries::default();
     // The answer if no attempt succeeds: none made (no instance) is a 503.
     let mut last: Option<StatusCode> = None;
-    while let Some(member) = select::pick(svc, &tried, ctx.start) {
+    while let Some(member) = select::pick(svc, &tries.tried, ctx.start) {
         let ep = member.ep.clone();
         let version = member.version;
         let in_flight = ep.start_request();
@@ -136,16 +129,14 @@ where
                 Ok(up) => up,
                 Err(e) => {
                     svc.shared.connect_errors.inc();
-                    no_answer(&ep, svc, s);
                     tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
                     last = Some(if matches!(e, ConnectError::Timeout) {
                         StatusCode::GATEWAY_TIMEOUT
                     } else {
                         StatusCode::BAD_GATEWAY
                     });
-                    tried.push(Arc::as_ptr(&ep) as usize);
-                    failed += 1;
-                    if failed <= s.retries && svc.shared.withdraw() {
+                    tries.instance_failed(&ep, svc, s);
+                    if tries.may_retry(svc, s) {
                         svc.shared.retries_connect.inc();
                         continue;
                     }
@@ -170,7 +161,7 @@ where
                 Some(t) => {
                     // The request's start stands for "now" on the first attempt over a pooled
                     // connection (microseconds ago): one clock read less per request.
-                    let from = if reused && failed + stale == 0 {
+                    let from = if reused && tries.none_failed() {
                         ctx.start
                     } else {
                         Instant::now()
@@ -199,12 +190,9 @@ where
                 // the same request goes to another connection, whatever its method.
                 last = Some(StatusCode::BAD_GATEWAY);
                 if reused {
-                    // A pooled connection the upstream closed as we wrote: not the
-                    // instance's fault, and not charged to the budget.
+                    // A pooled connection the upstream closed as we wrote.
                     tracing::debug!(instance = %ep.id, error = %e, "stale pooled connection");
-                    ep.clear_idle();
-                    stale += 1;
-                    if stale <= s.retries + 2 {
+                    if tries.stale_connection(&ep, s) {
                         continue;
                     }
                     break;
@@ -212,10 +200,8 @@ where
                 // A new connection reset before it took the head: the instance crashed or
                 // closed its listener between the handshake and this write.
                 tracing::debug!(instance = %ep.id, error = %e, "new connection reset before the request head");
-                no_answer(&ep, svc, s);
-                tried.push(Arc::as_ptr(&ep) as usize);
-                failed += 1;
-                if failed <= s.retries && svc.shared.withdraw() {
+                tries.instance_failed(&ep, svc, s);
+                if tries.may_retry(svc, s) {
                     svc.shared.retries_reset.inc();
                     continue;
                 }
@@ -242,25 +228,15 @@ where
                 tracing::debug!(instance = %ep.id, error = %e, reused, "upstream failed before answering");
                 last = Some(StatusCode::BAD_GATEWAY);
                 let closed = matches!(e, Fail::Response(UpError::ClosedBeforeResponse));
-                // A stale keep-alive connection is not the instance's fault: free retry.
-                let stale_conn = reused && closed;
-                if stale_conn {
-                    ep.clear_idle();
-                    stale += 1;
+                let stale = reused && closed;
+                let within = if stale {
+                    tries.stale_connection(&ep, s)
                 } else {
-                    no_answer(&ep, svc, s);
-                    tried.push(Arc::as_ptr(&ep) as usize);
-                    failed += 1;
-                }
+                    tries.instance_failed(&ep, svc, s);
+                    true
+                };
                 // The budget is asked last: only a retry that will happen takes from it.
-                if may_resend
-                    && closed
-                    && if stale_conn {
-                        stale <= s.retries + 2
-                    } else {
-                        failed <= s.retries && svc.shared.withdraw()
-                    }
-                {
+                if may_resend && closed && within && (stale || tries.may_retry(svc, s)) {
                     svc.shared.retries_reset.inc();
                     continue;
                 }
@@ -332,6 +308,47 @@ where
         ),
     };
     ctx.finish(None, resp)
+}
+
+/// The attempts at one request so far: the instances that failed it (not picked again)
+/// and two retry counts, kept apart so that a stale connection met first does not use up
+/// the retries a crashed instance needs.
+#[derive(Default)]
+struct Tries {
+    tried: Vec<usize>,
+    /// Attempts that were an instance's fault: bounded by `retries` and the retry budget.
+    failed: u32,
+    /// Pooled connections the upstream had closed: free, but bounded too.
+    stale: u32,
+}
+
+impl Tries {
+    /// `ep` failed the request (connect error, reset, no answer): see [`no_answer`]; it is
+    /// not picked again for this request.
+    fn instance_failed(&mut self, ep: &Arc<Endpoint>, svc: &ServiceTable, s: &ListenerSettings) {
+        no_answer(ep, svc, s);
+        self.tried.push(Arc::as_ptr(ep) as usize);
+        self.failed += 1;
+    }
+
+    /// After an instance's failure: whether another instance may be tried. Takes a retry
+    /// from the budget when it may, so ask only when the request would be sent again.
+    fn may_retry(&self, svc: &ServiceTable, s: &ListenerSettings) -> bool {
+        self.failed <= s.retries && svc.shared.withdraw()
+    }
+
+    /// A pooled connection to `ep` turned out closed: the instance's idle pool goes (its
+    /// other idle connections are likely closed too). Whether another connection may be
+    /// tried; not charged to the instance or the budget.
+    fn stale_connection(&mut self, ep: &Endpoint, s: &ListenerSettings) -> bool {
+        ep.clear_idle();
+        self.stale += 1;
+        self.stale <= s.retries + 2
+    }
+
+    fn none_failed(&self) -> bool {
+        self.failed + self.stale == 0
+    }
 }
 
 /// An attempt at `ep` that got no answer (connect error, timeout, broken connection):
