@@ -8,6 +8,7 @@ pub mod certs;
 pub mod client_auth;
 pub mod upstream;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -17,8 +18,9 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenerConfig, ListenerProtocol};
+use crate::l4config::ListenerTls;
 use crate::l4metrics::L4Metrics;
-use certs::{CertError, CertSet, Reloader, SniResolver};
+use certs::{CertError, CertSet, Reloader, SniResolver, invalid};
 
 /// Removes the expiry series of certificates `old` lists and `new` does not (a SIGHUP
 /// replaced or removed a listener's TLS settings), so no alert fires for a certificate
@@ -101,11 +103,7 @@ pub fn listener(
     ))));
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| CertError::Invalid {
-            path: "rustls".into(),
-            msg: e.to_string(),
-        })?;
-    let name: Arc<str> = l.name.get_ref().as_str().into();
+        .map_err(|e| invalid(Path::new("rustls"), e.to_string()))?;
     let (builder, crl_next_update) = match &tls.client_auth {
         Some(auth) => {
             let v = client_auth::verifier(auth, &provider)?;
@@ -117,22 +115,7 @@ pub fn listener(
         None => (builder.with_no_client_auth(), None),
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
-    if tls.session_resumption {
-        // TLS 1.3: stateless tickets (the session sealed under a key that rotates every
-        // 6 hours), so any number of clients can resume; rustls' default names sessions
-        // in its 256-entry cache instead, about 128 returning clients at two tickets each.
-        config.ticketer =
-            rustls::crypto::ring::Ticketer::new().map_err(|e| CertError::Invalid {
-                path: "rustls".into(),
-                msg: format!("session ticket keys: {e}"),
-            })?;
-        config.send_tls13_tickets = usize::from(tls.session_tickets);
-        // TLS 1.2 session IDs: HAProxy's default cache size (`tune.ssl.cachesize`).
-        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
-    } else {
-        config.send_tls13_tickets = 0;
-        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    }
+    set_resumption(&mut config, tls)?;
     config.alpn_protocols = match &tls.alpn {
         Some(list) => list.iter().map(|p| p.as_bytes().to_vec()).collect(),
         None if l.protocol == ListenerProtocol::Http => {
@@ -140,6 +123,7 @@ pub fn listener(
         }
         None => Vec::new(),
     };
+    let name: Arc<str> = l.name.get_ref().as_str().into();
     let reloader = Reloader {
         listener: name.clone(),
         configs: tls.certificates.clone(),
@@ -164,4 +148,21 @@ pub fn listener(
         reload,
         crl_next_update,
     }))
+}
+
+/// Session resumption as `[listener.tls]` asks. On: stateless tickets (sealed under keys
+/// that rotate every 6 hours), so any number of clients can resume — rustls' default names
+/// sessions in a 256-entry cache instead, about 128 returning clients at two tickets each
+/// — and TLS 1.2 session IDs in a cache of HAProxy's default size (`tune.ssl.cachesize`).
+fn set_resumption(config: &mut ServerConfig, tls: &ListenerTls) -> Result<(), CertError> {
+    if tls.session_resumption {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| invalid(Path::new("rustls"), format!("session ticket keys: {e}")))?;
+        config.send_tls13_tickets = usize::from(tls.session_tickets);
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    } else {
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
+    Ok(())
 }
