@@ -256,6 +256,25 @@ pub fn tls_connector_as(
     alpn: &[&str],
     client: Option<(&Path, &Path)>,
 ) -> Result<tokio_rustls::TlsConnector> {
+    let mut cfg = client_config(ca, alpn, client)?;
+    // Full handshakes only: a resumed session reports the certificate of the first one.
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// [`tls_connector`] (no ALPN) that keeps the sessions the server offers and resumes them
+/// (rustls' default in-memory store), as browsers and OpenSSL clients do.
+pub fn resuming_tls_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector> {
+    let cfg = client_config(ca, &[], None)?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// A rustls client config trusting `ca`, offering `alpn`, presenting `client` if given.
+fn client_config(
+    ca: &Path,
+    alpn: &[&str],
+    client: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig> {
     let pem = std::fs::read(ca)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut &pem[..]) {
@@ -277,17 +296,7 @@ pub fn tls_connector_as(
         }
     };
     cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-    // Full handshakes only: a resumed session reports the certificate of the first one.
-    cfg.resumption = rustls::client::Resumption::disabled();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
-}
-
-/// [`tls_connector`] (no ALPN) that keeps the sessions the server offers and resumes them
-/// (rustls' default in-memory store), as browsers and OpenSSL clients do.
-pub fn resuming_tls_connector(ca: &Path) -> Result<tokio_rustls::TlsConnector> {
-    let mut cfg = rustls::ClientConfig::clone(tls_connector(ca, &[])?.config());
-    cfg.resumption = rustls::client::Resumption::default();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    Ok(cfg)
 }
 
 /// Sends `GET path` over an established stream with HTTP/1.1 (or h2); (status, body).
