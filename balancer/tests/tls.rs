@@ -313,30 +313,34 @@ async fn ip_address_sni_is_served_without_a_log_line_per_handshake() -> Result<(
     let pki = TestPki::generate()?;
     let backend = Backend::start("web").await?;
     let lb = Lb::start(&https_config("https", &pki, backend.addr, "", "")).await?;
-    let connect = format!("127.0.0.1:{}", lb.port);
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &connect,
-                "-servername",
-                "127.0.0.1",
-                "-brief",
-            ])
-            .stdin(std::process::Stdio::null())
-            .output()
-    })
-    .await??;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = s_client(lb.port, &["-servername", "127.0.0.1", "-brief"], b"").await?;
     assert!(said.contains("Protocol version"), "no handshake: {said}");
     let log = lb.log();
     assert!(!log.contains("SNI"), "{log}");
     Ok(())
+}
+
+/// Runs `openssl s_client` against the balancer's `port` with `args`, writes `input` and
+/// closes its stdin; what it printed, stdout then stderr.
+async fn s_client(port: u16, args: &[&str], input: &'static [u8]) -> Result<String> {
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || -> std::io::Result<std::process::Output> {
+        use std::io::Write as _;
+        let mut child = cmd.spawn()?;
+        child.stdin.take().expect("piped").write_all(input)?;
+        child.wait_with_output()
+    })
+    .await??;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }
 
 /// `config` with `table` (a `[listener.tls]` table) put in front of its first
@@ -397,24 +401,8 @@ async fn session_resumption_is_offered_and_can_be_turned_off() -> Result<()> {
 /// The TLS 1.3 session tickets an OpenSSL client is sent over one connection (a GET
 /// with `Connection: close`, read to the end).
 async fn tickets_sent(lb: &Lb) -> Result<usize> {
-    let connect = format!("127.0.0.1:{}", lb.port);
-    let out = tokio::task::spawn_blocking(move || -> std::io::Result<std::process::Output> {
-        let mut child = std::process::Command::new("openssl")
-            .args(["s_client", "-connect", &connect, "-msg", "-ign_eof"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .expect("piped")
-            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-        child.wait_with_output()
-    })
-    .await??;
-    let said = String::from_utf8_lossy(&out.stdout);
+    let get = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let said = s_client(lb.port, &["-msg", "-ign_eof"], get).await?;
     anyhow::ensure!(said.contains("200 OK"), "no answer: {said}");
     Ok(said.matches("NewSessionTicket").count())
 }
