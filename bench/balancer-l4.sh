@@ -41,7 +41,9 @@
 #           CONNS [32], ROUNDS [1], PROXY_CPUS [1], LOADGEN_CPUS [0],
 #           BULK_CONNS [4] and BULK_KB [10240] (the bulk tests' connections and file size),
 #           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer),
-#           BALANCER_BIN (measure that binary, no build), KEEP_TMP=1 (keep the work dir).
+#           BALANCER_BIN (measure that binary, no build), KEEP_TMP=1 (keep the work dir),
+#           BUSY_POLLING=1 (both proxies poll without sleeping: HAProxy `busy-polling`, the
+#           balancer `busy_polling = true`; the CPU columns then count the spinning too).
 # Needs: haproxy nginx wrk openssl taskset curl python3 (Debian packages), a Rust toolchain.
 # Cleanup: every process started is killed by PID on exit (bench/lib.sh).
 set -euo pipefail
@@ -95,6 +97,7 @@ cat >"$WORK/haproxy.cfg" <<EOF
 global
     nbthread 1
     maxconn 8000
+$([[ ${BUSY_POLLING:-0} == 1 ]] && echo "    busy-polling")
     ssl-default-bind-options ssl-min-ver TLSv1.2
     tune.ssl.default-dh-param 2048
     # No stateful session cache (https-full); tls_in still resumes with stateless tickets.
@@ -125,6 +128,7 @@ backend http_be
 EOF
 
 cat >"$WORK/lb.toml" <<EOF
+busy_polling = $([[ ${BUSY_POLLING:-0} == 1 ]] && echo true || echo false)
 [admin]
 bind = "127.0.0.1:$ADMIN"
 [[listener]]
@@ -260,7 +264,7 @@ start_proxy() { # name
 }
 stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.3; }
 
-echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS"
+echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS BUSY_POLLING=${BUSY_POLLING:-0}"
 declare -A SUM CSUM GSUM PS
 PAIRS=$WORK/pairs  # one line per round and test: round test haproxy balancer, steal% of each
 for round in $(seq "$ROUNDS"); do

@@ -19,6 +19,7 @@
 
 pub mod body;
 pub mod builder;
+pub mod busy_poll;
 pub mod chunked;
 pub mod client_io;
 pub mod config;
@@ -200,6 +201,9 @@ pub async fn run<S: Store>(
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = Arc::new(ConnTracker::default());
+    if opts.config.busy_polling {
+        busy_poll::spawn(tracker.clone(), shutdown_rx.clone());
+    }
     let status = status::StatusHub::new(opts.config.discovery.etcd.is_some());
     status.catalog_changed(&builder);
     let admin = Arc::new(AdminState {

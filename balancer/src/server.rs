@@ -24,12 +24,21 @@ use crate::proxy::{self, ConnInfo, Shared};
 pub struct ConnTracker {
     open: AtomicUsize,
     idle: Notify,
+    /// Told when the first connection opens (the busy poller sleeps until then).
+    busy: Notify,
 }
 
 impl ConnTracker {
     pub fn enter(self: &Arc<Self>) -> TrackGuard {
-        self.open.fetch_add(1, Ordering::Relaxed);
+        if self.open.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.busy.notify_waiters();
+        }
         TrackGuard(self.clone())
+    }
+
+    /// Resolves once a connection opens after it is enabled or first polled.
+    pub fn opened(&self) -> tokio::sync::futures::Notified<'_> {
+        self.busy.notified()
     }
 
     pub fn open(&self) -> usize {
