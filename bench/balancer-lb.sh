@@ -18,6 +18,8 @@
 # `option forwardfor`), so the balancer runs with `forwarded_headers = false` too.
 # FORWARDED_HEADERS=true measures it with its default headers (nginx then parses three
 # more lines per request on the load generator's core: ~4 % fewer req/s, session 6).
+# BUSY_POLLING=1 runs the balancer with `busy_polling = true` (the harness's HAProxy has no
+# `busy-polling`; at ~98 % busy it hardly sleeps anyway); its CPU column then counts the spin.
 set -euo pipefail
 
 . "$(dirname "$0")/lib.sh"
@@ -31,6 +33,7 @@ PROFILE=${PROFILE:-release}
 if [[ ${1:-} == --serve ]]; then
     : "${LB_PORT:?}" "${LB_BACKENDS:?}" "${LB_WORKDIR:?}"
     {
+        echo "busy_polling = $([[ ${BUSY_POLLING:-0} == 1 ]] && echo true || echo false)"
         echo '[admin]'
         echo 'bind = "127.0.0.1:0"'
         echo '[[listener]]'
