@@ -411,6 +411,16 @@ fn reload(
             return;
         }
     };
+    // Runtime settings are read once, when the runtime starts.
+    let running = builder.config();
+    if (running.worker_threads, running.busy_polling)
+        != (config.worker_threads, config.busy_polling)
+    {
+        tracing::warn!(
+            "worker_threads / busy_polling changed: they take effect at the next start \
+             (or `balancer upgrade`); the rest of the file is applied"
+        );
+    }
     let same = |h: &ListenerHandle, l: &config::ListenerConfig| {
         h.name == *l.name.get_ref() && h.bind == l.bind
     };

@@ -65,7 +65,8 @@ async fn busy_polling_spins_while_a_connection_is_open_and_sleeps_without() -> R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_busy_polling_an_open_connection_costs_no_cpu() -> Result<()> {
+async fn without_busy_polling_an_open_connection_costs_no_cpu_and_a_reload_keeps_it_off()
+-> Result<()> {
     let b = Backend::start("b1").await?;
     let lb = Lb::start(&config(&b.addr.to_string(), false)).await?;
     let _conn = TcpStream::connect(("127.0.0.1", lb.port))?;
@@ -74,5 +75,16 @@ async fn without_busy_polling_an_open_connection_costs_no_cpu() -> Result<()> {
         let share = cpu_share(lb.pid()).await?;
         assert!(share < 0.15, "CPU share {share:.2} with busy_polling off");
     }
+    // Read at start only: a SIGHUP that turns it on says so and applies the rest.
+    lb.write_config(&config(&b.addr.to_string(), true))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    lb.reloads("ok", 1.0).await?;
+    assert!(
+        lb.log().contains("take effect at the next start"),
+        "{}",
+        lb.log()
+    );
+    let share = cpu_share(lb.pid()).await?;
+    assert!(share < 0.15, "CPU share {share:.2} after the reload");
     Ok(())
 }
