@@ -101,30 +101,52 @@ impl<'a> Iterator for ReqLines<'a> {
 
 /// Hop-by-hop header names (RFC 9110 §7.6.1 and the usual non-standard ones), never
 /// forwarded as they are. `name` in any case.
+#[inline]
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    // By length first: most names are ruled out without a comparison.
-    let candidates: &[&[u8]] = match name.len() {
-        2 => &[b"te"],
-        7 => &[b"trailer", b"upgrade"],
-        10 => &[b"connection", b"keep-alive"],
-        16 => &[b"proxy-connection"],
-        17 => &[b"transfer-encoding"],
-        18 => &[b"proxy-authenticate"],
-        19 => &[b"proxy-authorization"],
+    // By length, then first letter: most names are ruled out without a comparison, and
+    // a name that could match is compared with one candidate (called per header line).
+    let Some(&first) = name.first() else {
+        return false;
+    };
+    let candidate: &[u8] = match (name.len(), first.to_ascii_lowercase()) {
+        (2, b't') => b"te",
+        (7, b't') => b"trailer",
+        (7, b'u') => b"upgrade",
+        (10, b'c') => b"connection",
+        (10, b'k') => b"keep-alive",
+        (16, b'p') => b"proxy-connection",
+        (17, b't') => b"transfer-encoding",
+        (18, b'p') => b"proxy-authenticate",
+        (19, b'p') => b"proxy-authorization",
         _ => return false,
     };
-    candidates.iter().any(|n| n.eq_ignore_ascii_case(name))
+    eq_lowercase(name, candidate)
+}
+
+/// `name` equals `lower` (all lower case) ignoring ASCII case. Cheaper than
+/// `eq_ignore_ascii_case`, which lowers both sides.
+#[inline]
+pub fn eq_lowercase(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower)
+            .all(|(a, b)| a.to_ascii_lowercase() == *b)
 }
 
 /// A `Connection` value whose tokens name no extra header to remove: the usual
 /// `keep-alive` / `close`, and `upgrade` (handled by the caller).
 pub fn names_no_extra_header(v: &[u8]) -> bool {
+    // The usual whole values first (once per message with a `Connection` line).
+    if eq_lowercase(v, b"keep-alive") || eq_lowercase(v, b"close") {
+        return true;
+    }
     v.split(|&c| c == b',').all(|t| {
         let t = t.trim_ascii();
         t.is_empty()
-            || t.eq_ignore_ascii_case(b"keep-alive")
-            || t.eq_ignore_ascii_case(b"close")
-            || t.eq_ignore_ascii_case(b"upgrade")
+            || eq_lowercase(t, b"keep-alive")
+            || eq_lowercase(t, b"close")
+            || eq_lowercase(t, b"upgrade")
     })
 }
 
@@ -253,7 +275,7 @@ pub fn encode_request(
     let connection = || {
         headers
             .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+            .filter(|(n, _)| eq_lowercase(n, b"connection"))
             .map(|(_, v)| v)
     };
     let connection_names_more = headers.connection_names_more();
@@ -264,33 +286,33 @@ pub fn encode_request(
     let repeated_length = headers.repeated_length();
     let mut length_sent = false;
     for (name, value) in headers.iter() {
-        let keep_upgrade = fwd.upgrade && name.eq_ignore_ascii_case(b"upgrade");
+        let keep_upgrade = fwd.upgrade && eq_lowercase(name, b"upgrade");
         if !keep_upgrade
             && (is_hop_by_hop(name) || (connection_names_more && named_in(connection(), name)))
         {
             continue;
         }
-        if fwd.add && name.eq_ignore_ascii_case(b"x-forwarded-for") {
+        if fwd.add && eq_lowercase(name, b"x-forwarded-for") {
             prev_xff.get_or_insert(value);
             continue;
         }
         // What only the balancer may say: the client's own lines are dropped (a client
         // certificate claimed by the client itself would otherwise reach the instance).
         if fwd.add
-            && (name.eq_ignore_ascii_case(b"x-forwarded-proto")
-                || name.eq_ignore_ascii_case(b"x-forwarded-client-cert"))
+            && (eq_lowercase(name, b"x-forwarded-proto")
+                || eq_lowercase(name, b"x-forwarded-client-cert"))
         {
             continue;
         }
         // One length line: identical duplicates were accepted as one (RFC 9110 §8.6), and
         // passing both on would leave the next hop to choose (nginx refuses the request).
-        if repeated_length && name.eq_ignore_ascii_case(b"content-length") {
+        if repeated_length && eq_lowercase(name, b"content-length") {
             if length_sent {
                 continue;
             }
             length_sent = true;
         }
-        has_xfh |= name.eq_ignore_ascii_case(b"x-forwarded-host");
+        has_xfh |= eq_lowercase(name, b"x-forwarded-host");
         put(out, name, value);
     }
     if fwd.upgrade {
@@ -484,5 +506,61 @@ mod tests {
         assert!(!is_hop_by_hop(b"content-length") && !is_hop_by_hop(b"tee"));
         assert!(names_no_extra_header(b"Keep-Alive, Upgrade"));
         assert!(!names_no_extra_header(b"close, x-a"));
+        assert!(names_no_extra_header(b"CLOSE") && names_no_extra_header(b"keep-alive"));
+        assert!(!names_no_extra_header(b"keep-alivex") && !names_no_extra_header(b"x-a"));
+    }
+
+    #[test]
+    fn eq_lowercase_ignores_the_case_of_the_name_only() {
+        assert!(eq_lowercase(b"Content-LENGTH", b"content-length"));
+        assert!(eq_lowercase(b"", b""));
+        assert!(!eq_lowercase(b"content-lengthx", b"content-length"));
+        assert!(!eq_lowercase(b"content_length", b"content-length"));
+        // Only letters fold: '-' is not '\r' nor 'M'.
+        assert!(!eq_lowercase(b"keep\ralive", b"keep-alive"));
+        assert!(!eq_lowercase(b"keepMalive", b"keep-alive"));
+    }
+
+    #[test]
+    fn hop_by_hop_is_exactly_the_list() {
+        const LIST: [&str; 9] = [
+            "te",
+            "trailer",
+            "upgrade",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "proxy-authorization",
+        ];
+        for name in LIST {
+            assert!(is_hop_by_hop(name.as_bytes()), "{name}");
+            assert!(
+                is_hop_by_hop(name.to_ascii_uppercase().as_bytes()),
+                "{name}"
+            );
+            // Every single-byte change of a listed name (same length, same first letter
+            // or not) is not hop-by-hop.
+            for i in 0..name.len() {
+                let mut other = name.as_bytes().to_vec();
+                other[i] = b'q';
+                assert!(
+                    !is_hop_by_hop(&other),
+                    "{}",
+                    String::from_utf8_lossy(&other)
+                );
+            }
+        }
+        for name in [
+            "",
+            "t",
+            "host",
+            "content-type",
+            "x-backend",
+            "proxy-connectio",
+        ] {
+            assert!(!is_hop_by_hop(name.as_bytes()), "{name}");
+        }
     }
 }

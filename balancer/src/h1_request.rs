@@ -11,6 +11,7 @@ use std::mem::MaybeUninit;
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Uri, Version};
 
+use crate::h1_head::eq_lowercase;
 use crate::upstream::{has_token, last_token_is, parse_length};
 
 /// Header lines parsed on the stack; a larger `max_headers` uses a heap array.
@@ -139,7 +140,7 @@ impl<'a> Iterator for RawLines<'a> {
                 continue;
             };
             let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-            if name.eq_ignore_ascii_case(b"expect") && value.eq_ignore_ascii_case(b"100-continue") {
+            if eq_lowercase(name, b"expect") && eq_lowercase(value, b"100-continue") {
                 continue;
             }
             return Some((name, value));
@@ -197,17 +198,17 @@ pub fn parse(
     let mut host = None;
     for h in req.headers.iter() {
         let (name, raw) = (h.name.as_bytes(), h.value);
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if eq_lowercase(name, b"content-length") {
             let n = parse_length(raw).ok_or(HeadError::Bad("bad content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(HeadError::Bad("conflicting content-lengths"));
             }
             repeated_length |= length.is_some();
             length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if eq_lowercase(name, b"transfer-encoding") {
             // Several lines form one list: the last line's last coding is what counts.
             te = Some(last_token_is(raw, "chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if eq_lowercase(name, b"connection") {
             if has_token(raw, "close") {
                 close = true;
             } else if version == Version::HTTP_10 && has_token(raw, "keep-alive") {
@@ -215,13 +216,11 @@ pub fn parse(
             }
             connection_upgrade |= has_token(raw, "upgrade");
             connection_names_more |= !crate::h1_head::names_no_extra_header(raw);
-        } else if name.eq_ignore_ascii_case(b"host") {
+        } else if eq_lowercase(name, b"host") {
             host.get_or_insert((raw.as_ptr() as usize - buf.as_ptr() as usize, raw.len()));
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
+        } else if eq_lowercase(name, b"upgrade") {
             has_upgrade = true;
-        } else if name.eq_ignore_ascii_case(b"expect")
-            && raw.trim_ascii().eq_ignore_ascii_case(b"100-continue")
-        {
+        } else if eq_lowercase(name, b"expect") && eq_lowercase(raw.trim_ascii(), b"100-continue") {
             expect_continue = true;
         }
     }
