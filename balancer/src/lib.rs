@@ -48,6 +48,7 @@ mod test_util;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod upstream_head;
 pub mod upstream_io;
 #[cfg(test)]
 mod wire_props;
