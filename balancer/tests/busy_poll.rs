@@ -6,39 +6,26 @@ mod common;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use common::*;
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: i32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')').context("odd /proc stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-}
 
 /// The process's CPU time over a 400 ms window, as a share of one core.
 async fn cpu_share(pid: i32) -> Result<f64> {
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
+    let cpu = || -> Result<f64> {
+        let (user, system) = wharf_tests::cpu_seconds(pid as u32)?;
+        Ok(user + system)
+    };
+    let (t0, c0) = (Instant::now(), cpu()?);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (t1, c1) = (Instant::now(), cpu_ticks(pid)?);
-    Ok((c1 - c0) as f64 / tick / (t1 - t0).as_secs_f64())
+    Ok((cpu()? - c0) / t0.elapsed().as_secs_f64())
 }
 
-/// Waits until a window's CPU share satisfies `ok`; the last share seen on failure.
+/// Waits until a window's CPU share satisfies `ok`; that share.
 async fn wait_share(pid: i32, what: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let share = cpu_share(pid).await?;
-        if ok(share) {
-            return Ok(share);
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: CPU share still {share:.2} after {WAIT:?}");
-        }
-    }
+    wharf_tests::eventually(what, WAIT, || async {
+        cpu_share(pid).await.ok().filter(|&s| ok(s))
+    })
+    .await
 }
 
 fn config(addr: &str, busy: bool) -> String {

@@ -1,12 +1,14 @@
-//! The test kit of wharf's end-to-end tests: real etcd servers on loopback, and small waiting
-//! helpers. Every process it starts is stopped by its PID when its guard drops, also when a
-//! test panics.
+//! The test kit of wharf's end-to-end tests: real etcd servers on loopback, small waiting
+//! helpers, and CPU time from `/proc`. Every process it starts is stopped by its PID when
+//! its guard drops, also when a test panics.
 
 pub mod etcd;
+pub mod proc_stat;
 pub mod tls;
 pub mod wait;
 
 pub use etcd::{EtcdCluster, EtcdServer, ServerTls};
+pub use proc_stat::{cpu_seconds, stat_cpu_seconds};
 pub use tls::TestPki;
 pub use wait::{eventually, free_port, workspace_bin};
 

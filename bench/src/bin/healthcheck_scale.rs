@@ -26,7 +26,7 @@ use catalog::store::{Op, Store};
 use catalog::{EtcdStore, Keyspace};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use wharf_tests::{EtcdServer, free_port};
+use wharf_tests::{EtcdServer, cpu_seconds, free_port, stat_cpu_seconds};
 
 const ADDRESSES: u8 = 20;
 const PORTS_PER_ADDRESS: usize = 5;
@@ -41,21 +41,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// (utime, stime) of a process, in seconds.
-fn cpu_seconds(pid: u32) -> Result<(f64, f64)> {
-    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
-}
-
-/// (utime, stime) from a `/proc/.../stat` file, in seconds.
-fn stat_cpu_seconds(path: &str) -> Result<(f64, f64)> {
-    let stat = std::fs::read_to_string(path)?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').context("bad stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // USER_HZ is 100 on every Linux configuration that matters here.
-    Ok((f[11].parse::<f64>()? / 100.0, f[12].parse::<f64>()? / 100.0))
 }
 
 /// A `VmRSS:`/`VmHWM:` line of /proc/<pid>/status, in MiB.
