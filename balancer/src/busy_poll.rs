@@ -19,12 +19,15 @@ use tokio::sync::watch;
 
 use crate::server::ConnTracker;
 
-/// Starts the spinning tasks: one per worker thread of the current runtime.
-pub fn spawn(tracker: Arc<ConnTracker>, shutdown: watch::Receiver<bool>) {
+/// Starts the spinning tasks, one per worker thread of the current runtime, and returns
+/// the connection tracker whose accepts wake them (the listeners must count with it).
+pub fn start(shutdown: watch::Receiver<bool>) -> Arc<ConnTracker> {
+    let tracker = Arc::new(ConnTracker::with_busy_polling());
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     for _ in 0..workers {
         tokio::spawn(spin(tracker.clone(), shutdown.clone()));
     }
+    tracker
 }
 
 async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>) {
@@ -38,7 +41,9 @@ async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>) {
         }
         // No connection: sleep until one opens (or shutdown starts). Registered before the
         // check so an accept between the check and the wait is not missed.
-        let opened = tracker.opened();
+        let Some(opened) = tracker.opened() else {
+            return; // Not a `start` tracker: nothing would wake this task.
+        };
         tokio::pin!(opened);
         opened.as_mut().enable();
         if tracker.open() > 0 {
