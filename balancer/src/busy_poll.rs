@@ -1,56 +1,107 @@
-//! Busy polling (`busy_polling = true`, HAProxy's `busy-polling`): while client connections
-//! are open, each worker thread polls for I/O without ever sleeping in `epoll_wait`.
+//! Busy polling (`busy_polling = true`, HAProxy's `busy-polling`): while traffic flows,
+//! each worker thread polls for I/O without ever sleeping in `epoll_wait`.
 //!
 //! Why: a worker that sleeps must be woken for the next packet, and on a virtual machine
 //! that wake-up (an inter-processor interrupt to a halted vCPU) is paid by whoever sends
 //! the packet — the client, the upstream, or the load generator of a benchmark — and by
 //! the latency of the request. A spinning worker is never asleep, so the kernel only queues
 //! the data and the next `epoll_wait(0)` finds it. The price is a full core per worker
-//! while connections are open; with none open the workers sleep as usual, and a draining
-//! process (SIGTERM, self-upgrade) stops spinning.
+//! while it spins. So it spins only while there is traffic: with no connection open, or
+//! once no byte has been read for [`IDLE_AFTER`] (idle keep-alive connections), the
+//! workers sleep as usual until the next accept or read; a draining process (SIGTERM,
+//! self-upgrade) stops spinning.
 //!
 //! How: one task per worker that yields in a loop. A yielded task is woken only after the
 //! runtime has polled the driver with a zero timeout (tokio's `park_yield`), so the loop
 //! is "run what is ready, `epoll_wait(0)`, repeat" with no sleep in between.
+//!
+//! Traffic is told by [`mark`], called on every accept and every read that returned
+//! (client and upstream streams, the TCP relay). It is one load of a flag that is already
+//! set, except right after a spinner has taken it: so it costs nothing measurable without
+//! busy polling (nobody ever clears the flag) and little with it (the spinners clear it
+//! about once every 64 polls; the next read sets it again).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
+use crate::endpoint::now_ms;
 use crate::server::ConnTracker;
 
-/// Starts the spinning tasks, one per worker thread of the current runtime, and returns
-/// the connection tracker whose accepts wake them (the listeners must count with it).
-pub fn start(shutdown: watch::Receiver<bool>) -> Arc<ConnTracker> {
-    let tracker = Arc::new(ConnTracker::with_busy_polling());
+/// A spinner sleeps once nothing has been accepted or read for this long.
+pub const IDLE_AFTER: Duration = Duration::from_millis(100);
+/// Spins (yields) between two looks at the clock and the traffic flag: a yield costs
+/// about a microsecond, a clock read a few dozen nanoseconds.
+const CHECK_EVERY: u32 = 64;
+
+/// Set by [`mark`]; taken by the spinners.
+static ACTIVE: AtomicBool = AtomicBool::new(true);
+/// `now_ms()` when a spinner last found [`ACTIVE`] set (shared by the spinners, so that
+/// the one that took the flag does not leave the others thinking all is quiet).
+static LAST_ACTIVE: AtomicU64 = AtomicU64::new(0);
+/// Wakes sleeping spinners when the flag goes from clear to set.
+static WOKEN: Notify = Notify::const_new();
+
+/// Something was accepted or read: traffic is flowing.
+#[inline]
+pub fn mark() {
+    if !ACTIVE.load(Ordering::Relaxed) {
+        set_active();
+    }
+}
+
+#[cold]
+fn set_active() {
+    if !ACTIVE.swap(true, Ordering::Relaxed) {
+        WOKEN.notify_waiters();
+    }
+}
+
+/// Starts the spinning tasks, one per worker thread of the current runtime. They spin
+/// while `tracker` counts open connections and [`mark`] reports traffic.
+pub fn start(tracker: Arc<ConnTracker>, shutdown: watch::Receiver<bool>) {
+    LAST_ACTIVE.store(now_ms(), Ordering::Relaxed);
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     for _ in 0..workers {
         tokio::spawn(spin(tracker.clone(), shutdown.clone()));
     }
-    tracker
 }
 
 async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>) {
+    let idle_ms = IDLE_AFTER.as_millis() as u64;
+    let mut polls = 0u32;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        if tracker.open() > 0 {
+        polls = polls.wrapping_add(1);
+        let quiet = polls.is_multiple_of(CHECK_EVERY) && {
+            let now = now_ms();
+            if ACTIVE.swap(false, Ordering::Relaxed) {
+                LAST_ACTIVE.store(now, Ordering::Relaxed);
+            }
+            now.saturating_sub(LAST_ACTIVE.load(Ordering::Relaxed)) >= idle_ms
+        };
+        if tracker.open() > 0 && !quiet {
             tokio::task::yield_now().await;
             continue;
         }
-        // No connection: sleep until one opens (or shutdown starts). Registered before the
-        // check so an accept between the check and the wait is not missed.
-        let Some(opened) = tracker.opened() else {
-            return; // Not a `start` tracker: nothing would wake this task.
-        };
-        tokio::pin!(opened);
-        opened.as_mut().enable();
-        if tracker.open() > 0 {
+        // Nothing to spin for: sleep until the next accept or read (or shutdown). Registered
+        // before the flag is cleared, so a `mark` after the clear always wakes this task; a
+        // `mark` before it shows as a set flag.
+        let woken = WOKEN.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if ACTIVE.swap(false, Ordering::Relaxed) {
+            // Traffic since the last look: look again (with no connection open, the next
+            // round finds the flag clear and sleeps).
+            LAST_ACTIVE.store(now_ms(), Ordering::Relaxed);
             continue;
         }
         tokio::select! {
-            () = opened => {}
+            () = woken => LAST_ACTIVE.store(now_ms(), Ordering::Relaxed),
             r = shutdown.changed() => if r.is_err() { return },
         }
     }

@@ -201,11 +201,10 @@ pub async fn run<S: Store>(
         metrics: metrics.clone(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let tracker = if opts.config.busy_polling {
-        busy_poll::start(shutdown_rx.clone())
-    } else {
-        Arc::new(ConnTracker::default())
-    };
+    let tracker = Arc::new(ConnTracker::default());
+    if opts.config.busy_polling {
+        busy_poll::start(tracker.clone(), shutdown_rx.clone());
+    }
     let status = status::StatusHub::new(opts.config.discovery.etcd.is_some());
     status.catalog_changed(&builder);
     let admin = Arc::new(AdminState {

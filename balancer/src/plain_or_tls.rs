@@ -15,7 +15,12 @@ macro_rules! impl_plain_or_tls_io {
                 cx: &mut ::std::task::Context<'_>,
                 buf: &mut ::tokio::io::ReadBuf<'_>,
             ) -> ::std::task::Poll<::std::io::Result<()>> {
-                $crate::plain_or_tls::delegate!($ty, self, s => s.poll_read(cx, buf))
+                let read = $crate::plain_or_tls::delegate!($ty, self, s => s.poll_read(cx, buf));
+                if read.is_ready() {
+                    // Bytes, an end of stream or an error: traffic for the busy pollers.
+                    $crate::busy_poll::mark();
+                }
+                read
             }
         }
 

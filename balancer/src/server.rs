@@ -24,33 +24,14 @@ use crate::proxy::{self, ConnInfo, Shared};
 pub struct ConnTracker {
     open: AtomicUsize,
     idle: Notify,
-    /// With busy polling only: told when the first connection opens (the busy poller
-    /// sleeps until then). Without, an accept touches no lock for it.
-    busy: Option<Notify>,
 }
 
 impl ConnTracker {
-    /// A tracker that also wakes busy pollers (`busy_poll`) when a connection opens.
-    pub(crate) fn with_busy_polling() -> Self {
-        Self {
-            busy: Some(Notify::new()),
-            ..Self::default()
-        }
-    }
-
     pub fn enter(self: &Arc<Self>) -> TrackGuard {
-        if self.open.fetch_add(1, Ordering::Relaxed) == 0
-            && let Some(busy) = &self.busy
-        {
-            busy.notify_waiters();
-        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        // An accept is traffic: it wakes sleeping busy pollers.
+        crate::busy_poll::mark();
         TrackGuard(self.clone())
-    }
-
-    /// Resolves once a connection opens after it is enabled or first polled; `None` for a
-    /// tracker without busy polling.
-    pub fn opened(&self) -> Option<tokio::sync::futures::Notified<'_>> {
-        self.busy.as_ref().map(Notify::notified)
     }
 
     pub fn open(&self) -> usize {

@@ -103,6 +103,7 @@ async fn one_way(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
+        crate::busy_poll::mark();
         if n == 0 {
             // EOF: pass the half-close on (the other direction may still be streaming).
             if !ended.swap(true, Ordering::Relaxed) {
