@@ -10,7 +10,7 @@
 //! 16 KiB at a time) far less. With the mark, what is sent is sent from our write, and the
 //! bytes wait in our pipe instead. It never delays a byte the receiver has room for, and
 //! HTTP/2 servers use the same option to keep their queues short. Figures:
-//! balancer/README.md, "Round 8".
+//! balancer/PERF-LOG.md, "Round 8".
 //!
 //! **The receive mark (`bulk_batching`).** Waking once per batch of a sustained bulk
 //! stream, not per arrival, with `SO_RCVLOWAT`.
@@ -21,7 +21,7 @@
 //! inter-processor interrupt, and the read it triggers sends a window update that wakes
 //! the sender in turn. With the mark set, the kernel wakes the relay only once the mark is
 //! queued (or at the FIN, an error, a nearly closed window), so each wake-up splices
-//! several pipe-fuls. Figures: balancer/README.md, "Round 8".
+//! several pipe-fuls. Figures: balancer/PERF-LOG.md, "Round 8".
 //!
 //! The price is the tail of a burst: bytes below the mark that arrive as the sender
 //! pauses (an answer's last bytes on a kept-alive connection) wake nobody. So:
@@ -34,9 +34,9 @@
 //!   timer's millisecond granularity, 1–2 ms, once per burst of more than [`SUSTAINED`].
 //!
 //! On one connection with answers of a few MiB that tail costs more than batching saves
-//! (balancer/README.md), which is why it is a listener option, off by default: for relays
-//! of many concurrent bulk streams (backups, replication, downloads), not for interactive
-//! protocols.
+//! (balancer/PERF-LOG.md, "Round 8"), which is why it is a listener option, off by
+//! default: for relays of many concurrent bulk streams (backups, replication, downloads),
+//! not for interactive protocols.
 
 use std::io;
 use std::os::fd::AsRawFd;
