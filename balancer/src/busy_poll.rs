@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::sync::{Notify, watch};
 
 use crate::endpoint::now_ms;
@@ -60,20 +61,45 @@ fn set_active() {
 }
 
 /// Starts the spinning tasks, one per worker thread of the current runtime. They spin
-/// while `tracker` counts open connections and [`mark`] reports traffic.
-pub fn start(tracker: Arc<ConnTracker>, shutdown: watch::Receiver<bool>) {
+/// while `tracker` counts open connections and [`mark`] reports traffic; `spinning`
+/// counts the ones that do.
+pub fn start(tracker: Arc<ConnTracker>, shutdown: watch::Receiver<bool>, spinning: IntGauge) {
     LAST_ACTIVE.store(now_ms(), Ordering::Relaxed);
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     for _ in 0..workers {
-        tokio::spawn(spin(tracker.clone(), shutdown.clone()));
+        let state = Spinning {
+            gauge: spinning.clone(),
+            on: false,
+        };
+        tokio::spawn(spin(tracker.clone(), shutdown.clone(), state));
     }
 }
 
-async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>) {
+/// One spinner's share of the `balancer_busy_polling_workers` gauge.
+struct Spinning {
+    gauge: IntGauge,
+    on: bool,
+}
+
+impl Spinning {
+    fn set(&mut self, on: bool) {
+        if on != self.on {
+            self.on = on;
+            if on {
+                self.gauge.inc();
+            } else {
+                self.gauge.dec();
+            }
+        }
+    }
+}
+
+async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>, mut state: Spinning) {
     let idle_ms = IDLE_AFTER.as_millis() as u64;
     let mut polls = 0u32;
     loop {
         if *shutdown.borrow() {
+            state.set(false);
             return;
         }
         polls = polls.wrapping_add(1);
@@ -85,6 +111,7 @@ async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>) {
             now.saturating_sub(LAST_ACTIVE.load(Ordering::Relaxed)) >= idle_ms
         };
         if tracker.open() > 0 && !quiet {
+            state.set(true);
             tokio::task::yield_now().await;
             continue;
         }
@@ -100,6 +127,7 @@ async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>) {
             LAST_ACTIVE.store(now_ms(), Ordering::Relaxed);
             continue;
         }
+        state.set(false);
         tokio::select! {
             () = woken => LAST_ACTIVE.store(now_ms(), Ordering::Relaxed),
             r = shutdown.changed() => if r.is_err() { return },

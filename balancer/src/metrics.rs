@@ -27,6 +27,7 @@ pub struct Metrics {
     pub discovery_revision: IntGauge,
     pub table_builds: IntCounter,
     pub reloads: IntCounterVec,
+    pub busy_polling_workers: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -190,6 +191,14 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let busy_polling_workers = reg(
+            &r,
+            IntGauge::new(
+                "balancer_busy_polling_workers",
+                "Worker threads spinning instead of sleeping (busy_polling = true, while traffic flows).",
+            )
+            .unwrap(),
+        );
         // Both results exist from the start, so `increase()` and alerts see the first one.
         for result in ["ok", "error"] {
             reloads.with_label_values(&[result]);
@@ -211,6 +220,7 @@ impl Metrics {
             discovery_revision,
             table_builds,
             reloads,
+            busy_polling_workers,
         }
     }
 

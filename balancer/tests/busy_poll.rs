@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use common::*;
 use l4kit::Echo;
 
@@ -104,6 +104,12 @@ impl Trickle {
     }
 }
 
+/// `balancer_busy_polling_workers` on the admin port.
+async fn spinning_workers(lb: &Lb) -> Result<f64> {
+    let text = lb.metrics().await?;
+    sample(&text, "balancer_busy_polling_workers").context("no busy polling gauge")
+}
+
 /// The spinning cycle on one listener: asleep with no connection; spinning (most of a
 /// core, where a message every 20 ms costs an idle worker ~0) while messages flow; asleep
 /// again once the connection has been silent for `IDLE_AFTER` (100 ms) although it stays
@@ -111,8 +117,11 @@ impl Trickle {
 async fn spins_only_while_traffic_flows(lb: &Lb, trickle: Trickle) -> Result<()> {
     let pid = lb.pid();
     let flowing = wait_share(pid, "a message every 20 ms", |s| s > 0.4).await?;
+    // The gauge tells operators why the process uses a core (one worker: `--threads 1`).
+    assert_eq!(spinning_workers(lb).await?, 1.0);
     trickle.set(HOLD);
     let held = wait_share(pid, "the connection open and silent", |s| s < 0.15).await?;
+    assert_eq!(spinning_workers(lb).await?, 0.0);
     trickle.set(SEND);
     let again = wait_share(pid, "messages again", |s| s > 0.4).await?;
     let exchanged = trickle.close()?;
