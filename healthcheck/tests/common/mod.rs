@@ -277,6 +277,43 @@ pub async fn health(store: &EtcdStore, svc: &str, id: &str) -> Option<(Health, K
     Some((h, kv))
 }
 
+/// Every version the mark of an instance has had since etcd started, oldest first, up to
+/// the one written at revision `until` (a replay of the key's history through a watch from
+/// revision 1; the test servers never compact). Deletes are left out.
+pub async fn mark_history(
+    store: &EtcdStore,
+    svc: &str,
+    id: &str,
+    until: catalog::store::Revision,
+) -> Result<Vec<Health>> {
+    use catalog::store::{EventKind, WatchMessage, WatchSession};
+    let key = health_key(svc, id);
+    let mut watch = store.watch(&[(key.clone(), 1)]).await?;
+    let mut marks = Vec::new();
+    let mut seen = 0;
+    while seen < until {
+        let msg = tokio::time::timeout(WAIT, watch.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("mark history: nothing up to revision {until}"))??;
+        match msg {
+            Some(WatchMessage::Events { events, .. }) => {
+                for e in events.into_iter().filter(|e| e.kv.key == key.as_bytes()) {
+                    seen = seen.max(e.kv.mod_revision);
+                    if e.kind == EventKind::Put {
+                        marks.push(serde_json::from_slice(&e.kv.value)?);
+                    }
+                }
+            }
+            Some(WatchMessage::Canceled { reason, .. }) => {
+                anyhow::bail!("mark history: watch canceled: {reason}")
+            }
+            Some(_) => {}
+            None => anyhow::bail!("mark history: watch closed"),
+        }
+    }
+    Ok(marks)
+}
+
 /// Waits until the mark of an instance satisfies `pred`.
 pub async fn wait_mark(
     store: &EtcdStore,
