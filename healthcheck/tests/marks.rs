@@ -139,9 +139,10 @@ async fn pending_is_never_passing_before_rise_passes_in_a_row() -> Result<()> {
         "passing before the sixth probe was answered: {probes:?}, {up:?}"
     );
     ensure!(up.consecutive == 3, "{up:?}");
-    // No critical (or earlier passing) mark came before: the key's first version is this
-    // passing mark. (Written once, normally; a loaded machine may write the same verdict
-    // again — a write retried after a timeout, a lease granted again — which is fine.)
+    // No critical (or earlier passing) mark came before. Normally the mark was written
+    // once; a loaded machine may write the passing verdict again (a write retried after a
+    // timeout, a lease granted again), which is fine: then every version of the key must be
+    // passing, the first one written after the sixth probe.
     if kv.create_revision != kv.mod_revision {
         let history = mark_history(&store, "web", id, kv.mod_revision).await?;
         ensure!(
