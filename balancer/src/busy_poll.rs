@@ -6,8 +6,8 @@
 //! the packet — the client, the upstream, or the load generator of a benchmark — and by
 //! the latency of the request. A spinning worker is never asleep, so the kernel only queues
 //! the data and the next `epoll_wait(0)` finds it. The price is a full core per worker
-//! while it spins. So it spins only while there is traffic: with no connection open, or
-//! once no byte has been read for [`IDLE_AFTER`] (idle keep-alive connections), the
+//! while it spins. So it spins only while there is traffic: once nothing has been accepted
+//! or read for [`IDLE_AFTER`] (no connection open, or only idle keep-alive ones), the
 //! workers sleep as usual until the next accept or read; a draining process (SIGTERM,
 //! self-upgrade) stops spinning.
 //!
@@ -21,7 +21,6 @@
 //! busy polling (nobody ever clears the flag) and little with it (the spinners clear it
 //! about once every 64 polls; the next read sets it again).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -29,7 +28,6 @@ use prometheus::IntGauge;
 use tokio::sync::{Notify, watch};
 
 use crate::endpoint::now_ms;
-use crate::server::ConnTracker;
 
 /// A spinner sleeps once nothing has been accepted or read for this long.
 pub const IDLE_AFTER: Duration = Duration::from_millis(100);
@@ -61,17 +59,18 @@ fn set_active() {
 }
 
 /// Starts the spinning tasks, one per worker thread of the current runtime. They spin
-/// while `tracker` counts open connections and [`mark`] reports traffic; `spinning`
-/// counts the ones that do.
-pub fn start(tracker: Arc<ConnTracker>, shutdown: watch::Receiver<bool>, spinning: IntGauge) {
-    LAST_ACTIVE.store(now_ms(), Ordering::Relaxed);
+/// while [`mark`] reports traffic; `spinning` counts the ones that do.
+pub fn start(shutdown: watch::Receiver<bool>, spinning: IntGauge) {
+    // Quiet until the first accept: the spinners go to sleep at their first look.
+    ACTIVE.store(false, Ordering::Relaxed);
+    LAST_ACTIVE.store(0, Ordering::Relaxed);
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
     for _ in 0..workers {
         let state = Spinning {
             gauge: spinning.clone(),
             on: false,
         };
-        tokio::spawn(spin(tracker.clone(), shutdown.clone(), state));
+        tokio::spawn(spin(shutdown.clone(), state));
     }
 }
 
@@ -94,8 +93,16 @@ impl Spinning {
     }
 }
 
-async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>, mut state: Spinning) {
-    let idle_ms = IDLE_AFTER.as_millis() as u64;
+/// Whether nothing was accepted or read for [`IDLE_AFTER`]; takes the traffic flag.
+fn quiet() -> bool {
+    let now = now_ms();
+    if ACTIVE.swap(false, Ordering::Relaxed) {
+        LAST_ACTIVE.store(now, Ordering::Relaxed);
+    }
+    now.saturating_sub(LAST_ACTIVE.load(Ordering::Relaxed)) >= IDLE_AFTER.as_millis() as u64
+}
+
+async fn spin(mut shutdown: watch::Receiver<bool>, mut state: Spinning) {
     let mut polls = 0u32;
     loop {
         if *shutdown.borrow() {
@@ -103,27 +110,19 @@ async fn spin(tracker: Arc<ConnTracker>, mut shutdown: watch::Receiver<bool>, mu
             return;
         }
         polls = polls.wrapping_add(1);
-        let quiet = polls.is_multiple_of(CHECK_EVERY) && {
-            let now = now_ms();
-            if ACTIVE.swap(false, Ordering::Relaxed) {
-                LAST_ACTIVE.store(now, Ordering::Relaxed);
-            }
-            now.saturating_sub(LAST_ACTIVE.load(Ordering::Relaxed)) >= idle_ms
-        };
-        if tracker.open() > 0 && !quiet {
+        if !(polls.is_multiple_of(CHECK_EVERY) && quiet()) {
             state.set(true);
             tokio::task::yield_now().await;
             continue;
         }
-        // Nothing to spin for: sleep until the next accept or read (or shutdown). Registered
-        // before the flag is cleared, so a `mark` after the clear always wakes this task; a
-        // `mark` before it shows as a set flag.
+        // Quiet: sleep until the next accept or read (or shutdown). Registered before the
+        // flag is cleared, so a `mark` after the clear always wakes this task; a `mark`
+        // before it shows as a set flag.
         let woken = WOKEN.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         if ACTIVE.swap(false, Ordering::Relaxed) {
-            // Traffic since the last look: look again (with no connection open, the next
-            // round finds the flag clear and sleeps).
+            // Traffic since the look: spin on.
             LAST_ACTIVE.store(now_ms(), Ordering::Relaxed);
             continue;
         }

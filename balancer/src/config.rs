@@ -32,7 +32,7 @@ pub struct LbConfig {
     /// Tokio worker threads; 1 runs everything on one thread (the benchmark setting).
     #[serde(default)]
     pub worker_threads: Option<usize>,
-    /// Workers poll for I/O without sleeping while client connections are open (HAProxy's
+    /// Workers poll for I/O without sleeping while traffic flows (HAProxy's
     /// `busy-polling`): a core each, for less wake-up latency. Read at start.
     #[serde(default)]
     pub busy_polling: bool,

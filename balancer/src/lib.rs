@@ -203,11 +203,7 @@ pub async fn run<S: Store>(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = Arc::new(ConnTracker::default());
     if opts.config.busy_polling {
-        busy_poll::start(
-            tracker.clone(),
-            shutdown_rx.clone(),
-            metrics.busy_polling_workers.clone(),
-        );
+        busy_poll::start(shutdown_rx.clone(), metrics.busy_polling_workers.clone());
     }
     let status = status::StatusHub::new(opts.config.discovery.etcd.is_some());
     status.catalog_changed(&builder);

@@ -52,8 +52,8 @@ struct Trickle {
 }
 
 impl Trickle {
-    /// `greeting`: bytes to read first (up to and including a newline), for the TCP echo
-    /// backend; then `message` is written and read until the answer ends with `answer_end`.
+    /// `greeting`: read one line first (the TCP echo backend's greeting); then `message`
+    /// is written and read until the answer ends with `answer_end`.
     fn start(port: u16, greeting: bool, message: &'static [u8], answer_end: &'static [u8]) -> Self {
         let mode = Arc::new(AtomicU8::new(SEND));
         let m = mode.clone();
