@@ -121,6 +121,13 @@ pub struct UpstreamTls {
     /// Name sent as SNI and verified; default: the instance's IP address.
     #[serde(default)]
     pub sni: Option<String>,
+    /// PEM certificate chain presented to instances that ask for a client certificate
+    /// (mutual TLS towards the instances); goes with `key`. Re-read when the files change.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 fn d_true() -> bool {
@@ -369,19 +376,31 @@ pub(crate) fn validate(
             }
         }
     }
-    let tls_ok = |t: &UpstreamTls, key: String, at: std::ops::Range<usize>| {
+    let tls_ok = |t: &UpstreamTls, table: String, at: std::ops::Range<usize>| {
         if t.verify && t.ca.is_none() {
             return Err(err(
                 at,
-                &key,
+                &format!("{table}.ca"),
                 "set `ca` (a PEM bundle to verify instances with) or `verify = false`".into(),
             ));
         }
-        Ok(())
+        match (&t.cert, &t.key) {
+            (Some(_), None) => Err(err(
+                at,
+                &format!("{table}.key"),
+                "`cert` needs `key`, the private key of the client certificate".into(),
+            )),
+            (None, Some(_)) => Err(err(
+                at,
+                &format!("{table}.cert"),
+                "`key` needs `cert`, the client certificate chain".into(),
+            )),
+            _ => Ok(()),
+        }
     };
     for (i, s) in c.services.iter().enumerate() {
         if let Some(t) = &s.tls {
-            tls_ok(t, format!("service[{i}].tls.ca"), s.name.span())?;
+            tls_ok(t, format!("service[{i}].tls"), s.name.span())?;
         }
     }
     let mut seen = HashSet::new();
@@ -395,7 +414,7 @@ pub(crate) fn validate(
             ));
         }
         if let Some(t) = &s.tls {
-            tls_ok(t, format!("upstream.service[{i}].tls.ca"), s.name.span())?;
+            tls_ok(t, format!("upstream.service[{i}].tls"), s.name.span())?;
         }
     }
     Ok(())
@@ -478,6 +497,19 @@ proxy_protocol = "v2"
         let bad = TCP.replace("proxy_protocol = \"v2\"", "tls = { sni = \"db\" }");
         let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
         assert!(e.contains("service[0].tls.ca"), "{e}");
+        let bad = TCP.replace(
+            "proxy_protocol = \"v2\"",
+            "tls = { verify = false, cert = \"c.pem\" }",
+        );
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.contains("service[0].tls.key"), "{e}");
+        assert!(e.contains("`cert` needs `key`"), "{e}");
+        let bad = TCP.replace(
+            "proxy_protocol = \"v2\"",
+            "tls = { verify = false, key = \"k.pem\" }",
+        );
+        let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
+        assert!(e.contains("service[0].tls.cert"), "{e}");
         let bad = TCP.replace("proxy_protocol = \"v2\"", "proxy_protocol = \"v3\"");
         let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();
         assert!(e.starts_with("lb.toml:10:"), "{e}");

@@ -185,12 +185,13 @@ pub async fn run<S: Store>(
     mut control: mpsc::UnboundedReceiver<Control>,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
+    let l4_metrics = Arc::new(l4metrics::L4Metrics::register(&metrics.registry));
     let upstreams = Arc::new(
-        tcp::upstream_map(&opts.config)
+        tcp::upstream_map(&opts.config, Some(&l4_metrics))
             .map_err(|(service, source)| RunError::UpstreamTls { service, source })?,
     );
     let l4 = L4Ctx {
-        metrics: Arc::new(l4metrics::L4Metrics::register(&metrics.registry)),
+        metrics: l4_metrics,
         upstreams: Arc::new(arc_swap::ArcSwap::new(upstreams.clone())),
         kept: opts.handover.clone().unwrap_or_default(),
     };
@@ -449,7 +450,7 @@ fn reload(
             }
         }
     }
-    let upstreams = match tcp::upstream_map(&config) {
+    let upstreams = match tcp::upstream_map(&config, Some(&l4.metrics)) {
         Ok(u) => u,
         Err((service, e)) => {
             tracing::error!(%service, error = %e, "reload failed: upstream TLS; keeping the running configuration");

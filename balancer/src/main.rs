@@ -210,7 +210,7 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
             ));
         }
     }
-    balancer::tcp::upstream_map(&config)
+    balancer::tcp::upstream_map(&config, None)
         .map_err(|(service, e)| anyhow::anyhow!("service {service}: upstream TLS: {e}"))?;
     println!("configuration OK");
     for f in files {

@@ -45,10 +45,14 @@ pub struct UpstreamOpts {
 /// Upstream options of every service that has some; swapped on reload.
 pub type UpstreamMap = ArcSwap<HashMap<String, Arc<UpstreamOpts>>>;
 
-/// Builds the per-service upstream options of `config` (loads CA files). Used by tcp
-/// listeners and, through the routing table's routes, by the HTTP upstream client.
+/// Builds the per-service upstream options of `config` (loads CA files and client
+/// certificates). Used by tcp listeners and, through the routing table's routes, by the
+/// HTTP upstream client. With `watch`, client certificates follow their files (a task per
+/// service, which ends once the options are dropped); without (`--check`), nothing is
+/// spawned.
 pub fn upstream_map(
     config: &LbConfig,
+    watch: Option<&Arc<L4Metrics>>,
 ) -> Result<HashMap<String, Arc<UpstreamOpts>>, (String, UpstreamTlsError)> {
     let mut names: Vec<String> = config
         .services
@@ -79,7 +83,13 @@ pub fn upstream_map(
                 UpstreamTlsClient::new(t, alpn)
             })
             .transpose()
-            .map_err(|e| (name.clone(), e))?;
+            .map_err(|e| (name.clone(), e))?
+            .map(|(client, cert_watch)| {
+                if let (Some(w), Some(metrics)) = (cert_watch, watch) {
+                    tokio::spawn(w.run(name.clone(), metrics.clone()));
+                }
+                client
+            });
         out.insert(name, Arc::new(UpstreamOpts { proxy, tls }));
     }
     Ok(out)

@@ -95,23 +95,47 @@ pub fn load(cfg: &CertConfig, provider: &CryptoProvider) -> Result<Loaded, CertE
     build(cfg, provider, Source::read(cfg)?)
 }
 
-fn build(cfg: &CertConfig, provider: &CryptoProvider, source: Source) -> Result<Loaded, CertError> {
-    let cert_path = cfg.cert.get_ref();
-    let chain: Vec<_> = rustls_pemfile::certs(&mut &source.cert[..])
+/// A certificate chain and its private key from the PEM contents of their files (named in
+/// errors), checked to fit each other.
+pub(super) fn key_pair(
+    (cert_path, cert): (&Path, &[u8]),
+    (key_path, key): (&Path, &[u8]),
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, CertError> {
+    let chain: Vec<_> = rustls_pemfile::certs(&mut &cert[..])
         .collect::<Result<_, _>>()
         .map_err(|e| invalid(cert_path, format!("bad PEM: {e}")))?;
     if chain.is_empty() {
         return Err(invalid(cert_path, "no CERTIFICATE in the file"));
     }
-    let key = rustls_pemfile::private_key(&mut &source.key[..])
-        .map_err(|e| invalid(&cfg.key, format!("bad PEM: {e}")))?
-        .ok_or_else(|| invalid(&cfg.key, "no PRIVATE KEY in the file"))?;
-    let mut key = CertifiedKey::from_der(chain.clone(), key, provider).map_err(|e| {
+    let key = rustls_pemfile::private_key(&mut &key[..])
+        .map_err(|e| invalid(key_path, format!("bad PEM: {e}")))?
+        .ok_or_else(|| invalid(key_path, "no PRIVATE KEY in the file"))?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| {
         invalid(
-            &cfg.key,
+            key_path,
             format!("key does not fit {}: {e}", cert_path.display()),
         )
-    })?;
+    })
+}
+
+/// Unix time of the leaf certificate's `notAfter`.
+pub(super) fn not_after(cert_path: &Path, key: &CertifiedKey) -> Result<i64, CertError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(&key.cert[0])
+        .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
+    Ok(x509.validity().not_after.timestamp())
+}
+
+/// The time now, in Unix seconds.
+pub(super) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn build(cfg: &CertConfig, provider: &CryptoProvider, source: Source) -> Result<Loaded, CertError> {
+    let cert_path = cfg.cert.get_ref();
+    let mut key = key_pair((cert_path, &source.cert), (&cfg.key, &source.key), provider)?;
     if let (Some(ocsp), Some(path)) = (&source.ocsp, &cfg.ocsp) {
         // A DER OCSPResponse is a SEQUENCE; anything else would be stapled as garbage.
         if ocsp.first() != Some(&0x30) {
@@ -119,7 +143,7 @@ fn build(cfg: &CertConfig, provider: &CryptoProvider, source: Source) -> Result<
         }
         key.ocsp = Some(ocsp.clone());
     }
-    let (_, x509) = x509_parser::parse_x509_certificate(&chain[0])
+    let (_, x509) = x509_parser::parse_x509_certificate(&key.cert[0])
         .map_err(|e| invalid(cert_path, format!("bad certificate: {e}")))?;
     let not_after = x509.validity().not_after.timestamp();
     let mut names: Vec<String> = cfg.names.iter().map(|n| n.to_ascii_lowercase()).collect();
@@ -235,14 +259,11 @@ impl Reloader {
 
     /// Sets the expiry gauges from what is loaded now.
     pub fn publish_expiry(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
         for (i, l) in self.loaded.iter().enumerate() {
             self.metrics
                 .tls_expiry
                 .with_label_values(&[&*self.listener, &self.label(i)])
-                .set((l.not_after - now) as f64);
+                .set((l.not_after - unix_now()) as f64);
         }
     }
 

@@ -160,11 +160,35 @@ pub fn issue(
         })
         .collect::<Vec<_>>()
         .join(",");
+    issue_with(
+        pki_dir,
+        out,
+        file,
+        &format!("subjectAltName={san}\nextendedKeyUsage=serverAuth"),
+        cn,
+    )
+}
+
+/// Issues a client certificate (`clientAuth`) with subject `CN=cn`, signed by the test CA
+/// in `pki_dir`, written as `<file>.crt` / `<file>.key` in `out`.
+pub fn issue_client(
+    pki_dir: &Path,
+    out: &Path,
+    file: &str,
+    cn: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    issue_with(pki_dir, out, file, "extendedKeyUsage=clientAuth", cn)
+}
+
+fn issue_with(
+    pki_dir: &Path,
+    out: &Path,
+    file: &str,
+    extensions: &str,
+    cn: &str,
+) -> Result<(PathBuf, PathBuf)> {
     let ext = out.join(format!("{file}.ext"));
-    std::fs::write(
-        &ext,
-        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth"),
-    )?;
+    std::fs::write(&ext, extensions)?;
     let key = out.join(format!("{file}.key"));
     let csr = out.join(format!("{file}.csr"));
     let crt = out.join(format!("{file}.crt"));
