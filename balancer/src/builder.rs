@@ -21,6 +21,7 @@ use crate::table::{
     ServiceTable, TcpSettings,
 };
 use crate::tcp::UpstreamOpts;
+use crate::version_pin::VersionPin;
 
 /// Why an instance is (not) routable; also the `state` label of `balancer_backends`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,6 +382,19 @@ impl TableBuilder {
                 version: version_of(&v),
             })
             .collect();
+        // Every version's members on their own, split share or not, for requests that
+        // name their version (`version_pin`).
+        let version_groups = (0..versions.len())
+            .map(|v| {
+                Group::new(
+                    members
+                        .iter()
+                        .filter(|m| m.version == v)
+                        .map(Member::clone)
+                        .collect(),
+                )
+            })
+            .collect();
         let mut groups = Vec::new();
         let mut shares = Vec::new();
         let listed: Vec<&(String, u32)> = split
@@ -415,6 +429,7 @@ impl TableBuilder {
             versions,
             groups,
             shares,
+            version_groups,
             panic,
             shared,
         }
@@ -484,6 +499,8 @@ impl TableBuilder {
                 host: None,
                 path_prefix: "/".into(),
                 service: s.clone(),
+                version_header: None,
+                version_cookie: None,
             });
             for r in l.routes.iter().chain(tcp_route.iter()) {
                 let sname: Arc<str> = r.service.get_ref().as_str().into();
@@ -504,6 +521,7 @@ impl TableBuilder {
                 routes.push(Route {
                     host: HostMatch::parse(r.host.as_deref()),
                     path_prefix: r.path_prefix.as_str().into(),
+                    pin: VersionPin::new(r.version_header.as_deref(), r.version_cookie.as_deref()),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),
                     service_name: sname,
@@ -525,52 +543,5 @@ impl TableBuilder {
             listeners,
             revision: self.catalog.revision,
         }
-    }
-
-    /// Human summary of what would be routed, for `--check`.
-    pub fn describe(&mut self) -> String {
-        let table = self.table();
-        let mut out = String::new();
-        for l in &table.listeners {
-            for r in &l.routes {
-                let host = match &r.host {
-                    HostMatch::Any => "*".to_owned(),
-                    HostMatch::Exact(h) => h.clone(),
-                    HostMatch::Suffix(s) => format!("*{s}"),
-                };
-                out.push_str(&format!(
-                    "listener {} host {} path {} -> service {}",
-                    l.name, host, r.path_prefix, r.service_name
-                ));
-                match &r.service {
-                    None => out.push_str(": UNKNOWN SERVICE (no instances; requests get 503)\n"),
-                    Some(s) => {
-                        out.push_str(&format!(
-                            ": {} routable instance(s){}\n",
-                            s.member_count(),
-                            if s.panic { " [panic mode]" } else { "" }
-                        ));
-                        for (gi, g) in s.groups.iter().enumerate() {
-                            for m in &g.members {
-                                out.push_str(&format!(
-                                    "    {} {} version {} weight {}{}\n",
-                                    m.ep.id,
-                                    m.ep.addr,
-                                    s.versions[m.version],
-                                    m.weight,
-                                    if s.shares.is_empty() {
-                                        String::new()
-                                    } else {
-                                        let prev = if gi == 0 { 0 } else { s.shares[gi - 1] };
-                                        format!(" (split share {})", s.shares[gi] - prev)
-                                    }
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
     }
 }

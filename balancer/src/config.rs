@@ -216,6 +216,12 @@ pub struct RouteConfig {
     #[serde(default = "d_prefix_path")]
     pub path_prefix: String,
     pub service: Spanned<ServiceName>,
+    /// A request header naming the version to send the request to (see `version_pin`).
+    #[serde(default)]
+    pub version_header: Option<String>,
+    /// A cookie naming the version to send the request to (see `version_pin`).
+    #[serde(default)]
+    pub version_cookie: Option<String>,
 }
 
 /// `[[service]]`: a service defined in the file, usable with no etcd at all.
@@ -442,6 +448,17 @@ impl LbConfig {
                 ));
             }
             for (j, r) in l.routes.iter().enumerate() {
+                crate::version_pin::validate(
+                    r.version_header.as_deref(),
+                    r.version_cookie.as_deref(),
+                )
+                .map_err(|(k, m)| {
+                    err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].{k}"),
+                        m,
+                    )
+                })?;
                 if !r.path_prefix.starts_with('/') {
                     return Err(err(
                         r.service.span(),

@@ -26,6 +26,7 @@ pub mod config;
 #[cfg(test)]
 mod config_props;
 pub mod deadline;
+pub mod describe;
 pub mod endpoint;
 pub mod h1_head;
 pub mod h1_request;
@@ -50,6 +51,7 @@ pub mod upgrade;
 pub mod upstream;
 pub mod upstream_head;
 pub mod upstream_io;
+pub mod version_pin;
 #[cfg(test)]
 mod wire_props;
 

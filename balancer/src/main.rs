@@ -237,7 +237,7 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
         builder.apply(first);
         println!("etcd revision {}", builder.catalog().revision);
     }
-    print!("{}", builder.describe());
+    print!("{}", balancer::describe::describe(&builder.table()));
     Ok(())
 }
 

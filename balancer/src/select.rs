@@ -38,19 +38,31 @@ pub fn random_below(n: u64) -> u64 {
 
 /// Picks an instance that is not in `tried`, preferring instances that are not ejected.
 /// `None` when the service has no instance left to try.
+/// `pinned`: the version the request named (an index into `svc.versions`), tried first;
+/// else, or once it has no instance left to try, the split decides.
 /// `now`: the request's start (slow-start ramps are read against it).
-pub fn pick<'a>(svc: &'a ServiceTable, tried: &[usize], now: Instant) -> Option<&'a Member> {
+pub fn pick<'a>(
+    svc: &'a ServiceTable,
+    pinned: Option<usize>,
+    tried: &[usize],
+    now: Instant,
+) -> Option<&'a Member> {
     if svc.groups.is_empty() {
         return None;
     }
-    let g = if svc.shares.is_empty() {
-        0
-    } else {
-        let total = *svc.shares.last().unwrap_or(&0);
-        let r = random_below(total);
-        svc.shares.partition_point(|s| *s <= r)
+    let group = match pinned.and_then(|v| svc.version_groups.get(v)) {
+        Some(g) if !g.members.is_empty() => g,
+        _ => {
+            let g = if svc.shares.is_empty() {
+                0
+            } else {
+                let total = *svc.shares.last().unwrap_or(&0);
+                let r = random_below(total);
+                svc.shares.partition_point(|s| *s <= r)
+            };
+            &svc.groups[g.min(svc.groups.len() - 1)]
+        }
     };
-    let group = &svc.groups[g.min(svc.groups.len() - 1)];
     let usable = |m: &Member, ms: &mut Option<u64>, ejection: bool| {
         if tried.contains(&(std::sync::Arc::as_ptr(&m.ep) as usize)) {
             return false;
@@ -189,7 +201,7 @@ mod tests {
     }
 
     fn service(algorithm: Algorithm, weights: &[u32], ramp: Option<Duration>) -> ServiceTable {
-        let members = weights
+        let members: Vec<Member> = weights
             .iter()
             .enumerate()
             .map(|(i, w)| Member {
@@ -203,6 +215,7 @@ mod tests {
             name: "s".into(),
             algorithm,
             versions: vec!["v1".into()],
+            version_groups: vec![Group::new(Vec::clone(&members))],
             groups: vec![Group::new(members)],
             shares: vec![],
             panic: false,
@@ -213,7 +226,7 @@ mod tests {
     fn shares(svc: &ServiceTable, n: usize) -> Vec<f64> {
         let mut counts = vec![0usize; svc.groups[0].members.len()];
         for _ in 0..n {
-            let m = pick(svc, &[], Instant::now()).unwrap();
+            let m = pick(svc, None, &[], Instant::now()).unwrap();
             let i = svc.groups[0]
                 .members
                 .iter()
@@ -258,7 +271,7 @@ mod tests {
         m[1].ep.eject(Duration::from_secs(60));
         let tried = [Arc::as_ptr(&m[0].ep) as usize];
         for _ in 0..50 {
-            let p = pick(&svc, &tried, Instant::now()).unwrap();
+            let p = pick(&svc, None, &tried, Instant::now()).unwrap();
             assert!(Arc::ptr_eq(&p.ep, &m[2].ep));
         }
         let tried = [
@@ -267,10 +280,38 @@ mod tests {
         ];
         // Only the ejected one is left: better than nothing.
         assert!(Arc::ptr_eq(
-            &pick(&svc, &tried, Instant::now()).unwrap().ep,
+            &pick(&svc, None, &tried, Instant::now()).unwrap().ep,
             &m[1].ep
         ));
         let all: Vec<_> = m.iter().map(|x| Arc::as_ptr(&x.ep) as usize).collect();
-        assert!(pick(&svc, &all, Instant::now()).is_none());
+        assert!(pick(&svc, None, &all, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn a_pinned_version_is_picked_even_without_a_share() {
+        // Split: v1 only; v2 is deployed (a dark launch) but has no share.
+        let mut svc = service(Algorithm::P2c, &[1, 1], None);
+        let dark = Member {
+            ep: ep(9, None),
+            weight: 1,
+            version: 1,
+        };
+        svc.versions.push("v2".into());
+        svc.version_groups.push(Group::new(vec![dark.clone()]));
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(pick(&svc, None, &[], now).unwrap().version, 0);
+            assert!(Arc::ptr_eq(
+                &pick(&svc, Some(1), &[], now).unwrap().ep,
+                &dark.ep
+            ));
+        }
+        // Once the pinned version has nothing left to try, the split decides.
+        let tried = [Arc::as_ptr(&dark.ep) as usize];
+        assert_eq!(pick(&svc, Some(1), &tried, now).unwrap().version, 0);
+        // A version with no member (or out of range) leaves the request to the split.
+        svc.version_groups[1] = Group::new(Vec::new());
+        assert_eq!(pick(&svc, Some(1), &[], now).unwrap().version, 0);
+        assert_eq!(pick(&svc, Some(7), &[], now).unwrap().version, 0);
     }
 }

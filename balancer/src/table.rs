@@ -119,6 +119,8 @@ pub struct Route {
     pub unpicked: ClassCounters,
     /// The service's PROXY header / TLS towards its instances; `None`: plain TCP.
     pub upstream: Option<Arc<crate::tcp::UpstreamOpts>>,
+    /// Where a request may name the version it wants (`version_header`/`version_cookie`).
+    pub pin: Option<crate::version_pin::VersionPin>,
 }
 
 /// State of a service that survives table swaps.
@@ -168,6 +170,7 @@ impl ServiceShared {
     }
 }
 
+#[derive(Clone)]
 pub struct Member {
     pub ep: Arc<Endpoint>,
     pub weight: u32,
@@ -195,6 +198,10 @@ pub struct ServiceTable {
     pub groups: Vec<Group>,
     /// Running sums of the groups' split shares; empty when there is one group.
     pub shares: Vec<u64>,
+    /// Indexed like `versions`: each version's members as one group, whether the split
+    /// gives it a share or not (empty for a version without a routable member), for
+    /// requests pinned to a version.
+    pub version_groups: Vec<Group>,
     /// Routing to all serving instances because none passed (or no checker is alive).
     pub panic: bool,
     pub shared: Arc<ServiceShared>,

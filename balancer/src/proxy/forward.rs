@@ -93,6 +93,8 @@ where
             chunked,
         },
     );
+    // The version the request names, on a route that lets it (`version_pin`).
+    let pinned = (ctx.route.pin.as_ref()).and_then(|p| p.version(headers, &svc.versions));
     // Standard methods clone without allocating.
     let method = req.method().clone();
     let body = req.body_mut();
@@ -104,7 +106,7 @@ where
     let mut tries = Tries::default();
     // The answer if no attempt succeeds: none made (no instance) is a 503.
     let mut last: Option<StatusCode> = None;
-    while let Some(member) = select::pick(svc, &tries.tried, ctx.start) {
+    while let Some(member) = select::pick(svc, pinned, &tries.tried, ctx.start) {
         let ep = member.ep.clone();
         let version = member.version;
         let in_flight = ep.start_request();
