@@ -466,11 +466,7 @@ fn check_flag_rejects_a_bad_file_with_file_line_and_key() -> Result<()> {
         &path,
         "[[listener]]\nname = \"web\"\nbind = \"not an address\"\n",
     )?;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()?;
+    let out = common::check(&path)?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("{}:3:", path.display())), "{err}");
@@ -479,11 +475,7 @@ fn check_flag_rejects_a_bad_file_with_file_line_and_key() -> Result<()> {
         &path,
         "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:1\"\n[[listener.route]]\nservice = \"web\"\n[[service]]\nname = \"web\"\n[[service.endpoint]]\naddr = \"127.0.0.1:2\"\n",
     )?;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()?;
+    let out = common::check(&path)?;
     assert!(
         out.status.success(),
         "{}",

@@ -440,11 +440,7 @@ fn check_loads_certificates_and_names_bad_files() -> Result<()> {
     let path = dir.path().join("lb.toml");
     let run = |text: String| -> Result<std::process::Output> {
         std::fs::write(&path, text)?;
-        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
-            .arg("--config")
-            .arg(&path)
-            .arg("--check")
-            .output()?)
+        Ok(common::check(&path)?)
     };
     let ok = run(config(&pki.path("server.crt")))?;
     let out = String::from_utf8_lossy(&ok.stdout);

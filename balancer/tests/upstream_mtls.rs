@@ -281,11 +281,7 @@ fn check_names_a_client_certificate_that_does_not_load() -> Result<()> {
             key.display()
         );
         std::fs::write(&path, text)?;
-        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
-            .arg("--config")
-            .arg(&path)
-            .arg("--check")
-            .output()?)
+        Ok(common::check(&path)?)
     };
     let ok = check(&pki.path("client.key"))?;
     assert!(

@@ -101,11 +101,7 @@ async fn a_request_naming_its_version_reaches_it_even_without_a_share() -> Resul
         assert_eq!(answers(client, &public, &ignored, 50).await?, only("a", 50));
     }
     // `--check` shows the version without a share, and how it can be reached.
-    let check = std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
-        .arg("--config")
-        .arg(lb.config_path())
-        .arg("--check")
-        .output()?;
+    let check = common::check(&lb.config_path())?;
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{out}");
     let dark = format!("{} version v2 weight 100 (no split share: ", b.addr);
@@ -137,11 +133,7 @@ fn a_bad_version_header_name_is_named_with_its_line() -> Result<()> {
         &path,
         "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:1\"\n  [[listener.route]]\n  service = \"web\"\n  version_header = \"X Version\"\n[[service]]\nname = \"web\"\n  [[service.endpoint]]\n  addr = \"127.0.0.1:2\"\n",
     )?;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_balancer"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--check")
-        .output()?;
+    let out = common::check(&path)?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

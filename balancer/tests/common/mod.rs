@@ -350,6 +350,15 @@ impl Drop for Lb {
 
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// Runs `balancer --config <path> --check`.
+pub fn check(path: &std::path::Path) -> std::io::Result<std::process::Output> {
+    Command::new(env!("CARGO_BIN_EXE_balancer"))
+        .arg("--config")
+        .arg(path)
+        .arg("--check")
+        .output()
+}
+
 pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
