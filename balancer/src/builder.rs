@@ -501,6 +501,7 @@ impl TableBuilder {
                 service: s.clone(),
                 version_header: None,
                 version_cookie: None,
+                strip_prefix: false,
             });
             for r in l.routes.iter().chain(tcp_route.iter()) {
                 let sname: Arc<str> = r.service.get_ref().as_str().into();
@@ -522,6 +523,7 @@ impl TableBuilder {
                     host: HostMatch::parse(r.host.as_deref()),
                     path_prefix: r.path_prefix.as_str().into(),
                     pin: VersionPin::new(r.version_header.as_deref(), r.version_cookie.as_deref()),
+                    strip_prefix: r.strip_prefix,
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),
                     service_name: sname,

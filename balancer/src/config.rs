@@ -222,6 +222,9 @@ pub struct RouteConfig {
     /// A cookie naming the version to send the request to (see `version_pin`).
     #[serde(default)]
     pub version_cookie: Option<String>,
+    /// Forward the path without `path_prefix` (see `strip_prefix`).
+    #[serde(default)]
+    pub strip_prefix: bool,
 }
 
 /// `[[service]]`: a service defined in the file, usable with no etcd at all.

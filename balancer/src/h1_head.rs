@@ -256,13 +256,16 @@ pub struct Forwarded<'a> {
     pub upgrade: bool,
     /// The body goes upstream chunked.
     pub chunked: bool,
+    /// The path prefix a `strip_prefix` route removed (X-Forwarded-Prefix).
+    pub prefix: Option<&'a str>,
 }
 
 /// Encodes the request head for the upstream hop: `METHOD target HTTP/1.1`, the client's
 /// end-to-end headers in their order, then `Connection: upgrade` (upgrades),
 /// `X-Forwarded-For` (the client's list plus its IP), `X-Forwarded-Proto`,
 /// `X-Forwarded-Host` (unless the client sent one), `X-Forwarded-Client-Cert` (mutual TLS;
-/// the client's own is dropped) — these only if `fwd.add` —,
+/// the client's own is dropped), `X-Forwarded-Prefix` (a `strip_prefix` route; the
+/// client's own is dropped) — these only if `fwd.add` —,
 /// `Host` (from the authority when the client sent none) and `Transfer-Encoding: chunked`
 /// if asked.
 pub fn encode_request(
@@ -304,7 +307,8 @@ pub fn encode_request(
         // certificate claimed by the client itself would otherwise reach the instance).
         if fwd.add
             && (eq_lowercase(name, b"x-forwarded-proto")
-                || eq_lowercase(name, b"x-forwarded-client-cert"))
+                || eq_lowercase(name, b"x-forwarded-client-cert")
+                || (fwd.prefix.is_some() && eq_lowercase(name, b"x-forwarded-prefix")))
         {
             continue;
         }
@@ -339,6 +343,9 @@ pub fn encode_request(
         });
         if let Some(c) = fwd.client_cert {
             put(out, b"x-forwarded-client-cert", c.as_bytes());
+        }
+        if let Some(p) = fwd.prefix {
+            put(out, b"x-forwarded-prefix", p.as_bytes());
         }
     }
     if let Some(h) = host.or(fwd.authority.map(str::as_bytes)) {
@@ -394,6 +401,7 @@ mod tests {
             authority: None,
             upgrade: false,
             chunked: false,
+            prefix: None,
         }
     }
 
@@ -501,6 +509,21 @@ mod tests {
             encode(&h, &f),
             "GET /a?b HTTP/1.1\r\nx-forwarded-for: 1.2.3.4\r\nx-forwarded-proto: https\r\n\
              x-kept: 1\r\nhost: b.example\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_stripped_prefix_is_forwarded_in_place_of_the_clients() {
+        let ip = HeaderValue::from_static("::1");
+        let h = map(&[("x-forwarded-prefix", "/forged"), ("x-a", "1")]);
+        let f = Forwarded {
+            prefix: Some("/api"),
+            ..fwd(&ip)
+        };
+        assert_eq!(
+            encode(&h, &f),
+            "GET /a?b HTTP/1.1\r\nx-a: 1\r\nx-forwarded-for: ::1\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-prefix: /api\r\n\r\n"
         );
     }
 

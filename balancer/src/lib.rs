@@ -42,6 +42,7 @@ pub mod proxy_protocol;
 pub mod select;
 pub mod server;
 pub mod status;
+pub mod strip_prefix;
 pub mod table;
 pub mod tcp;
 #[cfg(test)]

@@ -121,6 +121,8 @@ pub struct Route {
     pub upstream: Option<Arc<crate::tcp::UpstreamOpts>>,
     /// Where a request may name the version it wants (`version_header`/`version_cookie`).
     pub pin: Option<crate::version_pin::VersionPin>,
+    /// The instance gets the path without `path_prefix` (`strip_prefix`).
+    pub strip_prefix: bool,
 }
 
 /// State of a service that survives table swaps.

@@ -1,6 +1,7 @@
 //! `forward`: pick an instance, reuse or open a connection, exchange, retry what may be
 //! retried, and turn every failure into an answer.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use crate::endpoint::{Endpoint, InFlight};
 use crate::h1_head;
 use crate::outlier;
 use crate::select;
+use crate::strip_prefix;
 use crate::table::{ListenerSettings, ServiceTable};
 use crate::upstream::{UpConn, UpError};
 
@@ -75,13 +77,21 @@ where
     // A body of unknown length (chunked from an HTTP/1.1 client, or HTTP/2 without
     // content-length) goes upstream chunked.
     let chunked = has_body && declared.is_none();
-    let target = h1_head::origin_form(req.uri());
+    let origin = h1_head::origin_form(req.uri());
+    let route = ctx.route;
+    let stripped: Cow<'_, str>;
+    let target: &str = if route.strip_prefix {
+        stripped = strip_prefix::strip(&origin, &route.path_prefix);
+        &stripped
+    } else {
+        &origin
+    };
     // The head for the upstream hop, encoded straight from the client's headers.
     let mut head = Vec::with_capacity(256 + headers.encoded_len_hint());
     h1_head::encode_request(
         &mut head,
         req.method(),
-        &target,
+        target,
         headers,
         &h1_head::Forwarded {
             add: s.forwarded_headers,
@@ -91,6 +101,9 @@ where
             authority: req.uri().authority().map(|a| a.as_str()),
             upgrade,
             chunked,
+            prefix: route
+                .strip_prefix
+                .then(|| strip_prefix::forwarded(&route.path_prefix)),
         },
     );
     // The version the request names, on a route that lets it (`version_pin`).
