@@ -23,6 +23,7 @@ pub mod busy_poll;
 pub mod chunked;
 pub mod client_io;
 pub mod config;
+mod config_check;
 #[cfg(test)]
 mod config_props;
 pub mod deadline;
