@@ -481,6 +481,7 @@ impl TableBuilder {
                 connect_timeout: up.connect_timeout,
                 max_body_bytes: l.max_body_bytes,
                 forwarded_headers: l.forwarded_headers,
+                redirect_https: l.redirect_https.then_some(l.redirect_https_port),
                 retries: up.retries,
                 retry_budget_percent: up.retry_budget_percent,
                 access_log: config.access_log,

@@ -181,6 +181,13 @@ pub struct ListenerConfig {
     /// as with HAProxy without `option forwardfor`.
     #[serde(default = "d_true")]
     pub forwarded_headers: bool,
+    /// Answer every request with a redirect to the same host and target over HTTPS (see
+    /// `proxy/redirect.rs`); such a listener has no routes.
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// The port in the redirect's `Location` (443: none written).
+    #[serde(default = "d_https_port")]
+    pub redirect_https_port: u16,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
     /// `tcp` listeners: the service every connection goes to.
@@ -311,6 +318,9 @@ fn d_max_header_bytes() -> usize {
 }
 fn d_max_headers() -> usize {
     100
+}
+fn d_https_port() -> u16 {
+    443
 }
 fn d_true() -> bool {
     true

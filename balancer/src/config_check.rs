@@ -91,6 +91,26 @@ impl LbConfig {
                     "must be at least 8192".into(),
                 ));
             }
+            if l.redirect_https {
+                let why = if l.protocol != crate::config::ListenerProtocol::Http {
+                    Some("only an http listener can redirect")
+                } else if l.tls.is_some() {
+                    Some("a TLS listener would redirect its clients to itself")
+                } else if !l.routes.is_empty() {
+                    Some(
+                        "it answers every request with the redirect: its routes would never be used",
+                    )
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(err(
+                        l.name.span(),
+                        &format!("listener[{i}].redirect_https"),
+                        why.into(),
+                    ));
+                }
+            }
             for (j, r) in l.routes.iter().enumerate() {
                 crate::version_pin::validate(
                     r.version_header.as_deref(),

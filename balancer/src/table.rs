@@ -35,6 +35,8 @@ pub struct ListenerSettings {
     pub max_body_bytes: u64,
     /// Add `X-Forwarded-*` headers upstream (`forwarded_headers`).
     pub forwarded_headers: bool,
+    /// Answer every request with a redirect to HTTPS on this port (`redirect_https`).
+    pub redirect_https: Option<u16>,
     pub retries: u32,
     pub retry_budget_percent: u32,
     pub access_log: bool,

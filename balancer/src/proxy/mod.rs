@@ -33,6 +33,7 @@ use crate::table::{ListenerSettings, Route, RoutingTable};
 mod exchange;
 mod forward;
 mod headers;
+mod redirect;
 
 use headers::host_of;
 pub use headers::is_upgrade;
@@ -184,6 +185,12 @@ where
         );
     };
     let headers = h1_head::ReqHeaders::of(h1.as_ref().map(|c| c.head), req.headers());
+    if let Some(port) = listener.settings.redirect_https {
+        let target = h1_head::origin_form(req.uri());
+        let resp = redirect::to_https(host_of(headers, req.uri()), &target, port, req.method());
+        listener.unrouted.inc(resp.status().as_u16());
+        return resp;
+    }
     let Some(route) = listener.route(|| host_of(headers, req.uri()), req.uri().path()) else {
         listener.unrouted.inc(404);
         return plain(StatusCode::NOT_FOUND, "no route\n", false);
