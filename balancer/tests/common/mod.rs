@@ -350,6 +350,18 @@ impl Drop for Lb {
 
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// Runs `balancer --check` on `text` written to a file `lb.toml`, expects it to refuse the
+/// file, and returns what it printed on stderr.
+pub fn check_refuses(text: &str) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("lb.toml");
+    std::fs::write(&path, text)?;
+    let out = check(&path)?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    anyhow::ensure!(!out.status.success(), "--check accepted the file: {err}");
+    Ok(err)
+}
+
 /// Runs `balancer --config <path> --check`.
 pub fn check(path: &std::path::Path) -> std::io::Result<std::process::Output> {
     Command::new(env!("CARGO_BIN_EXE_balancer"))
