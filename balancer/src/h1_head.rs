@@ -299,18 +299,25 @@ pub fn encode_request(
         {
             continue;
         }
-        if fwd.add && eq_lowercase(name, b"x-forwarded-for") {
-            prev_xff.get_or_insert(value);
-            continue;
-        }
-        // What only the balancer may say: the client's own lines are dropped (a client
-        // certificate claimed by the client itself would otherwise reach the instance).
-        if fwd.add
-            && (eq_lowercase(name, b"x-forwarded-proto")
-                || eq_lowercase(name, b"x-forwarded-client-cert")
-                || (fwd.prefix.is_some() && eq_lowercase(name, b"x-forwarded-prefix")))
-        {
-            continue;
+        // The `X-Forwarded-*` lines, told apart by one length check and one compare of
+        // their common start (most lines are ruled out by the first).
+        let forwarded =
+            (name.len() >= 15 && eq_lowercase(&name[..12], b"x-forwarded-")).then(|| &name[12..]);
+        if let Some(kind) = forwarded {
+            if fwd.add && eq_lowercase(kind, b"for") {
+                prev_xff.get_or_insert(value);
+                continue;
+            }
+            // What only the balancer may say: the client's own lines are dropped (a client
+            // certificate claimed by the client itself would otherwise reach the instance).
+            if fwd.add
+                && (eq_lowercase(kind, b"proto")
+                    || eq_lowercase(kind, b"client-cert")
+                    || (fwd.prefix.is_some() && eq_lowercase(kind, b"prefix")))
+            {
+                continue;
+            }
+            has_xfh |= eq_lowercase(kind, b"host");
         }
         // One length line: identical duplicates were accepted as one (RFC 9110 §8.6), and
         // passing both on would leave the next hop to choose (nginx refuses the request).
@@ -320,7 +327,6 @@ pub fn encode_request(
             }
             length_sent = true;
         }
-        has_xfh |= eq_lowercase(name, b"x-forwarded-host");
         put(out, name, value);
     }
     if fwd.upgrade {
