@@ -16,6 +16,7 @@ use catalog::{
 use crate::config::{self, LbConfig};
 use crate::endpoint::Endpoint;
 use crate::metrics::{ClassCounters, Metrics};
+use crate::sticky::Sticky;
 use crate::table::{
     Group, HostMatch, ListenerSettings, ListenerTable, Member, Route, RoutingTable, ServiceShared,
     ServiceTable, TcpSettings,
@@ -384,6 +385,10 @@ impl TableBuilder {
             .collect();
         // Every version's members on their own, split share or not, for requests that
         // name their version (`version_pin`).
+        let by_sticky_id = members
+            .iter()
+            .map(|m| (m.ep.sticky_id, m.clone()))
+            .collect();
         let version_groups = (0..versions.len())
             .map(|v| {
                 Group::new(
@@ -430,6 +435,7 @@ impl TableBuilder {
             groups,
             shares,
             version_groups,
+            by_sticky_id,
             panic,
             shared,
         }
@@ -503,6 +509,7 @@ impl TableBuilder {
                 version_header: None,
                 version_cookie: None,
                 strip_prefix: false,
+                sticky_cookie: None,
             });
             for r in l.routes.iter().chain(tcp_route.iter()) {
                 let sname: Arc<str> = r.service.get_ref().as_str().into();
@@ -525,6 +532,7 @@ impl TableBuilder {
                     path_prefix: r.path_prefix.as_str().into(),
                     pin: VersionPin::new(r.version_header.as_deref(), r.version_cookie.as_deref()),
                     strip_prefix: r.strip_prefix,
+                    sticky: r.sticky_cookie.as_deref().map(Sticky::new),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),
                     service_name: sname,

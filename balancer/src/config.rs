@@ -232,6 +232,9 @@ pub struct RouteConfig {
     /// Forward the path without `path_prefix` (see `strip_prefix`).
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Keep a client on the instance that first answered it, by this cookie (see `sticky`).
+    #[serde(default)]
+    pub sticky_cookie: Option<String>,
 }
 
 /// `[[service]]`: a service defined in the file, usable with no etcd at all.

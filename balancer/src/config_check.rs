@@ -112,6 +112,15 @@ impl LbConfig {
                 }
             }
             for (j, r) in l.routes.iter().enumerate() {
+                if let Some(c) = &r.sticky_cookie
+                    && !crate::version_pin::cookie_name_ok(c)
+                {
+                    return Err(err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].sticky_cookie"),
+                        format!("{c:?} is not a cookie name"),
+                    ));
+                }
                 crate::version_pin::validate(
                     r.version_header.as_deref(),
                     r.version_cookie.as_deref(),

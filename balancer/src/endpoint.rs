@@ -24,6 +24,8 @@ pub struct Endpoint {
     pub id: Arc<str>,
     pub version: Arc<str>,
     pub addr: SocketAddr,
+    /// What a sticky cookie names this instance by (`sticky::id_of`).
+    pub sticky_id: u64,
     in_flight: AtomicU32,
     failures: AtomicU32,
     /// `now_ms()` deadline of the current ejection; 0 when not ejected.
@@ -53,6 +55,7 @@ impl Endpoint {
         idle_timeout: Duration,
     ) -> Self {
         Self {
+            sticky_id: crate::sticky::id_of(&service, &id),
             service,
             id,
             version,

@@ -43,6 +43,7 @@ pub mod proxy_protocol;
 pub mod select;
 pub mod server;
 pub mod status;
+pub mod sticky;
 pub mod strip_prefix;
 pub mod table;
 pub mod tcp;

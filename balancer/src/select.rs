@@ -36,21 +36,48 @@ pub fn random_below(n: u64) -> u64 {
     })
 }
 
+/// What a request asks of the pick beyond the split (both usually absent).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Wanted {
+    /// The version the request names (`version_pin`), an index into `ServiceTable::versions`.
+    pub version: Option<usize>,
+    /// The instance its sticky cookie names (`sticky`).
+    pub instance: Option<u64>,
+}
+
 /// Picks an instance that is not in `tried`, preferring instances that are not ejected.
 /// `None` when the service has no instance left to try.
-/// `pinned`: the version the request named (an index into `svc.versions`), tried first;
-/// else, or once it has no instance left to try, the split decides.
+/// `want`: the instance the request's sticky cookie names, if it is routable, untried, not
+/// ejected and of the version the request names (if any); else that version's instances;
+/// else, or once those have nothing left to try, the split decides.
 /// `now`: the request's start (slow-start ramps are read against it).
 pub fn pick<'a>(
     svc: &'a ServiceTable,
-    pinned: Option<usize>,
+    want: Wanted,
     tried: &[usize],
     now: Instant,
 ) -> Option<&'a Member> {
     if svc.groups.is_empty() {
         return None;
     }
-    let group = match pinned.and_then(|v| svc.version_groups.get(v)) {
+    let usable = |m: &Member, ms: &mut Option<u64>, ejection: bool| {
+        if tried.contains(&(std::sync::Arc::as_ptr(&m.ep) as usize)) {
+            return false;
+        }
+        if ejection && m.ep.ejected_until() != 0 {
+            let t = *ms.get_or_insert_with(now_ms);
+            return !m.ep.is_ejected(t);
+        }
+        true
+    };
+    let mut ms = None;
+    if let Some(m) = want.instance.and_then(|id| svc.by_sticky_id.get(&id))
+        && want.version.is_none_or(|v| m.version == v)
+        && usable(m, &mut ms, true)
+    {
+        return Some(m);
+    }
+    let group = match want.version.and_then(|v| svc.version_groups.get(v)) {
         Some(g) if !g.members.is_empty() => g,
         _ => {
             let g = if svc.shares.is_empty() {
@@ -63,17 +90,6 @@ pub fn pick<'a>(
             &svc.groups[g.min(svc.groups.len() - 1)]
         }
     };
-    let usable = |m: &Member, ms: &mut Option<u64>, ejection: bool| {
-        if tried.contains(&(std::sync::Arc::as_ptr(&m.ep) as usize)) {
-            return false;
-        }
-        if ejection && m.ep.ejected_until() != 0 {
-            let t = *ms.get_or_insert_with(now_ms);
-            return !m.ep.is_ejected(t);
-        }
-        true
-    };
-    let mut ms = None;
     for _ in 0..3 {
         let m = pick_in_group(group, svc.algorithm, now);
         if usable(m, &mut ms, true) {
@@ -216,6 +232,10 @@ mod tests {
             algorithm,
             versions: vec!["v1".into()],
             version_groups: vec![Group::new(Vec::clone(&members))],
+            by_sticky_id: members
+                .iter()
+                .map(|m| (m.ep.sticky_id, m.clone()))
+                .collect(),
             groups: vec![Group::new(members)],
             shares: vec![],
             panic: false,
@@ -226,7 +246,7 @@ mod tests {
     fn shares(svc: &ServiceTable, n: usize) -> Vec<f64> {
         let mut counts = vec![0usize; svc.groups[0].members.len()];
         for _ in 0..n {
-            let m = pick(svc, None, &[], Instant::now()).unwrap();
+            let m = pick(svc, Wanted::default(), &[], Instant::now()).unwrap();
             let i = svc.groups[0]
                 .members
                 .iter()
@@ -271,7 +291,7 @@ mod tests {
         m[1].ep.eject(Duration::from_secs(60));
         let tried = [Arc::as_ptr(&m[0].ep) as usize];
         for _ in 0..50 {
-            let p = pick(&svc, None, &tried, Instant::now()).unwrap();
+            let p = pick(&svc, Wanted::default(), &tried, Instant::now()).unwrap();
             assert!(Arc::ptr_eq(&p.ep, &m[2].ep));
         }
         let tried = [
@@ -280,11 +300,62 @@ mod tests {
         ];
         // Only the ejected one is left: better than nothing.
         assert!(Arc::ptr_eq(
-            &pick(&svc, None, &tried, Instant::now()).unwrap().ep,
+            &pick(&svc, Wanted::default(), &tried, Instant::now())
+                .unwrap()
+                .ep,
             &m[1].ep
         ));
         let all: Vec<_> = m.iter().map(|x| Arc::as_ptr(&x.ep) as usize).collect();
-        assert!(pick(&svc, None, &all, Instant::now()).is_none());
+        assert!(pick(&svc, Wanted::default(), &all, Instant::now()).is_none());
+    }
+
+    #[test]
+    fn a_sticky_instance_is_kept_while_it_can_serve() {
+        let svc = service(Algorithm::RoundRobin, &[1, 1, 1], None);
+        let m = &svc.groups[0].members;
+        let want = Wanted {
+            version: None,
+            instance: Some(m[2].ep.sticky_id),
+        };
+        let now = Instant::now();
+        for _ in 0..20 {
+            assert!(Arc::ptr_eq(
+                &pick(&svc, want, &[], now).unwrap().ep,
+                &m[2].ep
+            ));
+        }
+        // Tried (a retry), ejected, of another version than the one named, or unknown:
+        // the usual pick.
+        let tried = [Arc::as_ptr(&m[2].ep) as usize];
+        assert!(!Arc::ptr_eq(
+            &pick(&svc, want, &tried, now).unwrap().ep,
+            &m[2].ep
+        ));
+        let other_version = Wanted {
+            version: Some(1),
+            ..want
+        };
+        let picks: Vec<_> = (0..6)
+            .map(|_| pick(&svc, other_version, &[], now).unwrap())
+            .collect();
+        assert!(picks.iter().any(|p| !Arc::ptr_eq(&p.ep, &m[2].ep)));
+        m[2].ep.eject(Duration::from_secs(60));
+        assert!(!Arc::ptr_eq(
+            &pick(&svc, want, &[], now).unwrap().ep,
+            &m[2].ep
+        ));
+        let unknown = Wanted {
+            version: None,
+            instance: Some(7),
+        };
+        assert!(pick(&svc, unknown, &[], now).is_some());
+    }
+
+    fn pinned(version: usize) -> Wanted {
+        Wanted {
+            version: Some(version),
+            instance: None,
+        }
     }
 
     #[test]
@@ -300,18 +371,18 @@ mod tests {
         svc.version_groups.push(Group::new(vec![dark.clone()]));
         let now = Instant::now();
         for _ in 0..100 {
-            assert_eq!(pick(&svc, None, &[], now).unwrap().version, 0);
+            assert_eq!(pick(&svc, Wanted::default(), &[], now).unwrap().version, 0);
             assert!(Arc::ptr_eq(
-                &pick(&svc, Some(1), &[], now).unwrap().ep,
+                &pick(&svc, pinned(1), &[], now).unwrap().ep,
                 &dark.ep
             ));
         }
         // Once the pinned version has nothing left to try, the split decides.
         let tried = [Arc::as_ptr(&dark.ep) as usize];
-        assert_eq!(pick(&svc, Some(1), &tried, now).unwrap().version, 0);
+        assert_eq!(pick(&svc, pinned(1), &tried, now).unwrap().version, 0);
         // A version with no member (or out of range) leaves the request to the split.
         svc.version_groups[1] = Group::new(Vec::new());
-        assert_eq!(pick(&svc, Some(1), &[], now).unwrap().version, 0);
-        assert_eq!(pick(&svc, Some(7), &[], now).unwrap().version, 0);
+        assert_eq!(pick(&svc, pinned(1), &[], now).unwrap().version, 0);
+        assert_eq!(pick(&svc, pinned(7), &[], now).unwrap().version, 0);
     }
 }

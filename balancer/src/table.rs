@@ -4,6 +4,7 @@
 //! the endpoints and metric handles it points to. Listener settings, routes, services,
 //! endpoints, weights and metric handles all live here and change together.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -125,6 +126,8 @@ pub struct Route {
     pub pin: Option<crate::version_pin::VersionPin>,
     /// The instance gets the path without `path_prefix` (`strip_prefix`).
     pub strip_prefix: bool,
+    /// Clients are kept on the instance that first answered them (`sticky_cookie`).
+    pub sticky: Option<crate::sticky::Sticky>,
 }
 
 /// State of a service that survives table swaps.
@@ -206,6 +209,8 @@ pub struct ServiceTable {
     /// gives it a share or not (empty for a version without a routable member), for
     /// requests pinned to a version.
     pub version_groups: Vec<Group>,
+    /// Every routable member by its sticky id, for requests whose cookie names one.
+    pub by_sticky_id: HashMap<u64, Member>,
     /// Routing to all serving instances because none passed (or no checker is alive).
     pub panic: bool,
     pub shared: Arc<ServiceShared>,

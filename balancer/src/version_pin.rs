@@ -71,7 +71,7 @@ impl VersionPin {
 }
 
 /// The value of cookie `name` in a `Cookie` header value (`a=1; name=v2`), quotes removed.
-fn cookie_value<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+pub(crate) fn cookie_value<'a>(header: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     header.split(|b| *b == b';').find_map(|pair| {
         let pair = pair.trim_ascii();
         let eq = pair.iter().position(|b| *b == b'=')?;
@@ -92,14 +92,18 @@ pub fn validate(header: Option<&str>, cookie: Option<&str>) -> Result<(), (&'sta
     {
         return Err(("version_header", format!("{h:?} is not a header name")));
     }
-    if let Some(c) = cookie {
-        // RFC 6265: a cookie name is an HTTP token.
-        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-        if c.is_empty() || !c.bytes().all(token) {
-            return Err(("version_cookie", format!("{c:?} is not a cookie name")));
-        }
+    if let Some(c) = cookie
+        && !cookie_name_ok(c)
+    {
+        return Err(("version_cookie", format!("{c:?} is not a cookie name")));
     }
     Ok(())
+}
+
+/// RFC 6265: a cookie name is an HTTP token.
+pub(crate) fn cookie_name_ok(name: &str) -> bool {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    !name.is_empty() && name.bytes().all(token)
 }
 
 #[cfg(test)]

@@ -106,8 +106,13 @@ where
                 .then(|| strip_prefix::forwarded(&route.path_prefix)),
         },
     );
-    // The version the request names, on a route that lets it (`version_pin`).
-    let pinned = (ctx.route.pin.as_ref()).and_then(|p| p.version(headers, &svc.versions));
+    // The version the request names and the instance its sticky cookie names, on a route
+    // that reads them (`version_pin`, `sticky`).
+    let sticky = route.sticky.as_ref().map(|s| (s, s.requested(headers)));
+    let want = select::Wanted {
+        version: (route.pin.as_ref()).and_then(|p| p.version(headers, &svc.versions)),
+        instance: sticky.and_then(|(_, id)| id),
+    };
     // Standard methods clone without allocating.
     let method = req.method().clone();
     let body = req.body_mut();
@@ -119,7 +124,7 @@ where
     let mut tries = Tries::default();
     // The answer if no attempt succeeds: none made (no instance) is a 503.
     let mut last: Option<StatusCode> = None;
-    while let Some(member) = select::pick(svc, pinned, &tries.tried, ctx.start) {
+    while let Some(member) = select::pick(svc, want, &tries.tried, ctx.start) {
         let ep = member.ep.clone();
         let version = member.version;
         let in_flight = ep.start_request();
@@ -269,9 +274,23 @@ where
         }
         let mut headers = resp.headers;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        // A client whose cookie did not name this instance learns it now.
+        let set_cookie = sticky
+            .filter(|(_, id)| *id != Some(ep.sticky_id))
+            .map(|(s, _)| s.set_cookie(ep.sticky_id, conn.tls));
         match (resp.lines, lines_out.as_deref_mut()) {
-            (Some(l), Some(out)) => *out = Some(l),
-            _ => strip_hop_by_hop(&mut headers, switching),
+            (Some(mut l), Some(out)) => {
+                if let Some(c) = set_cookie {
+                    l.push(b"set-cookie", c.as_bytes());
+                }
+                *out = Some(l);
+            }
+            _ => {
+                strip_hop_by_hop(&mut headers, switching);
+                if let Some(c) = set_cookie {
+                    headers.append(http::header::SET_COOKIE, c);
+                }
+            }
         }
         if switching {
             let body = match client_upgrade {

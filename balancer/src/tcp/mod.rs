@@ -218,7 +218,7 @@ async fn connect(svc: &ServiceTable, s: &ListenerSettings) -> Option<(Arc<Endpoi
             }
             svc.shared.retries_connect.inc();
         }
-        let m = crate::select::pick(svc, None, &tried, std::time::Instant::now())?;
+        let m = crate::select::pick(svc, Default::default(), &tried, std::time::Instant::now())?;
         tried.push(Arc::as_ptr(&m.ep) as usize);
         match tokio::time::timeout(s.connect_timeout, upstream_io::connect_tcp(m.ep.addr)).await {
             Ok(Ok(up)) => {
