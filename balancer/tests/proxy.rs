@@ -366,9 +366,7 @@ async fn upgrade_and_h2c_pass_through() -> Result<()> {
     .await??;
 
     // HTTP/2 with prior knowledge, forwarded as HTTP/1.1.
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let h2 = h2c_client();
     let (code, body) = get_with(&h2, &lb.url("/headers")).await?;
     assert_eq!(code, 200);
     assert!(body.contains(&format!("host: 127.0.0.1:{port}")), "{body}");

@@ -117,10 +117,7 @@ redirect_https_port = 8443
     .await??;
 
     // h2c: the authority is the host.
-    let h2: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = h2c_client();
     let resp = tokio::time::timeout(WAIT, h2.get(lb.url("/h2?x").parse()?)).await??;
     assert_eq!(resp.status(), 301);
     assert_eq!(resp.headers()["location"], "https://127.0.0.1/h2?x");

@@ -73,10 +73,7 @@ async fn a_client_stays_on_its_instance_until_it_is_gone() -> Result<()> {
     let lb = Lb::start(&config(&backends.iter().collect::<Vec<_>>(), plain_port)).await?;
     let url = lb.url("/");
     let h1 = client();
-    let h2: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = h2c_client();
 
     let (first, cookie) = get(&h1, &url, None).await?;
     let cookie = cookie.context("no sticky cookie on the first answer")?;

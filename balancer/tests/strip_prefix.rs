@@ -38,10 +38,7 @@ name = "web"
 async fn a_stripped_prefix_leaves_the_path_and_is_forwarded_in_a_header() -> Result<()> {
     let a = Backend::start("a").await?;
     let lb = Lb::start(&config(&a)).await?;
-    let h2: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = h2c_client();
     for client in [&client(), &h2] {
         // The backend's /mirror answers with the request line it received.
         let (code, body) = get_with(client, &lb.url("/api/mirror?x=1&y=/api/")).await?;

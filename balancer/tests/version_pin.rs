@@ -73,10 +73,7 @@ async fn a_request_naming_its_version_reaches_it_even_without_a_share() -> Resul
     let lb = Lb::start(&config(&a, &b, public_port)).await?;
     let public = format!("http://127.0.0.1:{public_port}/");
     let h1 = client();
-    let h2: HttpClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let h2 = h2c_client();
     let only = |name: &str, n: usize| std::collections::BTreeMap::from([(name.to_owned(), n)]);
 
     // The split alone: v2 gets nothing.

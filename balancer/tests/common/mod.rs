@@ -377,6 +377,13 @@ pub fn client() -> HttpClient {
         .build_http()
 }
 
+/// An HTTP/2 client with prior knowledge (h2c), for the balancer's h2c listeners.
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 pub async fn get_with(client: &HttpClient, url: &str) -> Result<(StatusCode, String)> {
     let resp = tokio::time::timeout(WAIT, client.get(url.parse()?))
         .await
