@@ -18,7 +18,7 @@ use crate::h1_head;
 use crate::outlier;
 use crate::select;
 use crate::strip_prefix;
-use crate::table::{ListenerSettings, ServiceTable};
+use crate::table::{ListenerSettings, Route, ServiceTable};
 use crate::upstream::{UpConn, UpError};
 
 use super::exchange::{ConnectError, Fail, connect, exchange};
@@ -107,11 +107,11 @@ where
         },
     );
     // The version the request names and the instance its sticky cookie names, on a route
-    // that reads them (`version_pin`, `sticky`).
-    let sticky = route.sticky.as_ref().map(|s| (s, s.requested(headers)));
-    let want = select::Wanted {
-        version: (route.pin.as_ref()).and_then(|p| p.version(headers, &svc.versions)),
-        instance: sticky.and_then(|(_, id)| id),
+    // that reads them (`version_pin`, `sticky`); one branch on the others.
+    let want = if route.pin.is_none() && route.sticky.is_none() {
+        select::Wanted::default()
+    } else {
+        wanted(route, headers, svc)
     };
     // Standard methods clone without allocating.
     let method = req.method().clone();
@@ -275,9 +275,12 @@ where
         let mut headers = resp.headers;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         // A client whose cookie did not name this instance learns it now.
-        let set_cookie = sticky
-            .filter(|(_, id)| *id != Some(ep.sticky_id))
-            .map(|(s, _)| s.set_cookie(ep.sticky_id, conn.tls));
+        let set_cookie = match &route.sticky {
+            Some(sticky) if want.instance != Some(ep.sticky_id) => {
+                Some(sticky.set_cookie(ep.sticky_id, conn.tls))
+            }
+            _ => None,
+        };
         match (resp.lines, lines_out.as_deref_mut()) {
             (Some(mut l), Some(out)) => {
                 if let Some(c) = set_cookie {
@@ -342,6 +345,16 @@ where
         ),
     };
     ctx.finish(None, resp)
+}
+
+/// What the request asks of the pick on a route with `version_header`/`version_cookie` or
+/// `sticky_cookie`. Kept out of `forward`: most routes have neither.
+#[inline(never)]
+fn wanted(route: &Route, headers: h1_head::ReqHeaders<'_>, svc: &ServiceTable) -> select::Wanted {
+    select::Wanted {
+        version: (route.pin.as_ref()).and_then(|p| p.version(headers, &svc.versions)),
+        instance: (route.sticky.as_ref()).and_then(|s| s.requested(headers)),
+    }
 }
 
 /// The attempts at one request so far: the instances that failed it (not picked again)
