@@ -10,6 +10,13 @@ use crate::table::{HostMatch, Route, RoutingTable, ServiceTable};
 pub fn describe(table: &RoutingTable) -> String {
     let mut out = String::new();
     for l in &table.listeners {
+        if let Some(port) = l.settings.redirect_https {
+            let _ = writeln!(
+                out,
+                "listener {}: every request redirected to https (port {port})",
+                l.name
+            );
+        }
         for r in &l.routes {
             let host = match &r.host {
                 HostMatch::Any => "*".to_owned(),
@@ -18,8 +25,12 @@ pub fn describe(table: &RoutingTable) -> String {
             };
             let _ = write!(
                 out,
-                "listener {} host {} path {} -> service {}",
-                l.name, host, r.path_prefix, r.service_name
+                "listener {} host {} path {} -> service {}{}",
+                l.name,
+                host,
+                r.path_prefix,
+                r.service_name,
+                options(r)
             );
             match &r.service {
                 None => out.push_str(": UNKNOWN SERVICE (no instances; requests get 503)\n"),
@@ -28,6 +39,25 @@ pub fn describe(table: &RoutingTable) -> String {
         }
     }
     out
+}
+
+/// A route's options, as ` [..., ...]` (empty without any).
+fn options(r: &Route) -> String {
+    let mut o = Vec::new();
+    if r.strip_prefix {
+        o.push("prefix stripped".to_owned());
+    }
+    if let Some(s) = &r.sticky {
+        o.push(format!("sticky by cookie {}", s.name()));
+    }
+    if let Some(p) = &r.pin {
+        o.push(format!("version named by {}", p.describe()));
+    }
+    if o.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", o.join(", "))
+    }
 }
 
 fn service(out: &mut String, r: &Route, s: &ServiceTable) {

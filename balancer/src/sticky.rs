@@ -41,6 +41,11 @@ impl Sticky {
         Self { name: name.into() }
     }
 
+    /// The cookie's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The instance id the request's cookie names, if it carries a well-formed one.
     pub fn requested(&self, headers: ReqHeaders<'_>) -> Option<u64> {
         let value = headers

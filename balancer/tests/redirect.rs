@@ -122,6 +122,13 @@ redirect_https_port = 8443
     assert_eq!(resp.status(), 301);
     assert_eq!(resp.headers()["location"], "https://127.0.0.1/h2?x");
 
+    let check = common::check(&lb.config_path())?;
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("listener alt: every request redirected to https (port 8443)"),
+        "{out}"
+    );
+
     let m = lb.metrics().await?;
     assert!(
         m.lines().any(

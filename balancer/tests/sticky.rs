@@ -99,6 +99,13 @@ async fn a_client_stays_on_its_instance_until_it_is_gone() -> Result<()> {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
 
+    let check = common::check(&lb.config_path())?;
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("-> service web [sticky by cookie srv]:"),
+        "{out}"
+    );
+
     // The instance dies: the client moves (no failed request) and learns the new one.
     let dead = backends.iter().find(|b| b.name == first).context("first")?;
     dead.kill();

@@ -51,6 +51,14 @@ async fn a_stripped_prefix_leaves_the_path_and_is_forwarded_in_a_header() -> Res
         assert_eq!((code.as_u16(), body.as_str()), (200, "a"));
     }
 
+    let check = common::check(&lb.config_path())?;
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("path /api/ -> service web [prefix stripped]:"),
+        "{out}"
+    );
+    assert!(out.contains("path /raw/ -> service web:"), "{out}");
+
     // X-Forwarded-Prefix: the route's prefix, the client's own dropped.
     let port = lb.port;
     let head = tokio::task::spawn_blocking(move || -> Result<String> {

@@ -101,6 +101,10 @@ async fn a_request_naming_its_version_reaches_it_even_without_a_share() -> Resul
     let check = common::check(&lb.config_path())?;
     let out = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{out}");
+    assert!(
+        out.contains("path / -> service web [version named by header x-version, cookie version]:"),
+        "{out}"
+    );
     let dark = format!("{} version v2 weight 100 (no split share: ", b.addr);
     assert!(
         out.contains(&format!(
