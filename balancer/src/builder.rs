@@ -510,6 +510,8 @@ impl TableBuilder {
                 version_cookie: None,
                 strip_prefix: false,
                 sticky_cookie: None,
+                request_headers: Default::default(),
+                response_headers: Default::default(),
             });
             for r in l.routes.iter().chain(tcp_route.iter()) {
                 let sname: Arc<str> = r.service.get_ref().as_str().into();
@@ -533,6 +535,8 @@ impl TableBuilder {
                     pin: VersionPin::new(r.version_header.as_deref(), r.version_cookie.as_deref()),
                     strip_prefix: r.strip_prefix,
                     sticky: r.sticky_cookie.as_deref().map(Sticky::new),
+                    request_rules: r.request_headers.rules(),
+                    response_rules: r.response_headers.rules(),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),
                     service_name: sname,

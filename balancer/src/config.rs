@@ -235,6 +235,33 @@ pub struct RouteConfig {
     /// Keep a client on the instance that first answered it, by this cookie (see `sticky`).
     #[serde(default)]
     pub sticky_cookie: Option<String>,
+    /// `[listener.route.request_headers]`: rules for the lines sent to the instance.
+    #[serde(default)]
+    pub request_headers: HeaderRulesConfig,
+    /// `[listener.route.response_headers]`: rules for the lines of the instance's answer.
+    #[serde(default)]
+    pub response_headers: HeaderRulesConfig,
+}
+
+/// `set` / `remove` header rules (see `header_rules`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderRulesConfig {
+    /// Name → value: replaces every line of that name with one.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Names whose lines are dropped.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+impl HeaderRulesConfig {
+    pub fn rules(&self) -> Option<crate::header_rules::HeaderRules> {
+        crate::header_rules::HeaderRules::new(
+            self.set.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            self.remove.iter().map(String::as_str),
+        )
+    }
 }
 
 /// `[[service]]`: a service defined in the file, usable with no etcd at all.

@@ -112,6 +112,22 @@ impl LbConfig {
                 }
             }
             for (j, r) in l.routes.iter().enumerate() {
+                for (table, rules, request) in [
+                    ("request_headers", &r.request_headers, true),
+                    ("response_headers", &r.response_headers, false),
+                ] {
+                    let named = rules.set.iter().map(|(n, v)| ("set", n, Some(v.as_str())));
+                    let removed = rules.remove.iter().map(|n| ("remove", n, None));
+                    for (key, name, value) in named.chain(removed) {
+                        crate::header_rules::check(name, value, request).map_err(|m| {
+                            err(
+                                r.service.span(),
+                                &format!("listener[{i}].route[{j}].{table}.{key}"),
+                                m,
+                            )
+                        })?;
+                    }
+                }
                 if let Some(c) = &r.sticky_cookie
                     && !crate::version_pin::cookie_name_ok(c)
                 {

@@ -53,6 +53,12 @@ fn options(r: &Route) -> String {
     if let Some(p) = &r.pin {
         o.push(format!("version named by {}", p.describe()));
     }
+    if r.request_rules.is_some() {
+        o.push("request header rules".to_owned());
+    }
+    if r.response_rules.is_some() {
+        o.push("response header rules".to_owned());
+    }
     if o.is_empty() {
         String::new()
     } else {

@@ -258,6 +258,8 @@ pub struct Forwarded<'a> {
     pub chunked: bool,
     /// The path prefix a `strip_prefix` route removed (X-Forwarded-Prefix).
     pub prefix: Option<&'a str>,
+    /// The route's `request_headers` rules.
+    pub rules: Option<&'a crate::header_rules::HeaderRules>,
 }
 
 /// Encodes the request head for the upstream hop: `METHOD target HTTP/1.1`, the client's
@@ -319,6 +321,11 @@ pub fn encode_request(
             }
             has_xfh |= eq_lowercase(kind, b"host");
         }
+        if let Some(r) = fwd.rules
+            && r.drops(name)
+        {
+            continue;
+        }
         // One length line: identical duplicates were accepted as one (RFC 9110 §8.6), and
         // passing both on would leave the next hop to choose (nginx refuses the request).
         if repeated_length && eq_lowercase(name, b"content-length") {
@@ -358,9 +365,12 @@ pub fn encode_request(
         if fwd.add && !has_xfh {
             put(out, b"x-forwarded-host", h);
         }
-        if host.is_none() {
+        if host.is_none() && !fwd.rules.is_some_and(|r| r.sets_host()) {
             put(out, b"host", h);
         }
+    }
+    if let Some(r) = fwd.rules {
+        r.put_set(out);
     }
     if fwd.chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -408,6 +418,7 @@ mod tests {
             upgrade: false,
             chunked: false,
             prefix: None,
+            rules: None,
         }
     }
 

@@ -33,6 +33,7 @@ pub mod h1_head;
 pub mod h1_request;
 pub mod h1_response;
 pub mod h1_server;
+pub mod header_rules;
 pub mod l4config;
 pub mod l4metrics;
 pub mod metrics;

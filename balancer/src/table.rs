@@ -128,6 +128,9 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Clients are kept on the instance that first answered them (`sticky_cookie`).
     pub sticky: Option<crate::sticky::Sticky>,
+    /// `request_headers` / `response_headers` rules (`header_rules`).
+    pub request_rules: Option<crate::header_rules::HeaderRules>,
+    pub response_rules: Option<crate::header_rules::HeaderRules>,
 }
 
 /// State of a service that survives table swaps.

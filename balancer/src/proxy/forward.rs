@@ -104,6 +104,7 @@ where
             prefix: route
                 .strip_prefix
                 .then(|| strip_prefix::forwarded(&route.path_prefix)),
+            rules: route.request_rules.as_ref(),
         },
     );
     // The version the request names and the instance its sticky cookie names, on a route
@@ -283,6 +284,9 @@ where
         };
         match (resp.lines, lines_out.as_deref_mut()) {
             (Some(mut l), Some(out)) => {
+                if let Some(r) = &route.response_rules {
+                    r.apply_to_lines(&mut l);
+                }
                 if let Some(c) = set_cookie {
                     l.push(b"set-cookie", c.as_bytes());
                 }
@@ -290,6 +294,9 @@ where
             }
             _ => {
                 strip_hop_by_hop(&mut headers, switching);
+                if let Some(r) = &route.response_rules {
+                    r.apply_to_map(&mut headers);
+                }
                 if let Some(c) = set_cookie {
                     headers.append(http::header::SET_COOKIE, c);
                 }

@@ -130,6 +130,7 @@ fn forwarded_head(p: &Parsed) -> Vec<u8> {
             upgrade: p.upgrade,
             chunked: p.body == BodyKind::Chunked,
             prefix: None,
+            rules: None,
         },
     );
     out
