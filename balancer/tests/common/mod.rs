@@ -362,6 +362,17 @@ pub fn check_refuses(text: &str) -> Result<String> {
     Ok(err)
 }
 
+/// `--check` refuses one route with the option lines `route_lines`: the error names
+/// the route's line (5) and `key` (under `listener[0].route[0].`).
+pub fn route_option_refused(route_lines: &str, key: &str) -> Result<()> {
+    let err = check_refuses(&format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:1\"\n  [[listener.route]]\n  service = \"web\"\n{route_lines}\n[[service]]\nname = \"web\"\n  [[service.endpoint]]\n  addr = \"127.0.0.1:2\"\n"
+    ))?;
+    let key = format!("listener[0].route[0].{key}");
+    anyhow::ensure!(err.contains("lb.toml:5") && err.contains(&key), "{err}");
+    Ok(())
+}
+
 /// Runs `balancer --config <path> --check`.
 pub fn check(path: &std::path::Path) -> std::io::Result<std::process::Output> {
     Command::new(env!("CARGO_BIN_EXE_balancer"))
