@@ -380,7 +380,16 @@ async fn sighup_applies_a_good_file_and_keeps_serving_on_a_bad_one() -> Result<(
     let lb = Lb::start(&with_log(endpoints(&[(&a, 1, "v1")]))).await?;
     let client = client();
     assert_eq!(get_with(&client, &lb.url("/")).await?.1, "a");
-    assert!(lb.log().contains("access"), "access log line missing");
+    let log = lb.log();
+    let access = log
+        .lines()
+        .find(|l| l.contains("access"))
+        .unwrap_or_default();
+    // Which instance answered, as in the tcp listeners' access log.
+    assert!(
+        access.contains("instance=") && access.contains(&format!("upstream={}", a.addr)),
+        "access log line missing or without the instance: {log}"
+    );
 
     lb.write_config("[[listener]\nthis is not toml")?;
     lb.signal(Signal::SIGHUP);

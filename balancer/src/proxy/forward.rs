@@ -266,6 +266,9 @@ where
         };
 
         let status = resp.status;
+        if s.access_log {
+            let _ = ctx.served.set(ep.clone());
+        }
         let elapsed = ctx.start.elapsed();
         ep.stats.record_answer(status.as_u16(), elapsed);
         if status.is_server_error() {

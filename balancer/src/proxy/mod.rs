@@ -104,6 +104,8 @@ struct Ctx<'a> {
     route: &'a Route,
     settings: &'a ListenerSettings,
     start: Instant,
+    /// The instance that answered, kept for the access log (only when it is on).
+    served: std::sync::OnceLock<Arc<crate::endpoint::Endpoint>>,
 }
 
 impl Ctx<'_> {
@@ -199,6 +201,7 @@ where
         route,
         settings: &listener.settings,
         start,
+        served: std::sync::OnceLock::new(),
     };
     let (method, path) = if ctx.settings.access_log {
         (
@@ -210,6 +213,11 @@ where
     };
     let resp = forward::forward(req, upgrade, conn, &ctx, h1).await;
     if let (Some(m), Some(p)) = (method, path) {
+        // "-" when no instance answered (503, or 502/504 after the attempts).
+        let (instance, upstream) = match ctx.served.get() {
+            Some(ep) => (&*ep.id, ep.addr.to_string()),
+            None => ("-", "-".to_owned()),
+        };
         tracing::info!(
             target: "access",
             listener = %listener.name,
@@ -217,6 +225,8 @@ where
             method = %m,
             path = %p,
             service = %route.service_name,
+            instance = %instance,
+            upstream = %upstream,
             status = resp.status().as_u16(),
             micros = start.elapsed().as_micros() as u64,
         );
