@@ -510,6 +510,7 @@ impl TableBuilder {
                 version_cookie: None,
                 strip_prefix: false,
                 sticky_cookie: None,
+                response_timeout: None,
                 request_headers: Default::default(),
                 response_headers: Default::default(),
             });
@@ -536,6 +537,7 @@ impl TableBuilder {
                     strip_prefix: r.strip_prefix,
                     sticky: r.sticky_cookie.as_deref().map(Sticky::new),
                     request_rules: r.request_headers.rules(),
+                    response_timeout: r.response_timeout,
                     response_rules: r.response_headers.rules(),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),

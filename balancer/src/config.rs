@@ -235,6 +235,10 @@ pub struct RouteConfig {
     /// Keep a client on the instance that first answered it, by this cookie (see `sticky`).
     #[serde(default)]
     pub sticky_cookie: Option<String>,
+    /// Overrides the listener's response timeout for this route (a slow report endpoint, a
+    /// long poll).
+    #[serde(default, with = "catalog::model::opt_duration_str")]
+    pub response_timeout: Option<Duration>,
     /// `[listener.route.request_headers]`: rules for the lines sent to the instance.
     #[serde(default)]
     pub request_headers: HeaderRulesConfig,

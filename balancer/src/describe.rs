@@ -53,6 +53,9 @@ fn options(r: &Route) -> String {
     if let Some(p) = &r.pin {
         o.push(format!("version named by {}", p.describe()));
     }
+    if let Some(t) = r.response_timeout {
+        o.push(format!("response timeout {t:?}"));
+    }
     if r.request_rules.is_some() {
         o.push("request header rules".to_owned());
     }

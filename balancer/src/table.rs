@@ -128,6 +128,8 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Clients are kept on the instance that first answered them (`sticky_cookie`).
     pub sticky: Option<crate::sticky::Sticky>,
+    /// Overrides the listener's response timeout (`response_timeout` on the route).
+    pub response_timeout: Option<Duration>,
     /// `request_headers` / `response_headers` rules (`header_rules`).
     pub request_rules: Option<crate::header_rules::HeaderRules>,
     pub response_rules: Option<crate::header_rules::HeaderRules>,

@@ -122,6 +122,7 @@ where
     // resent: the head is still in `head`.
     let may_resend = !has_body && idempotent(&method) && !upgrade;
 
+    let response_timeout = route.response_timeout.unwrap_or(s.response_timeout);
     let mut tries = Tries::default();
     // The answer if no attempt succeeds: none made (no instance) is a 503.
     let mut last: Option<StatusCode> = None;
@@ -187,12 +188,12 @@ where
                     } else {
                         Instant::now()
                     };
-                    let at = tokio::time::Instant::from_std(from + s.response_timeout);
+                    let at = tokio::time::Instant::from_std(from + response_timeout);
                     deadline::within_at(t.as_mut(), at, exchanged.as_mut())
                         .await
                         .map_err(|_| ())
                 }
-                None => tokio::time::timeout(s.response_timeout, exchanged.as_mut())
+                None => tokio::time::timeout(response_timeout, exchanged.as_mut())
                     .await
                     .map_err(|_| ()),
             }
