@@ -172,6 +172,10 @@ pub struct ListenerConfig {
     /// More header lines than this → 431.
     #[serde(default = "d_max_headers")]
     pub max_headers: usize,
+    /// At most this many client connections open at once; more wait in the listen backlog
+    /// (see `conn_limit`). Default: no limit.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     /// Request body larger than this → 413.
     #[serde(default = "d_max_body")]
     pub max_body_bytes: u64,

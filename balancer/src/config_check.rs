@@ -91,6 +91,13 @@ impl LbConfig {
                     "must be at least 8192".into(),
                 ));
             }
+            if l.max_connections == Some(0) {
+                return Err(err(
+                    l.name.span(),
+                    &format!("listener[{i}].max_connections"),
+                    "must be at least 1 (leave it out for no limit)".into(),
+                ));
+            }
             if l.redirect_https {
                 let why = if l.protocol != crate::config::ListenerProtocol::Http {
                     Some("only an http listener can redirect")

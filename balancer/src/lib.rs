@@ -26,6 +26,7 @@ pub mod config;
 mod config_check;
 #[cfg(test)]
 mod config_props;
+pub mod conn_limit;
 pub mod deadline;
 pub mod describe;
 pub mod endpoint;
@@ -342,6 +343,8 @@ fn start_listener(
     let (stop, stop_rx) = watch::channel(false);
     let builder = Arc::new(ArcSwap::from_pointee(server::conn_builder(l)));
     let name = l.name.get_ref().clone();
+    let full = shared.metrics.listener_full.with_label_values(&[&name]);
+    let limit = conn_limit::ConnLimit::new(l.max_connections, full);
     let setup = Arc::new(ArcSwap::from_pointee(client_setup(l, l4)?));
     tls::publish_crl(&l4.metrics, &name, setup.load().tls.as_ref());
     l4.keep(&name, &sock);
@@ -360,6 +363,7 @@ fn start_listener(
             stop_rx,
             shutdown.clone(),
             setup.clone(),
+            limit.clone(),
         ),
         config::ListenerProtocol::Tcp => tcp::spawn_listener(
             sock,
@@ -369,6 +373,7 @@ fn start_listener(
                 shared.clone(),
                 l4.upstreams.clone(),
                 l4.metrics.clone(),
+                limit.clone(),
             )),
             tracker.clone(),
             stop_rx,
@@ -382,6 +387,7 @@ fn start_listener(
         builder,
         setup,
         stop,
+        limit,
     })
 }
 
@@ -553,6 +559,7 @@ fn reload(
         }
         Some(l) => {
             h.builder.store(Arc::new(server::conn_builder(l)));
+            h.limit.set_max(l.max_connections);
             true
         }
         None => {

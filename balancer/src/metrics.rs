@@ -18,6 +18,8 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub ejections: IntCounterVec,
     pub active_connections: IntGaugeVec,
+    /// `balancer_listener_full_total{listener}`: accepting paused at `max_connections`.
+    pub listener_full: IntCounterVec,
     pub backends: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub discovery_events: IntCounter,
@@ -105,6 +107,17 @@ impl Metrics {
                 Opts::new(
                     "balancer_active_connections",
                     "Open client connections per listener.",
+                ),
+                &["listener"],
+            )
+            .unwrap(),
+        );
+        let listener_full = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_listener_full_total",
+                    "Times a listener stopped accepting at its max_connections (new connections wait in the listen backlog).",
                 ),
                 &["listener"],
             )
@@ -211,6 +224,7 @@ impl Metrics {
             retries,
             ejections,
             active_connections,
+            listener_full,
             backends,
             backend_up,
             discovery_events,

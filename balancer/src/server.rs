@@ -122,6 +122,8 @@ pub struct ListenerHandle {
     /// PROXY / TLS steps, read per accepted connection; replaced on SIGHUP when changed.
     pub setup: crate::client_io::SharedSetup,
     pub stop: watch::Sender<bool>,
+    /// `max_connections`, changed in place by a SIGHUP.
+    pub limit: Arc<crate::conn_limit::ConnLimit>,
 }
 
 /// Accepts connections until `stop` turns true or `shutdown` does; on `shutdown`,
@@ -136,6 +138,7 @@ pub fn spawn_listener(
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
     setup: crate::client_io::SharedSetup,
+    limit: Arc<crate::conn_limit::ConnLimit>,
 ) {
     let active = shared
         .metrics
@@ -151,6 +154,12 @@ pub fn spawn_listener(
         let stopped = until_true(&mut stop);
         tokio::pin!(stopped);
         loop {
+            if !limit.has_room() {
+                tokio::select! {
+                    () = limit.room() => {}
+                    _ = &mut stopped => break,
+                }
+            }
             let (stream, peer) = tokio::select! {
                 biased;
                 r = listener.accept() => match r {
@@ -168,12 +177,13 @@ pub fn spawn_listener(
             let (name, shared, setup) = (name.clone(), shared.clone(), setup.load_full());
             let builder = builder.load_full();
             let guard = tracker.enter();
+            let counted = limit.enter();
             let active = active.clone();
             let shutdown = shutdown.clone();
             // Boxed: the connection's future is several KiB, and tokio moves a task's
             // stage in place when it finishes — a pointer is cheaper.
             tokio::spawn(Box::pin(async move {
-                let _guard = guard;
+                let _guard = (guard, counted);
                 // PROXY header and TLS first: `peer` becomes the real client.
                 let Some(accepted) = setup.accept(stream, peer).await else {
                     return;

@@ -5,36 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 
 use anyhow::Result;
 use common::*;
-
-/// One answer read off `r`: status line and headers (lower-case names), body skipped.
-fn answer(r: &mut BufReader<std::net::TcpStream>) -> Result<(u16, Vec<(String, String)>)> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status: u16 = line.split(' ').nth(1).unwrap_or("0").parse()?;
-    let mut headers = Vec::new();
-    loop {
-        let mut l = String::new();
-        r.read_line(&mut l)?;
-        let l = l.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((n, v)) = l.split_once(':') {
-            headers.push((n.to_ascii_lowercase(), v.trim().to_owned()));
-        }
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map_or(0, |(_, v)| v.parse().unwrap_or(0));
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok((status, headers))
-}
 
 fn location(headers: &[(String, String)]) -> Option<&str> {
     headers
@@ -70,17 +44,17 @@ redirect_https_port = 8443
         let mut r = BufReader::new(s);
         // One keep-alive connection, answered in turn.
         w.write_all(b"GET /a/b?c=1 HTTP/1.1\r\nHost: example.test:8080\r\n\r\n")?;
-        let (status, h) = answer(&mut r)?;
+        let (status, h) = read_response(&mut r)?;
         assert_eq!(
             (status, location(&h)),
             (301, Some("https://example.test/a/b?c=1"))
         );
         w.write_all(b"HEAD / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n")?;
-        let (status, h) = answer(&mut r)?;
+        let (status, h) = read_response(&mut r)?;
         assert_eq!((status, location(&h)), (301, Some("https://[::1]/")));
         // A host that could not be put in a Location.
         w.write_all(b"GET / HTTP/1.1\r\nHost: a@b\r\n\r\n")?;
-        assert_eq!(answer(&mut r)?.0, 400);
+        assert_eq!(read_response(&mut r)?.0, 400);
 
         // Other methods: 308. The body is not read, so the connection closes after.
         let s = std::net::TcpStream::connect(("127.0.0.1", port))?;
@@ -90,7 +64,7 @@ redirect_https_port = 8443
         w.write_all(
             b"POST /form HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nhello",
         )?;
-        let (status, h) = answer(&mut r)?;
+        let (status, h) = read_response(&mut r)?;
         assert_eq!(
             (status, location(&h)),
             (308, Some("https://example.test/form"))
@@ -107,7 +81,7 @@ redirect_https_port = 8443
         s.set_read_timeout(Some(WAIT))?;
         let mut w = s.try_clone()?;
         w.write_all(b"GET /x HTTP/1.1\r\nHost: example.test\r\n\r\n")?;
-        let (status, h) = answer(&mut BufReader::new(s))?;
+        let (status, h) = read_response(&mut BufReader::new(s))?;
         assert_eq!(
             (status, location(&h)),
             (301, Some("https://example.test:8443/x"))

@@ -110,6 +110,8 @@ pub struct TcpContext {
     /// `tcp_connections{listener, service, "ok"}` of the service last routed to: one
     /// label lookup per reload instead of per connection.
     ok: ArcSwapOption<(Arc<str>, prometheus::IntCounter)>,
+    /// `max_connections`.
+    pub limit: Arc<crate::conn_limit::ConnLimit>,
 }
 
 impl TcpContext {
@@ -119,8 +121,10 @@ impl TcpContext {
         shared: Arc<Shared>,
         upstreams: Arc<UpstreamMap>,
         metrics: Arc<L4Metrics>,
+        limit: Arc<crate::conn_limit::ConnLimit>,
     ) -> Self {
         Self {
+            limit,
             active: metrics.tcp_active.with_label_values(&[&name]),
             bytes_in: metrics.tcp_bytes.with_label_values(&[&name, "in"]),
             bytes_out: metrics.tcp_bytes.with_label_values(&[&name, "out"]),
@@ -178,6 +182,12 @@ pub fn spawn_listener(
         };
         tokio::pin!(stopped);
         loop {
+            if !ctx.limit.has_room() {
+                tokio::select! {
+                    () = ctx.limit.room() => {}
+                    _ = &mut stopped => break,
+                }
+            }
             let (stream, peer) = tokio::select! {
                 // Accept first: the stop signals are then polled only when no connection
                 // is waiting (tokio's coop budget makes accept pend now and then).
@@ -193,12 +203,13 @@ pub fn spawn_listener(
                 _ = &mut stopped => break,
             };
             let guard = tracker.enter();
+            let counted = ctx.limit.enter();
             let ctx = ctx.clone();
             let shutdown = shutdown.clone();
             // Boxed: the connection's future is ~2 KiB (the TLS and PROXY states apart), and
             // tokio moves a task's stage in place when it finishes — a pointer is cheaper.
             tokio::spawn(Box::pin(async move {
-                let _guard = guard;
+                let _guard = (guard, counted);
                 handle(&ctx, stream, peer, shutdown).await;
             }));
         }

@@ -388,6 +388,35 @@ pub fn client() -> HttpClient {
         .build_http()
 }
 
+/// One answer read off `r`: status line and headers (lower-case names), body skipped.
+pub fn read_response(
+    r: &mut std::io::BufReader<std::net::TcpStream>,
+) -> Result<(u16, Vec<(String, String)>)> {
+    use std::io::{BufRead as _, Read as _};
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status: u16 = line.split(' ').nth(1).unwrap_or("0").parse()?;
+    let mut headers = Vec::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l)?;
+        let l = l.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = l.split_once(':') {
+            headers.push((n.to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap_or(0));
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok((status, headers))
+}
+
 /// An HTTP/2 client with prior knowledge (h2c), for the balancer's h2c listeners.
 pub fn h2c_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
