@@ -487,6 +487,8 @@ impl TableBuilder {
                 connect_timeout: up.connect_timeout,
                 max_body_bytes: l.max_body_bytes,
                 forwarded_headers: l.forwarded_headers,
+                request_id: (l.request_id_header.as_deref())
+                    .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
                 redirect_https: l.redirect_https.then_some(l.redirect_https_port),
                 retries: up.retries,
                 retry_budget_percent: up.retry_budget_percent,

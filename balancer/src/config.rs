@@ -172,6 +172,10 @@ pub struct ListenerConfig {
     /// More header lines than this → 431.
     #[serde(default = "d_max_headers")]
     pub max_headers: usize,
+    /// A header carrying each request's id to the instance, the access log and the client
+    /// (see `request_id`), e.g. `X-Request-Id`. Default: none.
+    #[serde(default)]
+    pub request_id_header: Option<String>,
     /// At most this many client connections open at once; more wait in the listen backlog
     /// (see `conn_limit`). Default: no limit.
     #[serde(default)]

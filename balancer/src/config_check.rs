@@ -91,6 +91,15 @@ impl LbConfig {
                     "must be at least 8192".into(),
                 ));
             }
+            if let Some(h) = &l.request_id_header
+                && let Err(m) = crate::header_rules::check(h, None, true)
+            {
+                return Err(err(
+                    l.name.span(),
+                    &format!("listener[{i}].request_id_header"),
+                    m,
+                ));
+            }
             if l.max_connections == Some(0) {
                 return Err(err(
                     l.name.span(),

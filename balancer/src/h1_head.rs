@@ -260,6 +260,8 @@ pub struct Forwarded<'a> {
     pub prefix: Option<&'a str>,
     /// The route's `request_headers` rules.
     pub rules: Option<&'a crate::header_rules::HeaderRules>,
+    /// A request id the balancer made (`request_id_header`): name and value.
+    pub request_id: Option<(&'a [u8], &'a [u8])>,
 }
 
 /// Encodes the request head for the upstream hop: `METHOD target HTTP/1.1`, the client's
@@ -326,6 +328,12 @@ pub fn encode_request(
         {
             continue;
         }
+        // A client id the balancer replaced (unusable): only the new one goes.
+        if let Some((n, _)) = fwd.request_id
+            && eq_lowercase(name, n)
+        {
+            continue;
+        }
         // One length line: identical duplicates were accepted as one (RFC 9110 §8.6), and
         // passing both on would leave the next hop to choose (nginx refuses the request).
         if repeated_length && eq_lowercase(name, b"content-length") {
@@ -371,6 +379,9 @@ pub fn encode_request(
     }
     if let Some(r) = fwd.rules {
         r.put_set(out);
+    }
+    if let Some((n, v)) = fwd.request_id {
+        put(out, n, v);
     }
     if fwd.chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -419,6 +430,7 @@ mod tests {
             chunked: false,
             prefix: None,
             rules: None,
+            request_id: None,
         }
     }
 

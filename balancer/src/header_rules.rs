@@ -91,18 +91,7 @@ impl HeaderRules {
 
     /// Applies the rules to an answer's header lines (an HTTP/1 client's).
     pub fn apply_to_lines(&self, lines: &mut Lines) {
-        let start = lines.status_len;
-        let kept: Vec<u8> = lines.bytes[start..]
-            .split_inclusive(|b| *b == b'\n')
-            .filter(|line| {
-                let name = line.split(|b| *b == b':').next().unwrap_or(line);
-                !self.drops(name)
-            })
-            .flatten()
-            .copied()
-            .collect();
-        lines.bytes.truncate(start);
-        lines.bytes.extend_from_slice(&kept);
+        retain_lines(lines, |name| !self.drops(name));
         self.put_set(&mut lines.bytes);
     }
 
@@ -115,6 +104,26 @@ impl HeaderRules {
             map.insert(n.clone(), v.clone());
         }
     }
+}
+
+/// Keeps the header lines whose name `keep` accepts (any case).
+fn retain_lines(lines: &mut Lines, keep: impl Fn(&[u8]) -> bool) {
+    let start = lines.status_len;
+    let kept: Vec<u8> = lines.bytes[start..]
+        .split_inclusive(|b| *b == b'\n')
+        .filter(|line| keep(line.split(|b| *b == b':').next().unwrap_or(line)))
+        .flatten()
+        .copied()
+        .collect();
+    lines.bytes.truncate(start);
+    lines.bytes.extend_from_slice(&kept);
+}
+
+/// Sets header `name` (lower case) in an answer's lines: one line, in place of any.
+pub fn set_line(lines: &mut Lines, name: &HeaderName, value: &[u8]) {
+    let n = name.as_str().as_bytes();
+    retain_lines(lines, |line| !h1_head::eq_lowercase(line, n));
+    h1_head::put(&mut lines.bytes, n, value);
 }
 
 #[cfg(test)]

@@ -23,17 +23,22 @@ fn seed() -> u64 {
     (t ^ addr.rotate_left(32)) | 1
 }
 
-/// A uniform number in `0..n` (xorshift64*; statistical quality is plenty for balancing).
-pub fn random_below(n: u64) -> u64 {
+/// 64 random bits (xorshift64*; statistical quality is plenty for balancing and request
+/// ids; never for secrets).
+pub fn random_u64() -> u64 {
     RNG.with(|c| {
         let mut x = c.get();
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
         c.set(x);
-        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
-        ((r >> 32) * n) >> 32
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     })
+}
+
+/// A uniform number in `0..n` (`n` below 2^32).
+pub fn random_below(n: u64) -> u64 {
+    ((random_u64() >> 32) * n) >> 32
 }
 
 /// What a request asks of the pick beyond the split (both usually absent).

@@ -36,6 +36,8 @@ pub struct ListenerSettings {
     pub max_body_bytes: u64,
     /// Add `X-Forwarded-*` headers upstream (`forwarded_headers`).
     pub forwarded_headers: bool,
+    /// The header of each request's id, lower case (`request_id_header`).
+    pub request_id: Option<http::HeaderName>,
     /// Answer every request with a redirect to HTTPS on this port (`redirect_https`).
     pub redirect_https: Option<u16>,
     pub retries: u32,

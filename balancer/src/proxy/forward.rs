@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt as _;
@@ -86,6 +86,14 @@ where
     } else {
         &origin
     };
+    // The request's id, the client's or one made now (`request_id_header`).
+    let rid = (s.request_id.as_ref()).map(|n| crate::request_id::of(n.as_str(), headers));
+    if let Some(v) = rid
+        .as_ref()
+        .and_then(|r| HeaderValue::from_bytes(r.as_bytes()).ok())
+    {
+        let _ = ctx.request_id.set(v);
+    }
     // The head for the upstream hop, encoded straight from the client's headers.
     let mut head = Vec::with_capacity(256 + headers.encoded_len_hint());
     h1_head::encode_request(
@@ -105,6 +113,9 @@ where
                 .strip_prefix
                 .then(|| strip_prefix::forwarded(&route.path_prefix)),
             rules: route.request_rules.as_ref(),
+            request_id: (s.request_id.as_ref())
+                .zip(rid.as_ref().and_then(|r| r.to_add()))
+                .map(|(n, v)| (n.as_str().as_bytes(), v)),
         },
     );
     // The version the request names and the instance its sticky cookie names, on a route
@@ -294,6 +305,9 @@ where
                 if let Some(c) = set_cookie {
                     l.push(b"set-cookie", c.as_bytes());
                 }
+                if let (Some(n), Some(id)) = (&s.request_id, ctx.request_id.get()) {
+                    crate::header_rules::set_line(&mut l, n, id.as_bytes());
+                }
                 *out = Some(l);
             }
             _ => {
@@ -303,6 +317,9 @@ where
                 }
                 if let Some(c) = set_cookie {
                     headers.append(http::header::SET_COOKIE, c);
+                }
+                if let (Some(n), Some(id)) = (&s.request_id, ctx.request_id.get()) {
+                    headers.insert(n.clone(), id.clone());
                 }
             }
         }

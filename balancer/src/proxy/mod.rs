@@ -106,11 +106,16 @@ struct Ctx<'a> {
     start: Instant,
     /// The instance that answered, kept for the access log (only when it is on).
     served: std::sync::OnceLock<Arc<crate::endpoint::Endpoint>>,
+    /// The request's id (`request_id_header`), for the answer and the access log.
+    request_id: std::sync::OnceLock<HeaderValue>,
 }
 
 impl Ctx<'_> {
-    fn finish(&self, version: Option<usize>, resp: Response<RespBody>) -> Response<RespBody> {
+    fn finish(&self, version: Option<usize>, mut resp: Response<RespBody>) -> Response<RespBody> {
         self.record(version, resp.status(), self.start.elapsed());
+        if let (Some(name), Some(id)) = (&self.settings.request_id, self.request_id.get()) {
+            resp.headers_mut().insert(name.clone(), id.clone());
+        }
         resp
     }
 
@@ -202,6 +207,7 @@ where
         settings: &listener.settings,
         start,
         served: std::sync::OnceLock::new(),
+        request_id: std::sync::OnceLock::new(),
     };
     let (method, path) = if ctx.settings.access_log {
         (
@@ -227,6 +233,7 @@ where
             service = %route.service_name,
             instance = %instance,
             upstream = %upstream,
+            request_id = %ctx.request_id.get().and_then(|v| v.to_str().ok()).unwrap_or("-"),
             status = resp.status().as_u16(),
             micros = start.elapsed().as_micros() as u64,
         );

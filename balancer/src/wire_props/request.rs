@@ -131,6 +131,7 @@ fn forwarded_head(p: &Parsed) -> Vec<u8> {
             chunked: p.body == BodyKind::Chunked,
             prefix: None,
             rules: None,
+            request_id: None,
         },
     );
     out
