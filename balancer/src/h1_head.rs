@@ -256,12 +256,29 @@ pub struct Forwarded<'a> {
     pub upgrade: bool,
     /// The body goes upstream chunked.
     pub chunked: bool,
+    /// What route and listener options change (`None` on most requests: one pointer
+    /// instead of their fields keeps this struct and its callers' futures small).
+    pub rewrite: Option<&'a Rewrite<'a>>,
+}
+
+/// The request head changes of route and listener options.
+#[derive(Default)]
+pub struct Rewrite<'a> {
     /// The path prefix a `strip_prefix` route removed (X-Forwarded-Prefix).
     pub prefix: Option<&'a str>,
     /// The route's `request_headers` rules.
     pub rules: Option<&'a crate::header_rules::HeaderRules>,
     /// A request id the balancer made (`request_id_header`): name and value.
     pub request_id: Option<(&'a [u8], &'a [u8])>,
+}
+
+impl Rewrite<'_> {
+    /// A client line of this name does not go (a rule replaces or removes it, or it is
+    /// an unusable request id the balancer replaced).
+    fn drops(&self, name: &[u8]) -> bool {
+        self.rules.is_some_and(|r| r.drops(name))
+            || self.request_id.is_some_and(|(n, _)| eq_lowercase(name, n))
+    }
 }
 
 /// Encodes the request head for the upstream hop: `METHOD target HTTP/1.1`, the client's
@@ -317,20 +334,15 @@ pub fn encode_request(
             if fwd.add
                 && (eq_lowercase(kind, b"proto")
                     || eq_lowercase(kind, b"client-cert")
-                    || (fwd.prefix.is_some() && eq_lowercase(kind, b"prefix")))
+                    || (fwd.rewrite.is_some_and(|r| r.prefix.is_some())
+                        && eq_lowercase(kind, b"prefix")))
             {
                 continue;
             }
             has_xfh |= eq_lowercase(kind, b"host");
         }
-        if let Some(r) = fwd.rules
+        if let Some(r) = fwd.rewrite
             && r.drops(name)
-        {
-            continue;
-        }
-        // A client id the balancer replaced (unusable): only the new one goes.
-        if let Some((n, _)) = fwd.request_id
-            && eq_lowercase(name, n)
         {
             continue;
         }
@@ -365,7 +377,7 @@ pub fn encode_request(
         if let Some(c) = fwd.client_cert {
             put(out, b"x-forwarded-client-cert", c.as_bytes());
         }
-        if let Some(p) = fwd.prefix {
+        if let Some(p) = fwd.rewrite.and_then(|r| r.prefix) {
             put(out, b"x-forwarded-prefix", p.as_bytes());
         }
     }
@@ -373,15 +385,21 @@ pub fn encode_request(
         if fwd.add && !has_xfh {
             put(out, b"x-forwarded-host", h);
         }
-        if host.is_none() && !fwd.rules.is_some_and(|r| r.sets_host()) {
+        let host_set = fwd
+            .rewrite
+            .and_then(|r| r.rules)
+            .is_some_and(|r| r.sets_host());
+        if host.is_none() && !host_set {
             put(out, b"host", h);
         }
     }
-    if let Some(r) = fwd.rules {
-        r.put_set(out);
-    }
-    if let Some((n, v)) = fwd.request_id {
-        put(out, n, v);
+    if let Some(rw) = fwd.rewrite {
+        if let Some(r) = rw.rules {
+            r.put_set(out);
+        }
+        if let Some((n, v)) = rw.request_id {
+            put(out, n, v);
+        }
     }
     if fwd.chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -428,9 +446,7 @@ mod tests {
             authority: None,
             upgrade: false,
             chunked: false,
-            prefix: None,
-            rules: None,
-            request_id: None,
+            rewrite: None,
         }
     }
 
@@ -545,8 +561,12 @@ mod tests {
     fn a_stripped_prefix_is_forwarded_in_place_of_the_clients() {
         let ip = HeaderValue::from_static("::1");
         let h = map(&[("x-forwarded-prefix", "/forged"), ("x-a", "1")]);
-        let f = Forwarded {
+        let rw = Rewrite {
             prefix: Some("/api"),
+            ..Rewrite::default()
+        };
+        let f = Forwarded {
+            rewrite: Some(&rw),
             ..fwd(&ip)
         };
         assert_eq!(

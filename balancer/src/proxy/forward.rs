@@ -77,47 +77,56 @@ where
     // A body of unknown length (chunked from an HTTP/1.1 client, or HTTP/2 without
     // content-length) goes upstream chunked.
     let chunked = has_body && declared.is_none();
-    let origin = h1_head::origin_form(req.uri());
     let route = ctx.route;
-    let stripped: Cow<'_, str>;
-    let target: &str = if route.strip_prefix {
-        stripped = strip_prefix::strip(&origin, &route.path_prefix);
-        &stripped
-    } else {
-        &origin
-    };
-    // The request's id, the client's or one made now (`request_id_header`).
-    let rid = (s.request_id.as_ref()).map(|n| crate::request_id::of(n.as_str(), headers));
-    if let Some(v) = rid
-        .as_ref()
-        .and_then(|r| HeaderValue::from_bytes(r.as_bytes()).ok())
-    {
-        let _ = ctx.request_id.set(v);
-    }
-    // The head for the upstream hop, encoded straight from the client's headers.
-    let mut head = Vec::with_capacity(256 + headers.encoded_len_hint());
-    h1_head::encode_request(
-        &mut head,
-        req.method(),
-        target,
-        headers,
-        &h1_head::Forwarded {
-            add: s.forwarded_headers,
-            peer_ip: &conn.peer_ip,
-            tls: conn.tls,
-            client_cert: conn.client_cert.as_ref(),
-            authority: req.uri().authority().map(|a| a.as_str()),
-            upgrade,
-            chunked,
-            prefix: route
-                .strip_prefix
-                .then(|| strip_prefix::forwarded(&route.path_prefix)),
-            rules: route.request_rules.as_ref(),
-            request_id: (s.request_id.as_ref())
-                .zip(rid.as_ref().and_then(|r| r.to_add()))
-                .map(|(n, v)| (n.as_str().as_bytes(), v)),
-        },
-    );
+    // The head for the upstream hop, encoded straight from the client's headers. In a
+    // block: what only builds it is not kept in this future while it waits.
+    let head =
+        {
+            let origin = h1_head::origin_form(req.uri());
+            let stripped: Cow<'_, str>;
+            let target: &str = if route.strip_prefix {
+                stripped = strip_prefix::strip(&origin, &route.path_prefix);
+                &stripped
+            } else {
+                &origin
+            };
+            // The request's id, the client's or one made now (`request_id_header`).
+            let rid = (s.request_id.as_ref()).map(|n| crate::request_id::of(n.as_str(), headers));
+            if let Some(v) = rid
+                .as_ref()
+                .and_then(|r| HeaderValue::from_bytes(r.as_bytes()).ok())
+            {
+                let _ = ctx.request_id.set(v);
+            }
+            let rewrite = (route.strip_prefix || route.request_rules.is_some() || rid.is_some())
+                .then(|| h1_head::Rewrite {
+                    prefix: route
+                        .strip_prefix
+                        .then(|| strip_prefix::forwarded(&route.path_prefix)),
+                    rules: route.request_rules.as_ref(),
+                    request_id: (s.request_id.as_ref())
+                        .zip(rid.as_ref().and_then(|r| r.to_add()))
+                        .map(|(n, v)| (n.as_str().as_bytes(), v)),
+                });
+            let mut head = Vec::with_capacity(256 + headers.encoded_len_hint());
+            h1_head::encode_request(
+                &mut head,
+                req.method(),
+                target,
+                headers,
+                &h1_head::Forwarded {
+                    add: s.forwarded_headers,
+                    peer_ip: &conn.peer_ip,
+                    tls: conn.tls,
+                    client_cert: conn.client_cert.as_ref(),
+                    authority: req.uri().authority().map(|a| a.as_str()),
+                    upgrade,
+                    chunked,
+                    rewrite: rewrite.as_ref(),
+                },
+            );
+            head
+        };
     // The version the request names and the instance its sticky cookie names, on a route
     // that reads them (`version_pin`, `sticky`); one branch on the others.
     let want = if route.pin.is_none() && route.sticky.is_none() {

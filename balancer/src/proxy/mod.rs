@@ -113,10 +113,19 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn finish(&self, version: Option<usize>, mut resp: Response<RespBody>) -> Response<RespBody> {
         self.record(version, resp.status(), self.start.elapsed());
-        if let (Some(name), Some(id)) = (&self.settings.request_id, self.request_id.get()) {
-            resp.headers_mut().insert(name.clone(), id.clone());
+        if self.settings.request_id.is_some() {
+            self.add_request_id(resp.headers_mut());
         }
         resp
+    }
+
+    /// The request's id on one of the balancer's own answers (`request_id_header`).
+    #[cold]
+    #[inline(never)]
+    fn add_request_id(&self, headers: &mut http::HeaderMap) {
+        if let (Some(name), Some(id)) = (&self.settings.request_id, self.request_id.get()) {
+            headers.insert(name.clone(), id.clone());
+        }
     }
 
     /// Accounts for an answer whose duration is already measured (the answer path reads

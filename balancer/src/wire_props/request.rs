@@ -129,9 +129,7 @@ fn forwarded_head(p: &Parsed) -> Vec<u8> {
             authority: p.request.uri().authority().map(|a| a.as_str()),
             upgrade: p.upgrade,
             chunked: p.body == BodyKind::Chunked,
-            prefix: None,
-            rules: None,
-            request_id: None,
+            rewrite: None,
         },
     );
     out
