@@ -6,9 +6,11 @@
 //!
 //! `set` replaces every line of that name with one; `remove` drops them. Request rules
 //! apply to the client's lines (the `X-Forwarded-*` lines the balancer adds are its own,
-//! and cannot be named); response rules apply to instances' answers, not to the
-//! balancer's own (502, 503, redirects). Framing and hop-by-hop headers cannot be named:
-//! the balancer owns them. Routes without rules pay one branch.
+//! and cannot be named); response rules apply to instances' answers and to the balancer's
+//! own answers on the route (502, 503, 504, 413, 400: an HSTS header is on every answer),
+//! not to those given before a route is known (404 no route, a listener's redirect).
+//! Framing and hop-by-hop headers cannot be named: the balancer owns them. Routes without
+//! rules pay one branch.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 

@@ -2,7 +2,8 @@
 //! `set` and `remove`), through the real binary over HTTP/1.1 and h2c: the instance gets
 //! the set lines in place of the client's (a rewritten `Host` included, the original in
 //! `X-Forwarded-Host`) and none of the removed ones; the client gets the answer with the
-//! response rules applied; `--check` refuses a rule on a header the balancer writes.
+//! response rules applied, and so do the balancer's own answers on the route (a 502);
+//! `--check` refuses a rule on a header the balancer writes.
 
 mod common;
 
@@ -13,13 +14,21 @@ use http_body_util::{BodyExt, Empty};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_set_and_remove_lines_both_ways() -> Result<()> {
     let a = Backend::start("a").await?;
+    let dead = wharf_tests::free_port()?;
     let lb = Lb::start(&format!(
         r#"
 [admin]
 bind = "127.0.0.1:@ADMIN@"
+[upstream]
+connect_timeout = "500ms"
 [[listener]]
 name = "web"
 bind = "127.0.0.1:@PORT@"
+  [[listener.route]]
+  path_prefix = "/dead"
+  service = "dead"
+  [listener.route.response_headers]
+  set = {{ "Strict-Transport-Security" = "max-age=63072000" }}
   [[listener.route]]
   service = "web"
   [listener.route.request_headers]
@@ -32,6 +41,10 @@ bind = "127.0.0.1:@PORT@"
 name = "web"
   [[service.endpoint]]
   addr = "{}"
+[[service]]
+name = "dead"
+  [[service.endpoint]]
+  addr = "127.0.0.1:{dead}"
 "#,
         a.addr
     ))
@@ -43,6 +56,13 @@ name = "web"
         "{out}"
     );
     for client in [client(), h2c_client()] {
+        // The balancer's own answer on a route with rules carries them too.
+        let resp = tokio::time::timeout(WAIT, client.get(lb.url("/dead").parse()?)).await??;
+        assert_eq!(resp.status(), 502);
+        assert_eq!(
+            resp.headers()["strict-transport-security"],
+            "max-age=63072000"
+        );
         let req = hyper::Request::get(lb.url("/headers"))
             .header("host", "public.test")
             .header("x-debug", "1")

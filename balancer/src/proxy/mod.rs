@@ -113,16 +113,20 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn finish(&self, version: Option<usize>, mut resp: Response<RespBody>) -> Response<RespBody> {
         self.record(version, resp.status(), self.start.elapsed());
-        if self.settings.request_id.is_some() {
-            self.add_request_id(resp.headers_mut());
+        if self.settings.request_id.is_some() || self.route.response_rules.is_some() {
+            self.own_answer_headers(resp.headers_mut());
         }
         resp
     }
 
-    /// The request's id on one of the balancer's own answers (`request_id_header`).
+    /// The request's id (`request_id_header`) and the route's `response_headers` rules
+    /// on one of the balancer's own answers (502, 503, 504, 413, 400).
     #[cold]
     #[inline(never)]
-    fn add_request_id(&self, headers: &mut http::HeaderMap) {
+    fn own_answer_headers(&self, headers: &mut http::HeaderMap) {
+        if let Some(r) = &self.route.response_rules {
+            r.apply_to_map(headers);
+        }
         if let (Some(name), Some(id)) = (&self.settings.request_id, self.request_id.get()) {
             headers.insert(name.clone(), id.clone());
         }
