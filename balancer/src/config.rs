@@ -243,6 +243,9 @@ pub struct RouteConfig {
     /// Keep a client on the instance that first answered it, by this cookie (see `sticky`).
     #[serde(default)]
     pub sticky_cookie: Option<String>,
+    /// How long the sticky cookie lasts (`Max-Age`); default: the browser session.
+    #[serde(default, with = "catalog::model::opt_duration_str")]
+    pub sticky_max_age: Option<Duration>,
     /// Overrides the listener's response timeout for this route (a slow report endpoint, a
     /// long poll).
     #[serde(default, with = "catalog::model::opt_duration_str")]

@@ -144,6 +144,13 @@ impl LbConfig {
                         })?;
                     }
                 }
+                if r.sticky_max_age.is_some() && r.sticky_cookie.is_none() {
+                    return Err(err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].sticky_max_age"),
+                        "needs `sticky_cookie`".into(),
+                    ));
+                }
                 if let Some(c) = &r.sticky_cookie
                     && !crate::version_pin::cookie_name_ok(c)
                 {

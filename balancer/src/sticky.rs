@@ -8,8 +8,9 @@
 //! The cookie's value is the first 64 bits of SHA-256 over the service and instance id, in
 //! hex: the same in every balancer of a fleet and across restarts (a client keeps its
 //! instance whichever balancer it reaches), and it shows no address. A session cookie
-//! (`Path=/; HttpOnly; SameSite=Lax`, `Secure` over TLS), set only when the request did
-//! not already name the instance that answered.
+//! (`Path=/; HttpOnly; SameSite=Lax`, `Secure` over TLS), or one that lasts
+//! `sticky_max_age` (`Max-Age`), set only when the request did not already name the
+//! instance that answered.
 
 use http::HeaderValue;
 use sha2::{Digest, Sha256};
@@ -33,12 +34,17 @@ pub fn id_of(service: &str, id: &str) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sticky {
     name: Box<str>,
+    /// `Max-Age` in seconds; `None`: a session cookie.
+    max_age: Option<u64>,
 }
 
 impl Sticky {
-    /// `name` is checked by [`crate::version_pin::validate`]'s cookie-name rule first.
-    pub fn new(name: &str) -> Self {
-        Self { name: name.into() }
+    /// `name` is checked by [`crate::version_pin::cookie_name_ok`] first.
+    pub fn new(name: &str, max_age: Option<std::time::Duration>) -> Self {
+        Self {
+            name: name.into(),
+            max_age: max_age.map(|d| d.as_secs()),
+        }
     }
 
     /// The cookie's name.
@@ -61,8 +67,12 @@ impl Sticky {
     /// The `Set-Cookie` value naming instance `id`; `secure` for a TLS client.
     pub fn set_cookie(&self, id: u64, secure: bool) -> HeaderValue {
         let secure = if secure { "; Secure" } else { "" };
+        let max_age = self
+            .max_age
+            .map(|s| format!("; Max-Age={s}"))
+            .unwrap_or_default();
         let v = format!(
-            "{}={id:016x}; Path=/; HttpOnly; SameSite=Lax{secure}",
+            "{}={id:016x}; Path=/; HttpOnly; SameSite=Lax{max_age}{secure}",
             self.name
         );
         // The name is a checked token and the rest is ASCII.
@@ -86,7 +96,7 @@ mod tests {
 
     #[test]
     fn the_cookie_round_trips_and_bad_values_name_nothing() {
-        let s = Sticky::new("srv");
+        let s = Sticky::new("srv", None);
         let id = id_of("web", "web-1");
         let set = s.set_cookie(id, true);
         let set = set.to_str().unwrap();
@@ -111,11 +121,17 @@ mod tests {
             assert_eq!(s.requested(ReqHeaders::Map(&m)), None, "{bad}");
         }
         assert!(
-            !Sticky::new("srv")
+            !Sticky::new("srv", None)
                 .set_cookie(1, false)
                 .to_str()
                 .unwrap()
                 .contains("Secure")
+        );
+        let lasting = Sticky::new("srv", Some(std::time::Duration::from_secs(3600)));
+        let v = lasting.set_cookie(1, false);
+        assert!(
+            v.to_str().unwrap().ends_with("SameSite=Lax; Max-Age=3600"),
+            "{v:?}"
         );
     }
 }

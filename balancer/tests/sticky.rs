@@ -27,6 +27,7 @@ bind = "127.0.0.1:@PORT@"
   [[listener.route]]
   service = "web"
   sticky_cookie = "srv"
+  sticky_max_age = "1h"
 [[listener]]
 name = "plain"
 bind = "127.0.0.1:{plain_port}"
@@ -77,6 +78,12 @@ async fn a_client_stays_on_its_instance_until_it_is_gone() -> Result<()> {
 
     let (first, cookie) = get(&h1, &url, None).await?;
     let cookie = cookie.context("no sticky cookie on the first answer")?;
+    let resp = tokio::time::timeout(WAIT, h1.get(url.parse()?)).await??;
+    let set = resp.headers()["set-cookie"].to_str()?.to_owned();
+    assert!(
+        set.starts_with("srv=") && set.contains("; HttpOnly; SameSite=Lax; Max-Age=3600"),
+        "{set}"
+    );
     for client in [&h1, &h2] {
         for _ in 0..20 {
             // Round robin would have moved on; the cookie keeps the instance.
@@ -120,6 +127,11 @@ async fn a_client_stays_on_its_instance_until_it_is_gone() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[test]
+fn a_max_age_without_a_cookie_is_refused() -> Result<()> {
+    common::route_option_refused("  sticky_max_age = \"1h\"", "sticky_max_age")
 }
 
 #[test]
