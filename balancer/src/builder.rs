@@ -177,6 +177,7 @@ impl TableBuilder {
                     m.connect_errors.with_label_values(&[name]),
                     m.retries.with_label_values(&[name, "connect"]),
                     m.retries.with_label_values(&[name, "reset"]),
+                    m.retries.with_label_values(&[name, "status"]),
                     m.ejections.with_label_values(&[name]),
                 ))
             })
@@ -513,6 +514,7 @@ impl TableBuilder {
                 strip_prefix: false,
                 sticky_cookie: None,
                 sticky_max_age: None,
+                retry_on: Vec::new(),
                 response_timeout: None,
                 request_headers: Default::default(),
                 response_headers: Default::default(),
@@ -541,6 +543,7 @@ impl TableBuilder {
                     sticky: (r.sticky_cookie.as_deref()).map(|c| Sticky::new(c, r.sticky_max_age)),
                     request_rules: r.request_headers.rules(),
                     response_timeout: r.response_timeout,
+                    retry_on: r.retry_on.clone().into(),
                     response_rules: r.response_headers.rules(),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),

@@ -246,6 +246,11 @@ pub struct RouteConfig {
     /// How long the sticky cookie lasts (`Max-Age`); default: the browser session.
     #[serde(default, with = "catalog::model::opt_duration_str")]
     pub sticky_max_age: Option<Duration>,
+    /// Answer statuses (400-599) after which an idempotent request without a body goes to
+    /// another instance (Envoy's `retriable_status_codes`, HAProxy's `retry-on`), within
+    /// the listener's `retries` and the service's retry budget.
+    #[serde(default)]
+    pub retry_on: Vec<u16>,
     /// Overrides the listener's response timeout for this route (a slow report endpoint, a
     /// long poll).
     #[serde(default, with = "catalog::model::opt_duration_str")]

@@ -144,6 +144,13 @@ impl LbConfig {
                         })?;
                     }
                 }
+                if let Some(code) = r.retry_on.iter().find(|c| !(400..=599).contains(*c)) {
+                    return Err(err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].retry_on"),
+                        format!("{code}: only 4xx and 5xx answers can be retried"),
+                    ));
+                }
                 if r.sticky_max_age.is_some() && r.sticky_cookie.is_none() {
                     return Err(err(
                         r.service.span(),

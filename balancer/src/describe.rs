@@ -53,6 +53,9 @@ fn options(r: &Route) -> String {
     if let Some(p) = &r.pin {
         o.push(format!("version named by {}", p.describe()));
     }
+    if !r.retry_on.is_empty() {
+        o.push(format!("retry on {:?}", r.retry_on));
+    }
     if let Some(t) = r.response_timeout {
         o.push(format!("response timeout {t:?}"));
     }

@@ -244,7 +244,7 @@ mod tests {
             groups: vec![Group::new(members)],
             shares: vec![],
             panic: false,
-            shared: Arc::new(ServiceShared::new(c(), c(), c(), c())),
+            shared: Arc::new(ServiceShared::new(c(), c(), c(), c(), c())),
         }
     }
 

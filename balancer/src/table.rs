@@ -130,6 +130,9 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Clients are kept on the instance that first answered them (`sticky_cookie`).
     pub sticky: Option<crate::sticky::Sticky>,
+    /// Answer statuses sent again to another instance (`retry_on`; idempotent requests
+    /// without a body only).
+    pub retry_on: Box<[u16]>,
     /// Overrides the listener's response timeout (`response_timeout` on the route).
     pub response_timeout: Option<Duration>,
     /// `request_headers` / `response_headers` rules (`header_rules`).
@@ -145,6 +148,8 @@ pub struct ServiceShared {
     pub connect_errors: IntCounter,
     pub retries_connect: IntCounter,
     pub retries_reset: IntCounter,
+    /// Retries of a route's `retry_on` answers.
+    pub retries_status: IntCounter,
     pub ejections: IntCounter,
 }
 
@@ -155,6 +160,7 @@ impl ServiceShared {
         connect_errors: IntCounter,
         retries_connect: IntCounter,
         retries_reset: IntCounter,
+        retries_status: IntCounter,
         ejections: IntCounter,
     ) -> Self {
         Self {
@@ -163,6 +169,7 @@ impl ServiceShared {
             connect_errors,
             retries_connect,
             retries_reset,
+            retries_status,
             ejections,
         }
     }
@@ -324,7 +331,7 @@ mod tests {
     #[test]
     fn retry_budget_is_bounded() {
         let c = || IntCounter::new("x", "x").unwrap();
-        let s = ServiceShared::new(c(), c(), c(), c());
+        let s = ServiceShared::new(c(), c(), c(), c(), c());
         let mut granted = 0;
         while s.withdraw() {
             granted += 1;

@@ -297,6 +297,18 @@ where
         } else {
             ep.record_success();
         }
+        // A `retry_on` answer: the request goes to another instance if one is left and
+        // the budget allows (the answer, unread, goes with its connection); else it is
+        // passed on.
+        if !route.retry_on.is_empty()
+            && may_resend
+            && route.retry_on.contains(&status.as_u16())
+            && tries.retry_answer(&ep, svc, s)
+        {
+            drop((up, in_flight));
+            svc.shared.retries_status.inc();
+            continue;
+        }
         let mut headers = resp.headers;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         // A client whose cookie did not name this instance learns it now.
@@ -428,6 +440,23 @@ impl Tries {
         ep.clear_idle();
         self.stale += 1;
         self.stale <= s.retries + 2
+    }
+
+    /// `ep` answered with a status the route retries: whether another instance gets the
+    /// request (one is left, within `retries` and the budget, which it takes from). The
+    /// check for one left is a scan, not a pick: a pick would move round robin's cursor.
+    #[cold]
+    fn retry_answer(
+        &mut self,
+        ep: &Arc<Endpoint>,
+        svc: &ServiceTable,
+        s: &ListenerSettings,
+    ) -> bool {
+        self.tried.push(Arc::as_ptr(ep) as usize);
+        self.failed += 1;
+        let left = (svc.groups.iter().flat_map(|g| g.members.iter()))
+            .any(|m| !self.tried.contains(&(Arc::as_ptr(&m.ep) as usize)));
+        left && self.may_retry(svc, s)
     }
 
     fn none_failed(&self) -> bool {
