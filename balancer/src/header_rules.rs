@@ -91,19 +91,54 @@ impl HeaderRules {
         }
     }
 
-    /// Applies the rules to an answer's header lines (an HTTP/1 client's).
-    pub fn apply_to_lines(&self, lines: &mut Lines) {
-        retain_lines(lines, |name| !self.drops(name));
-        self.put_set(&mut lines.bytes);
+    /// Applies the rules to an answer's headers.
+    pub fn apply(&self, answer: &mut Answer<'_>) {
+        match answer {
+            Answer::Lines(lines) => {
+                retain_lines(lines, |name| !self.drops(name));
+                self.put_set(&mut lines.bytes);
+            }
+            Answer::Map(map) => {
+                for n in &self.remove {
+                    map.remove(n);
+                }
+                for (n, v) in &self.set {
+                    map.insert(n.clone(), v.clone());
+                }
+            }
+        }
+    }
+}
+
+/// An answer's headers as the client will get them: an HTTP/1 client's lines (bytes), or
+/// a map (an HTTP/2 client's, a 101's, the balancer's own answers).
+pub enum Answer<'a> {
+    Lines(&'a mut Lines),
+    Map(&'a mut HeaderMap),
+}
+
+impl Answer<'_> {
+    /// One line `name: value` in place of any of that name (`name` lower case).
+    pub fn set(&mut self, name: &HeaderName, value: &HeaderValue) {
+        match self {
+            Answer::Lines(lines) => {
+                let n = name.as_str().as_bytes();
+                retain_lines(lines, |line| !h1_head::eq_lowercase(line, n));
+                h1_head::put(&mut lines.bytes, n, value.as_bytes());
+            }
+            Answer::Map(map) => {
+                map.insert(name.clone(), value.clone());
+            }
+        }
     }
 
-    /// Applies the rules to an answer's header map (an HTTP/2 client's, or a 101's).
-    pub fn apply_to_map(&self, map: &mut HeaderMap) {
-        for n in &self.remove {
-            map.remove(n);
-        }
-        for (n, v) in &self.set {
-            map.insert(n.clone(), v.clone());
+    /// One more line `name: value`.
+    pub fn append(&mut self, name: &HeaderName, value: HeaderValue) {
+        match self {
+            Answer::Lines(lines) => lines.push(name.as_str().as_bytes(), value.as_bytes()),
+            Answer::Map(map) => {
+                map.append(name.clone(), value);
+            }
         }
     }
 }
@@ -119,13 +154,6 @@ fn retain_lines(lines: &mut Lines, keep: impl Fn(&[u8]) -> bool) {
         .collect();
     lines.bytes.truncate(start);
     lines.bytes.extend_from_slice(&kept);
-}
-
-/// Sets header `name` (lower case) in an answer's lines: one line, in place of any.
-pub fn set_line(lines: &mut Lines, name: &HeaderName, value: &[u8]) {
-    let n = name.as_str().as_bytes();
-    retain_lines(lines, |line| !h1_head::eq_lowercase(line, n));
-    h1_head::put(&mut lines.bytes, n, value);
 }
 
 #[cfg(test)]
@@ -153,7 +181,7 @@ mod tests {
         ] {
             l.push(n.as_bytes(), v.as_bytes());
         }
-        rules().apply_to_lines(&mut l);
+        rules().apply(&mut Answer::Lines(&mut l));
         assert_eq!(
             String::from_utf8(l.header_lines().to_vec()).unwrap(),
             "Content-Type: text/plain\r\nX-Kept: 1\r\nstrict-transport-security: max-age=63072000\r\n"
@@ -174,7 +202,7 @@ mod tests {
             HeaderValue::from_static("max-age=2"),
         );
         m.append("x-kept", HeaderValue::from_static("1"));
-        rules().apply_to_map(&mut m);
+        rules().apply(&mut Answer::Map(&mut m));
         assert!(m.get("server").is_none());
         let hsts: Vec<_> = m.get_all("strict-transport-security").iter().collect();
         assert_eq!(hsts, ["max-age=63072000"]);

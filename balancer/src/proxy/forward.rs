@@ -15,6 +15,7 @@ use crate::body::{Lease, RespBody, Tunnel};
 use crate::deadline;
 use crate::endpoint::{Endpoint, InFlight};
 use crate::h1_head;
+use crate::header_rules::Answer;
 use crate::outlier;
 use crate::select;
 use crate::strip_prefix;
@@ -311,36 +312,18 @@ where
         }
         let mut headers = resp.headers;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-        // A client whose cookie did not name this instance learns it now.
-        let set_cookie = match &route.sticky {
-            Some(sticky) if want.instance != Some(ep.sticky_id) => {
-                Some(sticky.set_cookie(ep.sticky_id, conn.tls))
-            }
-            _ => None,
-        };
+        let sticky = Some((ep.sticky_id, want.instance, conn.tls));
         match (resp.lines, lines_out.as_deref_mut()) {
             (Some(mut l), Some(out)) => {
-                if let Some(r) = &route.response_rules {
-                    r.apply_to_lines(&mut l);
-                }
-                if let Some(c) = set_cookie {
-                    l.push(b"set-cookie", c.as_bytes());
-                }
-                if let (Some(n), Some(id)) = (&s.request_id, ctx.request_id.get()) {
-                    crate::header_rules::set_line(&mut l, n, id.as_bytes());
+                if ctx.edits_answers() {
+                    ctx.edit_answer(Answer::Lines(&mut l), sticky);
                 }
                 *out = Some(l);
             }
             _ => {
                 strip_hop_by_hop(&mut headers, switching);
-                if let Some(r) = &route.response_rules {
-                    r.apply_to_map(&mut headers);
-                }
-                if let Some(c) = set_cookie {
-                    headers.append(http::header::SET_COOKIE, c);
-                }
-                if let (Some(n), Some(id)) = (&s.request_id, ctx.request_id.get()) {
-                    headers.insert(n.clone(), id.clone());
+                if ctx.edits_answers() {
+                    ctx.edit_answer(Answer::Map(&mut headers), sticky);
                 }
             }
         }

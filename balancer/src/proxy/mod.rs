@@ -27,6 +27,7 @@ use tokio::time::Sleep;
 use crate::body::RespBody;
 use crate::h1_head;
 use crate::h1_request::RawHead;
+use crate::header_rules::Answer;
 use crate::metrics::Metrics;
 use crate::table::{ListenerSettings, Route, RoutingTable};
 
@@ -113,22 +114,37 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn finish(&self, version: Option<usize>, mut resp: Response<RespBody>) -> Response<RespBody> {
         self.record(version, resp.status(), self.start.elapsed());
-        if self.settings.request_id.is_some() || self.route.response_rules.is_some() {
-            self.own_answer_headers(resp.headers_mut());
+        if self.edits_answers() {
+            self.edit_answer(Answer::Map(resp.headers_mut()), None);
         }
         resp
     }
 
-    /// The request's id (`request_id_header`) and the route's `response_headers` rules
-    /// on one of the balancer's own answers (502, 503, 504, 413, 400).
+    /// The route or listener changes answers' headers (`response_headers`, `sticky_cookie`,
+    /// `request_id_header`): one test for the common answer path.
+    fn edits_answers(&self) -> bool {
+        self.route.response_rules.is_some()
+            || self.route.sticky.is_some()
+            || self.settings.request_id.is_some()
+    }
+
+    /// What the route and listener change in an answer's headers, the instance's or the
+    /// balancer's own: the `response_headers` rules, the sticky cookie when the client did
+    /// not name `served` (`(served, named, tls)`; `None` for the balancer's own answers),
+    /// and the request's id.
     #[cold]
     #[inline(never)]
-    fn own_answer_headers(&self, headers: &mut http::HeaderMap) {
+    fn edit_answer(&self, mut answer: Answer<'_>, sticky: Option<(u64, Option<u64>, bool)>) {
         if let Some(r) = &self.route.response_rules {
-            r.apply_to_map(headers);
+            r.apply(&mut answer);
+        }
+        if let (Some(s), Some((served, named, tls))) = (&self.route.sticky, sticky)
+            && named != Some(served)
+        {
+            answer.append(&http::header::SET_COOKIE, s.set_cookie(served, tls));
         }
         if let (Some(name), Some(id)) = (&self.settings.request_id, self.request_id.get()) {
-            headers.insert(name.clone(), id.clone());
+            answer.set(name, id);
         }
     }
 
