@@ -339,31 +339,15 @@ async fn upgrade_and_h2c_pass_through() -> Result<()> {
     let a = Backend::start("a").await?;
     let lb = Lb::start(&config("", &endpoints(&[(&a, 1, "v1")]))).await?;
     let port = lb.port;
-    tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.write_all(
-            b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-        )?;
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b)?;
-            head.push(b[0]);
-        }
-        let head = String::from_utf8_lossy(&head);
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(
-            head.to_ascii_lowercase().contains("upgrade: echo"),
-            "{head}"
-        );
-        s.write_all(b"ping through the tunnel")?;
-        let mut back = [0u8; 23];
-        s.read_exact(&mut back)?;
-        assert_eq!(&back, b"ping through the tunnel");
-        Ok(())
+    let (head, back) = tokio::task::spawn_blocking(move || {
+        upgrade_echo(port, "/upgrade", b"ping through the tunnel")
     })
     .await??;
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    assert_eq!(&back, b"ping through the tunnel");
 
     // HTTP/2 with prior knowledge, forwarded as HTTP/1.1.
     let h2 = h2c_client();

@@ -77,29 +77,8 @@ async fn a_stripped_prefix_leaves_the_path_and_is_forwarded_in_a_header() -> Res
     assert!(!head.contains("/forged"), "{head}");
 
     // An upgrade through the stripping route reaches the backend's /upgrade.
-    let tunnel = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.write_all(
-            b"GET /api/upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
-        )?;
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b)?;
-            head.push(b[0]);
-        }
-        anyhow::ensure!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
-        s.write_all(b"ping")?;
-        let mut back = [0u8; 4];
-        s.read_exact(&mut back)?;
-        Ok(back.to_vec())
-    })
-    .await??;
+    let (_, tunnel) =
+        tokio::task::spawn_blocking(move || upgrade_echo(port, "/api/upgrade", b"ping")).await??;
     assert_eq!(tunnel, b"ping");
     Ok(())
 }

@@ -272,16 +272,7 @@ tls = {{ ca = "{ca}", sni = "localhost" }}
 
 /// A TLS echo server with the test kit's server certificate: greets `tls-upstream\n`.
 async fn tls_echo_upstream(pki: &TestPki) -> Result<SocketAddr> {
-    let pem = std::fs::read(pki.path("server.crt"))?;
-    let chain: Vec<_> = rustls_pemfile::certs(&mut &pem[..]).collect::<Result<_, _>>()?;
-    let key = rustls_pemfile::private_key(&mut &std::fs::read(pki.path("server.key"))?[..])?
-        .ok_or_else(|| anyhow::anyhow!("no key"))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)?;
+    let cfg = l4kit::server_config(pki, false)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let a = l.local_addr()?;

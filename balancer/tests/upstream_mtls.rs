@@ -25,24 +25,7 @@ use wharf_tests::{TestPki, eventually};
 /// session cache and tickets: a handshake the balancer resumes reports the identity of
 /// the session it resumes.
 async fn mtls_instance(pki: &TestPki) -> Result<SocketAddr> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let pem = std::fs::read(pki.path("server.crt"))?;
-    let chain: Vec<_> = rustls_pemfile::certs(&mut &pem[..]).collect::<Result<_, _>>()?;
-    let key = rustls_pemfile::private_key(&mut &std::fs::read(pki.path("server.key"))?[..])?
-        .context("no key")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &std::fs::read(pki.path("ca.crt"))?[..]) {
-        roots.add(c?)?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()?;
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+    let cfg = l4kit::server_config(pki, true)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let a = l.local_addr()?;

@@ -417,6 +417,31 @@ pub fn read_response(
     Ok((status, headers))
 }
 
+/// Asks the balancer on `port` to upgrade `path` to the backends' `echo` protocol (their
+/// `/upgrade`), then sends `payload` through the tunnel: the 101's head and what came
+/// back (as many bytes as were sent). Blocking.
+pub fn upgrade_echo(port: u16, path: &str, payload: &[u8]) -> Result<(String, Vec<u8>)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(WAIT))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b)?;
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(payload)?;
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back)?;
+    Ok((head, back))
+}
+
 /// An HTTP/2 client with prior knowledge (h2c), for the balancer's h2c listeners.
 pub fn h2c_client() -> HttpClient {
     Client::builder(TokioExecutor::new())

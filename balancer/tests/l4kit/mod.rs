@@ -269,6 +269,34 @@ name = "web"
     )
 }
 
+/// A TLS server config with the test kit's server certificate (for a TLS instance behind
+/// the balancer); with `require_client_cert`, clients must present one from its CA.
+pub fn server_config(
+    pki: &wharf_tests::TestPki,
+    require_client_cert: bool,
+) -> Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pem = std::fs::read(pki.path("server.crt"))?;
+    let chain: Vec<_> = rustls_pemfile::certs(&mut &pem[..]).collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut &std::fs::read(pki.path("server.key"))?[..])?
+        .context("no key")?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = if require_client_cert {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut &std::fs::read(pki.path("ca.crt"))?[..]) {
+            roots.add(c?)?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    Ok(builder.with_single_cert(chain, key)?)
+}
+
 /// A TLS client trusting the test CA, offering `alpn`.
 pub fn tls_connector(ca: &Path, alpn: &[&str]) -> Result<tokio_rustls::TlsConnector> {
     tls_connector_as(ca, alpn, None)
