@@ -17,6 +17,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use super::polled::{Poll, Polled};
 use crate::l4config::CertConfig;
 use crate::l4metrics::L4Metrics;
 
@@ -36,44 +37,20 @@ pub enum CertError {
     Invalid { path: PathBuf, msg: String },
 }
 
-/// One loaded certificate with what it was loaded from.
+/// One loaded certificate.
 pub struct Loaded {
     pub key: Arc<CertifiedKey>,
     pub names: Vec<String>,
     /// Unix time of `notAfter`.
     pub not_after: i64,
-    /// The file contents it was built from, to notice changes.
-    source: Source,
 }
 
-/// The contents of a certificate's files: chain, key and, if configured, the OCSP
-/// response to staple.
-#[derive(Clone, Default, PartialEq)]
-struct Source {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    ocsp: Option<Vec<u8>>,
-}
-
-impl Source {
-    fn read(cfg: &CertConfig) -> Result<Source, CertError> {
-        Ok(Source {
-            cert: read(cfg.cert.get_ref())?,
-            key: read(&cfg.key)?,
-            ocsp: cfg.ocsp.as_deref().map(read).transpose()?,
-        })
-    }
-
-    /// What the files hold now, unreadable ones as empty: to tell whether a failing file
-    /// changed since its error was counted.
-    fn stamp(cfg: &CertConfig) -> Source {
-        let bytes = |p: &Path| std::fs::read(p).unwrap_or_default();
-        Source {
-            cert: bytes(cfg.cert.get_ref()),
-            key: bytes(&cfg.key),
-            ocsp: cfg.ocsp.as_deref().map(bytes),
-        }
-    }
+/// A certificate's files, in the order [`build`] takes their contents: chain, key and,
+/// if configured, the OCSP response to staple.
+fn paths(cfg: &CertConfig) -> Vec<PathBuf> {
+    let mut p = vec![cfg.cert.get_ref().clone(), cfg.key.clone()];
+    p.extend(cfg.ocsp.clone());
+    p
 }
 
 pub(super) fn invalid(path: &Path, msg: impl Into<String>) -> CertError {
@@ -92,7 +69,16 @@ pub(super) fn read(path: &Path) -> Result<Vec<u8>, CertError> {
 
 /// Loads one `[[listener.tls.certificate]]`.
 pub fn load(cfg: &CertConfig, provider: &CryptoProvider) -> Result<Loaded, CertError> {
-    build(cfg, provider, Source::read(cfg)?)
+    Ok(load_polled(cfg, provider)?.0)
+}
+
+/// [`load`], with the watch of its files for a [`Reloader`].
+pub fn load_polled(
+    cfg: &CertConfig,
+    provider: &CryptoProvider,
+) -> Result<(Loaded, Polled), CertError> {
+    let (polled, contents) = Polled::read(paths(cfg))?;
+    Ok((build(cfg, provider, &contents)?, polled))
 }
 
 /// A certificate chain and its private key from the PEM contents of their files (named in
@@ -133,10 +119,19 @@ pub(super) fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn build(cfg: &CertConfig, provider: &CryptoProvider, source: Source) -> Result<Loaded, CertError> {
+/// A certificate from its files' contents, in the order of [`paths`].
+fn build(
+    cfg: &CertConfig,
+    provider: &CryptoProvider,
+    contents: &[Vec<u8>],
+) -> Result<Loaded, CertError> {
     let cert_path = cfg.cert.get_ref();
-    let mut key = key_pair((cert_path, &source.cert), (&cfg.key, &source.key), provider)?;
-    if let (Some(ocsp), Some(path)) = (&source.ocsp, &cfg.ocsp) {
+    let mut key = key_pair(
+        (cert_path, &contents[0]),
+        (&cfg.key, &contents[1]),
+        provider,
+    )?;
+    if let (Some(ocsp), Some(path)) = (contents.get(2), &cfg.ocsp) {
         // A DER OCSPResponse is a SEQUENCE; anything else would be stapled as garbage.
         if ocsp.first() != Some(&0x30) {
             return Err(invalid(path, "not a DER OCSP response"));
@@ -168,7 +163,6 @@ fn build(cfg: &CertConfig, provider: &CryptoProvider, source: Source) -> Result<
         key: Arc::new(key),
         names,
         not_after,
-        source,
     })
 }
 
@@ -247,6 +241,8 @@ pub struct Reloader {
     pub configs: Vec<CertConfig>,
     pub default: usize,
     pub loaded: Vec<Arc<Loaded>>,
+    /// The files of each certificate, in the order of `configs`.
+    pub files: Vec<Polled>,
     pub resolver: Arc<SniResolver>,
     pub provider: Arc<CryptoProvider>,
     pub metrics: Arc<L4Metrics>,
@@ -271,17 +267,12 @@ impl Reloader {
     pub fn poll(&mut self) -> bool {
         let mut changed = false;
         for i in 0..self.configs.len() {
-            let source = match Source::read(&self.configs[i]) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.failed(i, &e);
-                    continue;
-                }
+            let built = match self.files[i].poll() {
+                Poll::Same => continue,
+                Poll::Changed(contents) => build(&self.configs[i], &self.provider, &contents),
+                Poll::Unreadable(e) => Err(e),
             };
-            if source == self.loaded[i].source {
-                continue;
-            }
-            match build(&self.configs[i], &self.provider, source) {
+            match built {
                 Ok(l) => {
                     tracing::info!(listener = %self.listener, cert = %self.label(i), names = ?l.names,
                         "certificate reloaded");
@@ -292,7 +283,15 @@ impl Reloader {
                     self.loaded[i] = Arc::new(l);
                     changed = true;
                 }
-                Err(e) => self.failed(i, &e),
+                // Once per change of the files (`Polled`), not every poll.
+                Err(e) => {
+                    tracing::error!(listener = %self.listener, error = %e,
+                        "certificate reload failed; keeping the previous certificate");
+                    self.metrics
+                        .tls_reloads
+                        .with_label_values(&[&self.listener, "error"])
+                        .inc();
+                }
             }
         }
         if changed {
@@ -302,28 +301,6 @@ impl Reloader {
         }
         self.publish_expiry();
         changed
-    }
-
-    fn failed(&mut self, i: usize, e: &CertError) {
-        // Log a failing file once per content change, not every second.
-        let stamp = Source::stamp(&self.configs[i]);
-        if self.loaded[i].source == stamp {
-            return;
-        }
-        tracing::error!(listener = %self.listener, error = %e,
-            "certificate reload failed; keeping the previous certificate");
-        self.metrics
-            .tls_reloads
-            .with_label_values(&[&self.listener, "error"])
-            .inc();
-        // Remember the bad contents so the same error is not counted every poll.
-        let old = self.loaded[i].clone();
-        self.loaded[i] = Arc::new(Loaded {
-            key: old.key.clone(),
-            names: old.names.clone(),
-            not_after: old.not_after,
-            source: stamp,
-        });
     }
 
     /// Polls until `stop` turns true.

@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod client_auth;
+pub mod polled;
 pub mod upstream;
 
 use std::path::Path;
@@ -92,11 +93,13 @@ pub fn listener(
         return Ok(None);
     };
     let provider = provider();
-    let loaded = tls
+    let (loaded, files): (Vec<_>, Vec<_>) = tls
         .certificates
         .iter()
-        .map(|c| certs::load(c, &provider).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|c| certs::load_polled(c, &provider).map(|(l, f)| (Arc::new(l), f)))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     let default = tls.certificates.iter().position(|c| c.default).unwrap_or(0);
     let resolver = Arc::new(SniResolver(ArcSwap::from_pointee(CertSet::new(
         &loaded, default,
@@ -129,6 +132,7 @@ pub fn listener(
         configs: tls.certificates.clone(),
         default,
         loaded,
+        files,
         resolver,
         provider,
         metrics: metrics.clone(),

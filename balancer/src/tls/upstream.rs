@@ -22,6 +22,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::certs::{self, CertError};
+use super::polled::{Poll, Polled};
 use crate::l4config::UpstreamTls;
 use crate::l4metrics::L4Metrics;
 
@@ -63,8 +64,8 @@ impl UpstreamTlsClient {
             .transpose()?;
         let (identity, watch) = match (&cfg.cert, &cfg.key) {
             (Some(cert), Some(key)) => {
-                let files = (certs::read(cert)?, certs::read(key)?);
-                let pair = certs::key_pair((cert, &files.0), (key, &files.1), &provider)?;
+                let (files, contents) = Polled::read(vec![cert.clone(), key.clone()])?;
+                let pair = certs::key_pair((cert, &contents[0]), (key, &contents[1]), &provider)?;
                 let not_after = certs::not_after(cert, &pair)?;
                 let watch = ClientCertWatch {
                     config: Weak::new(),
@@ -72,7 +73,7 @@ impl UpstreamTlsClient {
                     alpn: alpn.clone(),
                     cert: cert.clone(),
                     key: key.clone(),
-                    seen: files,
+                    files,
                     not_after,
                     provider,
                 };
@@ -158,8 +159,7 @@ pub struct ClientCertWatch {
     alpn: Vec<Vec<u8>>,
     cert: PathBuf,
     key: PathBuf,
-    /// The file contents in use, or the failing ones after an error (counted once).
-    seen: (Vec<u8>, Vec<u8>),
+    files: Polled,
     not_after: i64,
     provider: Arc<CryptoProvider>,
 }
@@ -188,24 +188,14 @@ impl ClientCertWatch {
 
     fn poll(&mut self, config: &ArcSwap<ClientConfig>, service: &str, metrics: &L4Metrics) {
         let (cert, key) = (self.cert.as_path(), self.key.as_path());
-        let files = certs::read(cert).and_then(|c| Ok((c, certs::read(key)?)));
-        let outcome = match files {
-            Ok(files) if files == self.seen => None,
-            Ok(files) => {
-                let loaded = certs::key_pair((cert, &files.0), (key, &files.1), &self.provider)
-                    .and_then(|pair| Ok((certs::not_after(cert, &pair)?, pair)));
-                self.seen = files;
-                Some(loaded)
-            }
-            Err(e) => {
-                // Unreadable files count as empty: the same failure is counted once.
-                let bytes = |p: &std::path::Path| std::fs::read(p).unwrap_or_default();
-                let stamp = (bytes(cert), bytes(key));
-                (stamp != self.seen).then(|| {
-                    self.seen = stamp;
-                    Err(e)
-                })
-            }
+        // A failure is reported once per change of the files (`Polled`).
+        let outcome = match self.files.poll() {
+            Poll::Same => None,
+            Poll::Changed(c) => Some(
+                certs::key_pair((cert, &c[0]), (key, &c[1]), &self.provider)
+                    .and_then(|pair| Ok((certs::not_after(cert, &pair)?, pair))),
+            ),
+            Poll::Unreadable(e) => Some(Err(e)),
         };
         match outcome {
             None => {}
