@@ -55,9 +55,18 @@ impl Tunnel {
     }
 }
 
+/// An HTTP/2 instance's answer (`upstream_h2`): its frames, trailers included, and the
+/// instance's in-flight count until the body ends or is dropped.
+pub struct H2Answer {
+    pub body: hyper::body::Incoming,
+    pub _in_flight: InFlight,
+}
+
 /// Body of a response sent to the client.
 pub enum RespBody {
     Upstream(Option<Lease>),
+    /// From an HTTP/2 instance; `None` once it ended.
+    H2(Option<H2Answer>),
     /// The answer is a 101 whose tunnel the HTTP/1 server runs; no body.
     Tunnel(Option<Tunnel>),
     /// A response the balancer wrote itself (errors, admin).
@@ -88,6 +97,18 @@ impl RespBody {
         match self {
             RespBody::Full(b) => Poll::Ready(b.take().map(Ok)),
             RespBody::Tunnel(_) => Poll::Ready(None),
+            RespBody::H2(slot) => loop {
+                // Trailers have no place in an HTTP/1 answer: skipped here (HTTP/2 clients
+                // get them through `poll_frame`).
+                match std::task::ready!(Self::poll_h2(slot, cx)) {
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => return Poll::Ready(Some(Ok(d))),
+                        Err(_) => continue,
+                    },
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                    None => return Poll::Ready(None),
+                }
+            },
             RespBody::Upstream(slot) => {
                 let Some(lease) = slot else {
                     return Poll::Ready(None);
@@ -109,6 +130,25 @@ impl RespBody {
     }
 }
 
+impl RespBody {
+    /// The next frame of an HTTP/2 instance's answer; the slot empties at the end (or on
+    /// an error), which ends the in-flight count.
+    fn poll_h2(
+        slot: &mut Option<H2Answer>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let Some(a) = slot else {
+            return Poll::Ready(None);
+        };
+        let res = std::task::ready!(Pin::new(&mut a.body).poll_frame(cx));
+        match &res {
+            Some(Ok(_)) if !a.body.is_end_stream() => {}
+            _ => *slot = None,
+        }
+        Poll::Ready(res.map(|r| r.map_err(io::Error::other)))
+    }
+}
+
 impl Body for RespBody {
     type Data = Bytes;
     type Error = io::Error;
@@ -117,21 +157,26 @@ impl Body for RespBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.get_mut()
-            .poll_data(cx)
-            .map(|o| o.map(|r| r.map(Frame::data)))
+        let this = self.get_mut();
+        if let RespBody::H2(slot) = this {
+            return Self::poll_h2(slot, cx);
+        }
+        this.poll_data(cx).map(|o| o.map(|r| r.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RespBody::Full(b) => b.is_none(),
             RespBody::Upstream(l) => l.is_none(),
+            RespBody::H2(a) => a.as_ref().is_none_or(|a| a.body.is_end_stream()),
             RespBody::Tunnel(_) => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            RespBody::H2(Some(a)) => a.body.size_hint(),
+            RespBody::H2(None) => SizeHint::with_exact(0),
             RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RespBody::Full(None) | RespBody::Upstream(None) | RespBody::Tunnel(_) => {
                 SizeHint::with_exact(0)

@@ -303,6 +303,10 @@ pub struct StaticService {
     /// TLS to the instances (`[service.tls]`).
     #[serde(default)]
     pub tls: Option<crate::l4config::UpstreamTls>,
+    /// The instances speak HTTP/2 (gRPC): prior knowledge (h2c), or ALPN `h2` over
+    /// `[service.tls]`; one multiplexed connection per instance.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -44,6 +44,9 @@ pub fn describe(table: &RoutingTable) -> String {
 /// A route's options, as ` [..., ...]` (empty without any).
 fn options(r: &Route) -> String {
     let mut o = Vec::new();
+    if r.upstream.as_ref().is_some_and(|u| u.http2) {
+        o.push("HTTP/2 to the instances".to_owned());
+    }
     if r.strip_prefix {
         o.push("prefix stripped".to_owned());
     }

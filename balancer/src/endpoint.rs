@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::upstream::UpConn;
+use crate::upstream_h2::{H2Body, H2Conn};
 
 /// Milliseconds since the process started: the clock of ejection deadlines.
 pub fn now_ms() -> u64 {
@@ -38,6 +39,8 @@ pub struct Endpoint {
     /// only (never across an await), like hyper-util's pool; on one worker thread it is
     /// never contended.
     idle: Mutex<VecDeque<(UpConn, Instant)>>,
+    /// The shared HTTP/2 connection of an `http2` service's instance (`upstream_h2`).
+    h2: Mutex<Option<H2Conn>>,
     max_idle: usize,
     idle_timeout: Duration,
     /// Answers, errors and latencies for the status page (relaxed atomics only).
@@ -73,6 +76,7 @@ impl Endpoint {
             }),
             retired: AtomicBool::new(false),
             idle: Mutex::new(VecDeque::new()),
+            h2: Mutex::new(None),
             max_idle,
             idle_timeout,
             stats: Default::default(),
@@ -144,8 +148,7 @@ impl Endpoint {
     /// No new requests will come: close idle connections now, busy ones on return.
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
-        drop(idle);
+        self.clear_idle();
     }
 
     /// The most recently used idle connection that `fits` (see [`UpConn::fits`]: plain
@@ -187,9 +190,33 @@ impl Endpoint {
 
     /// Drops every idle connection: one turned out closed by the upstream, the others
     /// (opened as long ago or longer) most likely are too — a restarted instance.
+    ///
+    /// The HTTP/2 connection goes too: its streams in flight finish, and it closes after
+    /// them (hyper closes a connection once every sender is gone).
     pub fn clear_idle(&self) {
         let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
         drop(idle);
+        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(h2);
+    }
+
+    /// A sender on the instance's HTTP/2 connection, if one is open under `opts`.
+    pub fn h2_checkout(
+        &self,
+        opts: &Arc<crate::tcp::UpstreamOpts>,
+    ) -> Option<hyper::client::conn::http2::SendRequest<H2Body>> {
+        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        h2.as_ref().filter(|c| c.fits(opts)).map(|c| c.send.clone())
+    }
+
+    /// Keeps a newly opened HTTP/2 connection for the next requests (not once retired);
+    /// returns a sender on it.
+    pub fn h2_keep(&self, conn: H2Conn) -> hyper::client::conn::http2::SendRequest<H2Body> {
+        let send = conn.send.clone();
+        if !self.is_retired() {
+            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        }
+        send
     }
 
     pub fn idle_connections(&self) -> usize {

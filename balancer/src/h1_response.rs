@@ -49,7 +49,7 @@ pub async fn write_response<IO: AsyncWrite + LastWrite + Unpin>(
     let known = match &body {
         RespBody::Full(b) => Some(b.as_ref().map_or(0, |b| b.len() as u64)),
         RespBody::Upstream(None) | RespBody::Tunnel(_) => Some(0),
-        RespBody::Upstream(Some(_)) => body.size_hint().exact(),
+        RespBody::Upstream(Some(_)) | RespBody::H2(_) => body.size_hint().exact(),
     };
     let mut out = match lines {
         // An upstream's answer: its lines' buffer (status line first, sized for the body

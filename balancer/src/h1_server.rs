@@ -295,6 +295,8 @@ enum ClientBodyError {
     Io(#[from] io::Error),
 }
 
+impl<IO: AsyncRead + Unpin> proxy::ClientBody for H1Body<'_, IO> {}
+
 impl<IO: AsyncRead + Unpin> Body for H1Body<'_, IO> {
     type Data = Bytes;
     type Error = ClientBodyError;

@@ -143,6 +143,18 @@ pub struct ServiceL4 {
     pub proxy_protocol: Option<ProxyVersion>,
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
+    /// The instances speak HTTP/2 (see `[[service]]`'s `http2`).
+    #[serde(default)]
+    pub http2: bool,
+}
+
+/// How the balancer talks to a service's instances: `[[service]]` or
+/// `[[upstream.service]]` options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceUpstream<'a> {
+    pub proxy: Option<ProxyVersion>,
+    pub tls: Option<&'a UpstreamTls>,
+    pub http2: bool,
 }
 
 /// `[upgrade]`: `balancer upgrade` / SIGUSR2.
@@ -222,15 +234,19 @@ impl Cidr {
 }
 
 impl LbConfig {
-    /// Upstream PROXY / TLS options of `service`: its `[[service]]` entry, else its
-    /// `[[upstream.service]]` entry.
-    pub fn service_l4(&self, service: &str) -> (Option<ProxyVersion>, Option<&UpstreamTls>) {
+    /// Upstream PROXY / TLS / HTTP/2 options of `service`: its `[[service]]` entry, else
+    /// its `[[upstream.service]]` entry.
+    pub fn service_l4(&self, service: &str) -> ServiceUpstream<'_> {
         if let Some(s) = self
             .services
             .iter()
             .find(|s| s.name.get_ref().as_str() == service)
         {
-            return (s.proxy_protocol, s.tls.as_ref());
+            return ServiceUpstream {
+                proxy: s.proxy_protocol,
+                tls: s.tls.as_ref(),
+                http2: s.http2,
+            };
         }
         match self
             .upstream
@@ -238,8 +254,12 @@ impl LbConfig {
             .iter()
             .find(|s| s.name.get_ref().as_str() == service)
         {
-            Some(s) => (s.proxy_protocol, s.tls.as_ref()),
-            None => (None, None),
+            Some(s) => ServiceUpstream {
+                proxy: s.proxy_protocol,
+                tls: s.tls.as_ref(),
+                http2: s.http2,
+            },
+            None => ServiceUpstream::default(),
         }
     }
 
@@ -398,9 +418,39 @@ pub(crate) fn validate(
             _ => Ok(()),
         }
     };
+    let tcp = c.tcp_services();
+    // One HTTP/2 connection carries many clients' requests: a PROXY header could name
+    // only one of them, and a tcp listener does not speak HTTP at all.
+    let http2_ok = |name: &str, proxy: bool, table: String, at: std::ops::Range<usize>| {
+        if proxy {
+            return Err(err(
+                at,
+                &format!("{table}.http2"),
+                "`http2` shares one connection among clients: it cannot go with `proxy_protocol`"
+                    .into(),
+            ));
+        }
+        if tcp.contains(name) {
+            return Err(err(
+                at,
+                &format!("{table}.http2"),
+                format!("service {name} is reached by a tcp listener, which does not speak HTTP"),
+            ));
+        }
+        Ok(())
+    };
     for (i, s) in c.services.iter().enumerate() {
         if let Some(t) = &s.tls {
             tls_ok(t, format!("service[{i}].tls"), s.name.span())?;
+        }
+        if s.http2 {
+            let name = s.name.get_ref().as_str();
+            http2_ok(
+                name,
+                s.proxy_protocol.is_some(),
+                format!("service[{i}]"),
+                s.name.span(),
+            )?;
         }
     }
     let mut seen = HashSet::new();
@@ -415,6 +465,10 @@ pub(crate) fn validate(
         }
         if let Some(t) = &s.tls {
             tls_ok(t, format!("upstream.service[{i}].tls"), s.name.span())?;
+        }
+        if s.http2 {
+            let table = format!("upstream.service[{i}]");
+            http2_ok(name, s.proxy_protocol.is_some(), table, s.name.span())?;
         }
     }
     Ok(())
@@ -455,11 +509,36 @@ proxy_protocol = "v2"
   addr = "127.0.0.1:5433"
 "#;
 
+    /// `http2` needs an HTTP service whose connections carry no PROXY header.
+    #[test]
+    fn http2_is_refused_on_tcp_services_and_with_a_proxy_header() {
+        let tcp = TCP.replace("proxy_protocol = \"v2\"", "http2 = true");
+        let e = LbConfig::parse(&tcp, "lb.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("service[0].http2") && e.contains("tcp listener"),
+            "{e}"
+        );
+        let both = TCP
+            .replace(
+                "protocol = \"tcp\"\nservice = \"pg\"\n",
+                "  [[listener.route]]\n  service = \"pg\"\n",
+            )
+            .replace("proxy_protocol", "http2 = true\nproxy_protocol");
+        let e = LbConfig::parse(&both, "lb.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("service[0].http2") && e.contains("proxy_protocol"),
+            "{e}"
+        );
+        let ok = both.replace("proxy_protocol = \"v2\"\n", "");
+        let c = LbConfig::parse(&ok, "lb.toml").unwrap();
+        assert!(c.service_l4("pg").http2);
+    }
+
     #[test]
     fn tcp_listener_parses_and_needs_a_service() {
         let c = LbConfig::parse(TCP, "lb.toml").unwrap();
         assert_eq!(c.listeners[0].protocol, ListenerProtocol::Tcp);
-        assert_eq!(c.service_l4("pg").0, Some(ProxyVersion::V2));
+        assert_eq!(c.service_l4("pg").proxy, Some(ProxyVersion::V2));
         assert!(c.tcp_services().contains("pg"));
         let bad = TCP.replace("service = \"pg\"\n", "");
         let e = LbConfig::parse(&bad, "lb.toml").unwrap_err().to_string();

@@ -55,6 +55,7 @@ mod test_util;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod upstream_h2;
 pub mod upstream_head;
 pub mod upstream_io;
 pub mod version_pin;

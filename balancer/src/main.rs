@@ -212,7 +212,7 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
             ));
         }
     }
-    balancer::tcp::upstream_map(&config, None)
+    let upstreams = balancer::tcp::upstream_map(&config, None)
         .map_err(|(service, e)| anyhow::anyhow!("service {service}: upstream TLS: {e}"))?;
     println!("configuration OK");
     for f in files {
@@ -220,6 +220,8 @@ async fn check(config: Arc<LbConfig>) -> Result<()> {
     }
     let metrics = Arc::new(balancer::metrics::Metrics::new());
     let mut builder = balancer::builder::TableBuilder::new(config.clone(), metrics);
+    // The routes carry their service's upstream options (`--check` lists HTTP/2 ones).
+    builder.set_upstreams(Arc::new(upstreams));
     if let Some(etcd) = &config.discovery.etcd {
         let store = EtcdStore::connect(&etcd.etcd)
             .await

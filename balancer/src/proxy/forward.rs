@@ -5,7 +5,6 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -23,8 +22,9 @@ use crate::table::{ListenerSettings, Route, ServiceTable};
 use crate::upstream::{UpConn, UpError};
 
 use super::exchange::{ConnectError, Fail, connect, exchange};
+use super::forward_h2::{Prepared, forward_h2};
 use super::headers::{idempotent, strip_hop_by_hop};
-use super::{BoxError, ClientUpgrade, ConnInfo, Ctx, H1Client, plain};
+use super::{BoxError, ClientBody, ClientUpgrade, ConnInfo, Ctx, H1Client, plain};
 
 pub(super) async fn forward<B>(
     req: &mut Request<B>,
@@ -34,7 +34,7 @@ pub(super) async fn forward<B>(
     h1: Option<H1Client<'_>>,
 ) -> Response<RespBody>
 where
-    B: http_body::Body<Data = Bytes> + Unpin,
+    B: ClientBody,
     B::Error: Into<BoxError>,
 {
     let s = ctx.settings;
@@ -135,6 +135,20 @@ where
     } else {
         wanted(route, headers, svc)
     };
+    if let Some(opts) = route.upstream.as_ref().filter(|o| o.http2) {
+        // Boxed: rare, and its future would otherwise sit in every request's.
+        let te_trailers = headers.iter().any(|(n, v)| {
+            h1_head::eq_lowercase(n, b"te") && crate::upstream::has_token(v, "trailers")
+        });
+        let prepared = Prepared {
+            head: &head,
+            want,
+            te_trailers,
+            has_body,
+            tls: conn.tls,
+        };
+        return Box::pin(to_h2(req, prepared, upgrade, ctx, svc, opts)).await;
+    }
     // Standard methods clone without allocating.
     let method = req.method().clone();
     let body = req.body_mut();
@@ -171,16 +185,9 @@ where
             None => match Box::pin(connect(&ep, s.connect_timeout, opts, conn)).await {
                 Ok(up) => up,
                 Err(e) => {
-                    svc.shared.connect_errors.inc();
                     tracing::debug!(instance = %ep.id, addr = %ep.addr, error = %e, "connect failed");
-                    last = Some(if matches!(e, ConnectError::Timeout) {
-                        StatusCode::GATEWAY_TIMEOUT
-                    } else {
-                        StatusCode::BAD_GATEWAY
-                    });
-                    tries.instance_failed(&ep, svc, s);
-                    if tries.may_retry(svc, s) {
-                        svc.shared.retries_connect.inc();
+                    let timed_out = matches!(e, ConnectError::Timeout);
+                    if tries.connect_failed(&ep, svc, s, timed_out, &mut last) {
                         continue;
                     }
                     break;
@@ -251,21 +258,11 @@ where
                 break;
             }
             Ok(Err(Fail::BodyTooLarge)) => {
-                return ctx.finish(
-                    Some(version),
-                    plain(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body too large\n",
-                        true,
-                    ),
-                );
+                return ctx.finish(Some(version), body_refused(true));
             }
             Ok(Err(Fail::ClientBody(e))) => {
                 tracing::debug!(error = %e, "client body broke");
-                return ctx.finish(
-                    Some(version),
-                    plain(StatusCode::BAD_REQUEST, "malformed request body\n", true),
-                );
+                return ctx.finish(Some(version), body_refused(false));
             }
             Ok(Err(e)) => {
                 tracing::debug!(instance = %ep.id, error = %e, reused, "upstream failed before answering");
@@ -288,26 +285,12 @@ where
         };
 
         let status = resp.status;
-        if s.access_log {
-            let _ = ctx.served.set(ep.clone());
-        }
-        let elapsed = ctx.start.elapsed();
-        ep.stats.record_answer(status.as_u16(), elapsed);
-        if status.is_server_error() {
-            outlier::record_failure(&ep, svc, s);
-        } else {
-            ep.record_success();
-        }
+        let elapsed = answered(ctx, &ep, svc, status);
         // A `retry_on` answer: the request goes to another instance if one is left and
         // the budget allows (the answer, unread, goes with its connection); else it is
         // passed on.
-        if !route.retry_on.is_empty()
-            && may_resend
-            && route.retry_on.contains(&status.as_u16())
-            && tries.retry_answer(&ep, svc, s)
-        {
+        if tries.retry_status(route, may_resend, status, &ep, svc, s) {
             drop((up, in_flight));
-            svc.shared.retries_status.inc();
             continue;
         }
         let mut headers = resp.headers;
@@ -363,7 +346,27 @@ where
         ctx.record(Some(version), status, elapsed);
         return r;
     }
-    let resp = match last {
+    ctx.finish(None, unanswered(last))
+}
+
+/// The answer to a request whose body was refused while it streamed: over the limit
+/// (413) or broken (400). The client connection closes after it.
+pub(super) fn body_refused(too_large: bool) -> Response<RespBody> {
+    if too_large {
+        plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large\n",
+            true,
+        )
+    } else {
+        plain(StatusCode::BAD_REQUEST, "malformed request body\n", true)
+    }
+}
+
+/// The answer when no attempt got one: the last attempt's failure (504 for a connect
+/// timeout, else 502), or 503 when there was no instance to try.
+pub(super) fn unanswered(last: Option<StatusCode>) -> Response<RespBody> {
+    match last {
         Some(StatusCode::GATEWAY_TIMEOUT) => plain(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream connect timed out\n",
@@ -375,8 +378,56 @@ where
             "no backend available\n",
             false,
         ),
-    };
-    ctx.finish(None, resp)
+    }
+}
+
+/// Accounts for an instance's answer (status page, outlier streak, the access log's
+/// instance); returns how long the request took to be answered.
+#[inline]
+pub(super) fn answered(
+    ctx: &Ctx<'_>,
+    ep: &Arc<Endpoint>,
+    svc: &ServiceTable,
+    status: StatusCode,
+) -> std::time::Duration {
+    let s = ctx.settings;
+    if s.access_log {
+        let _ = ctx.served.set(ep.clone());
+    }
+    let elapsed = ctx.start.elapsed();
+    ep.stats.record_answer(status.as_u16(), elapsed);
+    if status.is_server_error() {
+        outlier::record_failure(ep, svc, s);
+    } else {
+        ep.record_success();
+    }
+    elapsed
+}
+
+/// `forward` to a service whose instances speak HTTP/2 (see `forward_h2`).
+async fn to_h2<B>(
+    req: &mut Request<B>,
+    prepared: Prepared<'_>,
+    upgrade: bool,
+    ctx: &Ctx<'_>,
+    svc: &ServiceTable,
+    opts: &Arc<crate::tcp::UpstreamOpts>,
+) -> Response<RespBody>
+where
+    B: ClientBody,
+    B::Error: Into<BoxError>,
+{
+    if upgrade {
+        return ctx.finish(
+            None,
+            plain(
+                StatusCode::NOT_IMPLEMENTED,
+                "upgrades are not forwarded to this service's HTTP/2 instances\n",
+                false,
+            ),
+        );
+    }
+    forward_h2(req, prepared, svc, opts, ctx).await
 }
 
 /// What the request asks of the pick on a route with `version_header`/`version_cookie` or
@@ -393,8 +444,8 @@ fn wanted(route: &Route, headers: h1_head::ReqHeaders<'_>, svc: &ServiceTable) -
 /// and two retry counts, kept apart so that a stale connection met first does not use up
 /// the retries a crashed instance needs.
 #[derive(Default)]
-struct Tries {
-    tried: Vec<usize>,
+pub(super) struct Tries {
+    pub(super) tried: Vec<usize>,
     /// Attempts that were an instance's fault: bounded by `retries` and the retry budget.
     failed: u32,
     /// Pooled connections the upstream had closed: free, but bounded too.
@@ -404,22 +455,76 @@ struct Tries {
 impl Tries {
     /// `ep` failed the request (connect error, reset, no answer): see [`no_answer`]; it is
     /// not picked again for this request.
-    fn instance_failed(&mut self, ep: &Arc<Endpoint>, svc: &ServiceTable, s: &ListenerSettings) {
+    pub(super) fn instance_failed(
+        &mut self,
+        ep: &Arc<Endpoint>,
+        svc: &ServiceTable,
+        s: &ListenerSettings,
+    ) {
         no_answer(ep, svc, s);
         self.tried.push(Arc::as_ptr(ep) as usize);
         self.failed += 1;
     }
 
+    /// A connect to `ep` failed (`timed_out`, or refused / reset / TLS): counted, `last`
+    /// set to what the client gets if nothing else works. Whether another instance may be
+    /// tried (that retry counted).
+    #[cold]
+    pub(super) fn connect_failed(
+        &mut self,
+        ep: &Arc<Endpoint>,
+        svc: &ServiceTable,
+        s: &ListenerSettings,
+        timed_out: bool,
+        last: &mut Option<StatusCode>,
+    ) -> bool {
+        svc.shared.connect_errors.inc();
+        *last = Some(if timed_out {
+            StatusCode::GATEWAY_TIMEOUT
+        } else {
+            StatusCode::BAD_GATEWAY
+        });
+        self.instance_failed(ep, svc, s);
+        let retry = self.may_retry(svc, s);
+        if retry {
+            svc.shared.retries_connect.inc();
+        }
+        retry
+    }
+
+    /// `ep` answered `status`: whether the request goes to another instance for it
+    /// instead (the route's `retry_on` lists it, the request may be sent again, and
+    /// [`Tries::retry_answer`] allows; that retry counted).
+    #[inline]
+    pub(super) fn retry_status(
+        &mut self,
+        route: &Route,
+        may_resend: bool,
+        status: StatusCode,
+        ep: &Arc<Endpoint>,
+        svc: &ServiceTable,
+        s: &ListenerSettings,
+    ) -> bool {
+        let retry = !route.retry_on.is_empty()
+            && may_resend
+            && route.retry_on.contains(&status.as_u16())
+            && self.retry_answer(ep, svc, s);
+        if retry {
+            svc.shared.retries_status.inc();
+        }
+        retry
+    }
+
     /// After an instance's failure: whether another instance may be tried. Takes a retry
     /// from the budget when it may, so ask only when the request would be sent again.
-    fn may_retry(&self, svc: &ServiceTable, s: &ListenerSettings) -> bool {
+    pub(super) fn may_retry(&self, svc: &ServiceTable, s: &ListenerSettings) -> bool {
         self.failed <= s.retries && svc.shared.withdraw()
     }
 
     /// A pooled connection to `ep` turned out closed: the instance's idle pool goes (its
     /// other idle connections are likely closed too). Whether another connection may be
     /// tried; not charged to the instance or the budget.
-    fn stale_connection(&mut self, ep: &Endpoint, s: &ListenerSettings) -> bool {
+    pub(super) fn stale_connection(&mut self, ep: &Endpoint, s: &ListenerSettings) -> bool {
         ep.clear_idle();
         self.stale += 1;
         self.stale <= s.retries + 2
@@ -449,7 +554,7 @@ impl Tries {
 
 /// An attempt at `ep` that got no answer (connect error, timeout, broken connection):
 /// an error on the status page and a step towards ejection.
-fn no_answer(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
+pub(super) fn no_answer(ep: &Endpoint, svc: &ServiceTable, s: &ListenerSettings) {
     ep.stats.record_failure();
     outlier::record_failure(ep, svc, s);
 }

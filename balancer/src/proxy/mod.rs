@@ -33,6 +33,7 @@ use crate::table::{ListenerSettings, Route, RoutingTable};
 
 mod exchange;
 mod forward;
+mod forward_h2;
 mod headers;
 mod redirect;
 
@@ -181,7 +182,52 @@ pub async fn handle(
     } else {
         ClientUpgrade::No
     };
+    let mut req = req.map(|b| Owned(Some(b)));
     Ok(serve_request(&mut req, upgrade, &conn, None).await)
+}
+
+/// A client's request body as the proxy path reads it. An HTTP/2 instance needs the body
+/// owned (its stream outlives the call that sends it): hyper's body can be handed over
+/// whole; the own HTTP/1 server's borrows the client connection and is pumped instead.
+pub trait ClientBody: http_body::Body<Data = Bytes> + Unpin {
+    /// The body itself, if it can be moved out (what is left behind is empty).
+    fn take_owned(&mut self) -> Option<Incoming> {
+        None
+    }
+}
+
+/// hyper's request body, in a slot it can be taken out of.
+pub struct Owned(Option<Incoming>);
+
+impl http_body::Body for Owned {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match &mut self.0 {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0
+            .as_ref()
+            .map_or(http_body::SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+impl ClientBody for Owned {
+    fn take_owned(&mut self) -> Option<Incoming> {
+        self.0.take()
+    }
 }
 
 /// What the own HTTP/1 server hands over with a request (HTTP/2 requests come from hyper
@@ -205,7 +251,7 @@ pub async fn serve_request<B>(
     h1: Option<H1Client<'_>>,
 ) -> Response<RespBody>
 where
-    B: http_body::Body<Data = Bytes> + Unpin,
+    B: ClientBody,
     B::Error: Into<BoxError>,
 {
     let start = Instant::now();

@@ -40,6 +40,8 @@ use pump::{End, Meter, Metered};
 pub struct UpstreamOpts {
     pub proxy: Option<ProxyVersion>,
     pub tls: Option<UpstreamTlsClient>,
+    /// HTTP services only: the instances speak HTTP/2 (`upstream_h2`).
+    pub http2: bool,
 }
 
 /// Upstream options of every service that has some; swapped on reload.
@@ -69,14 +71,16 @@ pub fn upstream_map(
     let tcp = config.tcp_services();
     let mut out = HashMap::new();
     for name in names {
-        let (proxy, tls) = config.service_l4(&name);
-        if proxy.is_none() && tls.is_none() {
+        let crate::l4config::ServiceUpstream { proxy, tls, http2 } = config.service_l4(&name);
+        if proxy.is_none() && tls.is_none() && !http2 {
             continue;
         }
         let tls = tls
             .map(|t| {
                 let alpn: &[&[u8]] = if tcp.contains(&name) {
                     &[]
+                } else if http2 {
+                    &[b"h2"]
                 } else {
                     &[b"http/1.1"]
                 };
@@ -90,7 +94,7 @@ pub fn upstream_map(
                 }
                 client
             });
-        out.insert(name, Arc::new(UpstreamOpts { proxy, tls }));
+        out.insert(name, Arc::new(UpstreamOpts { proxy, tls, http2 }));
     }
     Ok(out)
 }

@@ -392,7 +392,22 @@ pub fn client() -> HttpClient {
 pub fn read_response(
     r: &mut std::io::BufReader<std::net::TcpStream>,
 ) -> Result<(u16, Vec<(String, String)>)> {
-    use std::io::{BufRead as _, Read as _};
+    use std::io::Read as _;
+    let (status, headers) = read_head(r)?;
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap_or(0));
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok((status, headers))
+}
+
+/// An answer's head read off `r`: status and headers (lower-case names).
+pub fn read_head(
+    r: &mut std::io::BufReader<std::net::TcpStream>,
+) -> Result<(u16, Vec<(String, String)>)> {
+    use std::io::BufRead as _;
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status: u16 = line.split(' ').nth(1).unwrap_or("0").parse()?;
@@ -408,12 +423,6 @@ pub fn read_response(
             headers.push((n.to_ascii_lowercase(), v.trim().to_owned()));
         }
     }
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map_or(0, |(_, v)| v.parse().unwrap_or(0));
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
     Ok((status, headers))
 }
 
