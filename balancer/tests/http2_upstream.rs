@@ -2,10 +2,12 @@
 //! the instances over HTTP/2 on one shared connection each; an HTTP/2 client's call
 //! streams both ways at once and its trailers come back (a gRPC bidirectional call); an
 //! HTTP/1 client's body reaches the instance whole; a dead instance costs no failed
-//! request; an instance that restarts gets a new connection; `--check` refuses `http2`
-//! with `proxy_protocol`.
+//! request; an instance that restarts gets a new connection; over `[service.tls]` the
+//! balancer offers ALPN h2 and verifies the instance; `--check` refuses `http2` with
+//! `proxy_protocol`.
 
 mod common;
+mod l4kit;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -338,6 +340,58 @@ async fn dead_and_restarted_instances_cost_no_failed_request() -> Result<()> {
         );
     }
     assert_eq!(a2.accepted.load(Ordering::Relaxed), 1);
+    Ok(())
+}
+
+/// An HTTPS instance that speaks HTTP/2 only (its ALPN list is `h2` alone: a client that
+/// offers only http/1.1 fails the handshake) and answers with the protocol it agreed.
+async fn h2_tls_instance(pki: &wharf_tests::TestPki) -> Result<SocketAddr> {
+    let mut cfg = l4kit::server_config(pki, false)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let a = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(s) = acceptor.accept(s).await else {
+                    return;
+                };
+                let alpn = s
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map(|p| String::from_utf8_lossy(p).into_owned());
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let alpn = alpn.clone().unwrap_or_else(|| "none".into());
+                    async move {
+                        let body = format!("{alpn} {:?}", req.version());
+                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(
+                            body,
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_instance_is_reached_over_h2_by_alpn() -> Result<()> {
+    let pki = wharf_tests::TestPki::generate()?;
+    let up = h2_tls_instance(&pki).await?;
+    let tls = format!("tls = {{ ca = \"{}\" }}\n", pki.path("ca.crt").display());
+    let lb = Lb::start(&config(&[up], &tls)).await?;
+    let client = client();
+    for _ in 0..3 {
+        let (code, body) = get_with(&client, &lb.url("/")).await?;
+        assert_eq!((code.as_u16(), body.as_str()), (200, "h2 HTTP/2.0"));
+    }
     Ok(())
 }
 
