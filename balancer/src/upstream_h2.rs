@@ -93,9 +93,12 @@ pub fn parts_of(head: &[u8]) -> Result<(String, HeaderMap, Option<String>), BoxE
     Ok((target, map, authority))
 }
 
-/// A client body handed over whole (hyper's, from an HTTP/2 client).
-pub fn boxed(body: hyper::body::Incoming) -> H2Body {
-    body.map_err(BoxError::from).boxed()
+/// A client body handed over whole (hyper's, from an HTTP/2 client), cut off past
+/// `limit` bytes (the listener's `max_body_bytes`): the stream is then reset both ways,
+/// since the answer may have begun.
+pub fn boxed(body: hyper::body::Incoming, limit: u64) -> H2Body {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    http_body_util::Limited::new(body, limit).boxed()
 }
 
 #[cfg(test)]

@@ -343,6 +343,42 @@ async fn dead_and_restarted_instances_cost_no_failed_request() -> Result<()> {
     Ok(())
 }
 
+/// A call's body is cut off past the listener's `max_body_bytes`: the stream is reset
+/// (its answer had begun), and the connection serves the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_past_the_body_limit_is_reset() -> Result<()> {
+    let a = H2Backend::start("a").await?;
+    let text = config(&[a.addr], "").replace(
+        "bind = \"127.0.0.1:@PORT@\"\n",
+        "bind = \"127.0.0.1:@PORT@\"\nmax_body_bytes = 1000\n",
+    );
+    let lb = Lb::start(&text).await?;
+    let mut send = h2_connect(lb.port).await?;
+    let (mut tx, rx) = Channel::<Bytes, Infallible>::new(1);
+    let resp = send
+        .send_request(Request::post(lb.url("/echo")).body(rx)?)
+        .await?;
+    let mut body = resp.into_body();
+    tx.send_data(Bytes::from(vec![b'x'; 600])).await?;
+    let first = next_frame(&mut body).await?;
+    assert_eq!(first.data_ref().map(|d| d.len()), Some(600));
+    // 1,200 bytes in all: over the limit.
+    let _ = tx.send_data(Bytes::from(vec![b'y'; 600])).await;
+    let cut = tokio::time::timeout(WAIT, body.frame()).await?;
+    assert!(
+        matches!(cut, Some(Err(_))),
+        "the call went on past the limit: {cut:?}"
+    );
+    // The client's connection is still good.
+    let (tx, rx) = Channel::<Bytes, Infallible>::new(1);
+    drop(tx);
+    let resp = send
+        .send_request(Request::get(lb.url("/")).body(rx)?)
+        .await?;
+    assert_eq!(resp.into_body().collect().await?.to_bytes(), "a");
+    Ok(())
+}
+
 /// An HTTPS instance that speaks HTTP/2 only (its ALPN list is `h2` alone: a client that
 /// offers only http/1.1 fails the handshake) and answers with the protocol it agreed.
 async fn h2_tls_instance(pki: &wharf_tests::TestPki) -> Result<SocketAddr> {

@@ -66,7 +66,7 @@ where
     // The client's body: handed over (HTTP/2 client), pumped (HTTP/1 client), or none.
     let (body, mut pump): (H2Body, Option<Sender<Bytes, BoxError>>) =
         match req.body_mut().take_owned() {
-            Some(owned) => (upstream_h2::boxed(owned), None),
+            Some(owned) => (upstream_h2::boxed(owned, s.max_body_bytes), None),
             None if p.has_body => {
                 let (tx, rx) = Channel::<Bytes, BoxError>::new(1);
                 (rx.boxed(), Some(tx))
