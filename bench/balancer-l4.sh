@@ -21,6 +21,10 @@
 #   https-full the same on a second TLS frontend with resumption off on both (HAProxy
 #              `no-tls-tickets` and no session cache, the balancer `session_resumption =
 #              false`)                                       → full handshakes/s
+#   h2-up      GET / over plain HTTP/1.1 keep-alive to an HTTP frontend whose backend
+#              speaks HTTP/2 (nginx `listen … http2`, h2c; HAProxy `proto h2`, the
+#              balancer `http2 = true`): the gRPC path      → requests/s
+#              (not in the default TESTS: it measures an option, not an issue target)
 # and prints the balancer / HAProxy ratio of each (target: > 1), and the proxy's CPU time
 # (utime + stime from /proc) per request or per MiB with its ratio (target: < 1): the
 # efficiency figure, which holds up when other work on the machine disturbs throughput.
@@ -63,7 +67,7 @@ BIN=$(PROFILE=release build_bin BALANCER_BIN wharf-balancer balancer)
 
 bench_init
 chmod 755 "$WORK"  # nginx workers run as nobody
-BACK=$(free_port); TCP=$(free_port); TCPB=$(free_port); TLS=$(free_port); TLSF=$(free_port); ADMIN=$(free_port)
+BACK=$(free_port); BACKH2=$(free_port); H2UP=$(free_port); TCP=$(free_port); TCPB=$(free_port); TLS=$(free_port); TLSF=$(free_port); ADMIN=$(free_port)
 
 # Backend.
 mkdir -p "$WORK/nginx/logs" "$WORK/www"
@@ -79,6 +83,11 @@ http {
     keepalive_requests 1000000;
     server {
         listen 127.0.0.1:$BACK reuseport backlog=4096;
+        root $WORK/www;
+        location = / { try_files /index.html =404; }
+    }
+    server {
+        listen 127.0.0.1:$BACKH2 http2 backlog=4096;
         root $WORK/www;
         location = / { try_files /index.html =404; }
     }
@@ -125,6 +134,14 @@ backend http_be
     mode http
     http-reuse always
     server s1 127.0.0.1:$BACK
+frontend h2up_in
+    mode http
+    bind 127.0.0.1:$H2UP
+    default_backend h2_be
+backend h2_be
+    mode http
+    http-reuse always
+    server s1 127.0.0.1:$BACKH2 proto h2
 EOF
 
 cat >"$WORK/lb.toml" <<EOF
@@ -164,6 +181,17 @@ forwarded_headers = false
   [[listener.tls.certificate]]
   cert = "$WORK/cert.pem"
   key = "$WORK/key.pem"
+[[listener]]
+name = "h2up"
+bind = "127.0.0.1:$H2UP"
+forwarded_headers = false
+  [[listener.route]]
+  service = "web-h2"
+[[service]]
+name = "web-h2"
+http2 = true
+  [[service.endpoint]]
+  addr = "127.0.0.1:$BACKH2"
 [[service]]
 name = "raw"
   [[service.endpoint]]
@@ -248,6 +276,7 @@ measure() { # proxy
             https-ka) run "$p" https-ka "https://127.0.0.1:$TLS/" ;;
             https-hs) run "$p" https-hs "https://127.0.0.1:$TLS/" -H "Connection: close" ;;
             https-full) run "$p" https-full "https://127.0.0.1:$TLSF/" -H "Connection: close" ;;
+            h2-up) run "$p" h2-up "http://127.0.0.1:$H2UP/" ;;
             *) echo "balancer-l4: unknown test $k" >&2; exit 1 ;;
         esac
     done
