@@ -3,8 +3,8 @@
 //! streams both ways at once and its trailers come back (a gRPC bidirectional call); an
 //! HTTP/1 client's body reaches the instance whole; a dead instance costs no failed
 //! request; an instance that restarts gets a new connection; over `[service.tls]` the
-//! balancer offers ALPN h2 and verifies the instance; `--check` refuses `http2` with
-//! `proxy_protocol`.
+//! balancer offers ALPN h2 and verifies the instance; etcd instances drain without a
+//! failed call; `--check` refuses `http2` with `proxy_protocol`.
 
 mod common;
 mod l4kit;
@@ -34,6 +34,8 @@ struct H2Backend {
     addr: SocketAddr,
     /// Connections accepted since the start.
     accepted: Arc<AtomicU64>,
+    /// Connections open now.
+    open: Arc<AtomicU64>,
     kill: watch::Sender<bool>,
 }
 
@@ -46,8 +48,9 @@ impl H2Backend {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let accepted = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(AtomicU64::new(0));
         let (kill, kill_rx) = watch::channel(false);
-        let (name, count) = (name.to_owned(), accepted.clone());
+        let (name, count, open_in) = (name.to_owned(), accepted.clone(), open.clone());
         tokio::spawn(async move {
             let mut accept_kill = kill_rx.clone();
             loop {
@@ -58,6 +61,8 @@ impl H2Backend {
                 count.fetch_add(1, Ordering::Relaxed);
                 let name = name.clone();
                 let mut conn_kill = kill_rx.clone();
+                let open = open_in.clone();
+                open.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| answer(req, name.clone()));
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -67,12 +72,14 @@ impl H2Backend {
                         _ = conn => {}
                         _ = conn_kill.wait_for(|k| *k) => {}
                     }
+                    open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
         Ok(Self {
             addr,
             accepted,
+            open,
             kill,
         })
     }
@@ -428,6 +435,78 @@ async fn an_https_instance_is_reached_over_h2_by_alpn() -> Result<()> {
         let (code, body) = get_with(&client, &lb.url("/")).await?;
         assert_eq!((code.as_u16(), body.as_str()), (200, "h2 HTTP/2.0"));
     }
+    Ok(())
+}
+
+/// Instances found in etcd, with `http2` set in `[[upstream.service]]`: a drained instance
+/// stops getting calls at once, its connection closes once idle, and the calls under way
+/// all along fail none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_instances_drain_without_a_failed_call() -> Result<()> {
+    use catalog::Store as _;
+    let etcd = wharf_tests::EtcdServer::start()?;
+    let store = etcd.store().await?;
+    let ks = catalog::Keyspace::default();
+    let (a, b) = (H2Backend::start("a").await?, H2Backend::start("b").await?);
+    // No checker in this catalog: every serving instance is routed (panic mode).
+    let register = |id: &'static str, port: u16, state: &'static str| {
+        let (store, ks) = (&store, &ks);
+        async move {
+            let v = serde_json::json!({
+                "id": id, "service": "grpc", "version": "v1", "node": "n1",
+                "addr": "127.0.0.1", "port": port, "state": state,
+            });
+            let key = ks.instance(&"grpc".parse()?, &id.parse()?);
+            store.put(&key, v.to_string().into_bytes(), None).await?;
+            anyhow::Ok(())
+        }
+    };
+    register("n1-a-1", a.addr.port(), "serving").await?;
+    register("n1-b-1", b.addr.port(), "serving").await?;
+    let text = format!(
+        r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[discovery.etcd]
+endpoints = ["{}"]
+[[listener]]
+name = "web"
+bind = "127.0.0.1:@PORT@"
+  [[listener.route]]
+  service = "grpc"
+[[upstream.service]]
+name = "grpc"
+http2 = true
+"#,
+        etcd.endpoint()
+    );
+    let lb = Lb::start(&text).await?;
+    let load = Load::start(lb.url("/"), 8);
+    wharf_tests::eventually("calls on a and b", WAIT, || async {
+        (load.stats.count("a") > 50 && load.stats.count("b") > 50).then_some(())
+    })
+    .await?;
+    assert_eq!(b.open.load(Ordering::Relaxed), 1, "one connection to b");
+
+    register("n1-b-1", b.addr.port(), "draining").await?;
+    wharf_tests::eventually("b's connection closed", WAIT, || async {
+        (b.open.load(Ordering::Relaxed) == 0).then_some(())
+    })
+    .await?;
+    let on_b = load.stats.count("b");
+    let on_a = load.stats.count("a");
+    wharf_tests::eventually("a serves alone", WAIT, || async {
+        (load.stats.count("a") > on_a + 200).then_some(())
+    })
+    .await?;
+    assert_eq!(load.stats.count("b"), on_b, "b got calls after its drain");
+    let stats = load.stop().await;
+    assert_eq!(
+        stats.failed.load(Ordering::Relaxed),
+        0,
+        "failures: {:?}",
+        &stats.errors.lock().unwrap()[..]
+    );
     Ok(())
 }
 
