@@ -68,7 +68,9 @@ pub async fn open(addr: SocketAddr, opts: &Arc<UpstreamOpts>) -> io::Result<H2Co
 /// line names. Lines that HTTP/2 forbids (connection-specific ones) are left out;
 /// `TE: trailers` stays (gRPC).
 pub fn parts_of(head: &[u8]) -> Result<(String, HeaderMap, Option<String>), BoxError> {
-    let mut lines = [httparse::EMPTY_HEADER; 256];
+    // As many slots as the head has lines (a listener's `max_headers` has no fixed cap).
+    let count = head.windows(2).filter(|w| w == b"\r\n").count();
+    let mut lines = vec![httparse::EMPTY_HEADER; count];
     let mut req = httparse::Request::new(&mut lines);
     req.parse(head)?;
     let target = req.path.unwrap_or("/").to_owned();
@@ -121,5 +123,12 @@ mod tests {
         }
         let (_, map, _) = parts_of(b"GET / HTTP/1.1\r\nTE: gzip\r\n\r\n").unwrap();
         assert!(!map.contains_key("te"));
+        // Any number of lines.
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..1000 {
+            many.extend_from_slice(format!("x-{i}: {i}\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(parts_of(&many).unwrap().1.len(), 1000);
     }
 }
