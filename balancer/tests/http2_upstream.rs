@@ -510,6 +510,28 @@ http2 = true
     Ok(())
 }
 
+/// `http2` turned on by a SIGHUP applies to the next requests: an HTTP/2-only instance
+/// that HTTP/1.1 could not reach (502) answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_http2_on() -> Result<()> {
+    let a = H2Backend::start("a").await?;
+    let http2 = config(&[a.addr], "");
+    let lb = Lb::start(&http2.replace("http2 = true\n", "")).await?;
+    let client = client();
+    let (code, _) = get_with(&client, &lb.url("/")).await?;
+    assert_eq!(
+        code.as_u16(),
+        502,
+        "HTTP/1.1 reached an HTTP/2-only instance"
+    );
+    lb.write_config(&http2)?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    lb.reloads("ok", 1.0).await?;
+    let (code, body) = get_with(&client, &lb.url("/")).await?;
+    assert_eq!((code.as_u16(), body.as_str()), (200, "a"));
+    Ok(())
+}
+
 #[test]
 fn check_refuses_http2_with_a_proxy_header() -> Result<()> {
     let text = config(&["127.0.0.1:1".parse()?], "proxy_protocol = \"v2\"\n")
