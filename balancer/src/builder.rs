@@ -516,6 +516,7 @@ impl TableBuilder {
                 sticky_max_age: None,
                 retry_on: Vec::new(),
                 response_timeout: None,
+                allow_sources: Vec::new(),
                 request_headers: Default::default(),
                 response_headers: Default::default(),
             });
@@ -544,6 +545,7 @@ impl TableBuilder {
                     request_rules: r.request_headers.rules(),
                     response_timeout: r.response_timeout,
                     retry_on: r.retry_on.clone().into(),
+                    allow: crate::l4config::cidrs(&r.allow_sources),
                     response_rules: r.response_headers.rules(),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),

@@ -70,6 +70,7 @@ pub struct SetupConfig {
     /// followed on their own, these files are not).
     client_auth_files: [Option<Vec<u8>>; 2],
     proxy: Option<AcceptProxy>,
+    allow: Option<Box<[Cidr]>>,
     handshake_timeout: Duration,
 }
 
@@ -87,6 +88,7 @@ impl SetupConfig {
                 ca.and_then(|a| std::fs::read(a.crl.as_ref()?).ok()),
             ],
             proxy: l.proxy_protocol.clone(),
+            allow: crate::l4config::cidrs(&l.allow_sources),
             handshake_timeout: l.header_read_timeout,
         }
     }
@@ -111,6 +113,8 @@ pub struct ClientSetup {
     pub tls: Option<TlsListener>,
     /// `[listener.proxy_protocol]`: the trusted source ranges.
     pub proxy: Option<Vec<Cidr>>,
+    /// `allow_sources`: the clients served; `None`: every client.
+    pub allow: Option<Box<[Cidr]>>,
     /// Time for the PROXY header and the TLS handshake together.
     pub handshake_timeout: Duration,
     pub metrics: Arc<L4Metrics>,
@@ -131,6 +135,7 @@ impl ClientSetup {
             listener: l.name.get_ref().as_str().into(),
             tls,
             proxy: l.proxy_protocol.as_ref().map(|p| p.cidrs()),
+            allow: crate::l4config::cidrs(&l.allow_sources),
             handshake_timeout: l.header_read_timeout,
             metrics,
             config: SetupConfig::of(l),
@@ -139,7 +144,7 @@ impl ClientSetup {
 
     /// Nothing to do: the plain socket is used as it is.
     pub fn is_passthrough(&self) -> bool {
-        self.tls.is_none() && self.proxy.is_none()
+        self.tls.is_none() && self.proxy.is_none() && self.allow.is_none()
     }
 
     fn reject(&self, peer: SocketAddr, reason: &'static str, e: &dyn std::fmt::Display) {
@@ -150,8 +155,8 @@ impl ClientSetup {
             .inc();
     }
 
-    /// PROXY header, then TLS. `None`: the connection was refused or failed (logged and
-    /// counted); the caller just drops it.
+    /// PROXY header, then the client's source (`allow_sources`), then TLS. `None`: the
+    /// connection was refused or failed (logged and counted); the caller just drops it.
     pub async fn accept(&self, mut tcp: TcpStream, peer: SocketAddr) -> Option<Accepted> {
         let done = |io, client, destination| {
             Some(Accepted {
@@ -192,6 +197,16 @@ impl ClientSetup {
                 self.reject(peer, "untrusted", &"PROXY header from an untrusted source");
                 return None;
             }
+        }
+        // The real client (a trusted front balancer's announced one) is checked, and before
+        // any TLS handshake is paid for.
+        if !crate::l4config::allowed(self.allow.as_deref(), client.ip()) {
+            tracing::debug!(listener = %self.listener, %client, "client outside allow_sources");
+            self.metrics
+                .source_refused
+                .with_label_values(&[&self.listener])
+                .inc();
+            return None;
         }
         let Some(tls) = &self.tls else {
             return done(ClientIo::Plain(tcp), client, destination);

@@ -219,6 +219,10 @@ pub struct ListenerConfig {
     /// Accept PROXY protocol v1/v2 headers from a front load balancer (`[listener.proxy_protocol]`).
     #[serde(default)]
     pub proxy_protocol: Option<crate::l4config::AcceptProxy>,
+    /// Client networks (`10.0.0.0/8`, or an address) whose connections are served; others
+    /// are closed at once, before any TLS handshake. Empty: every client.
+    #[serde(default)]
+    pub allow_sources: Vec<Spanned<String>>,
 }
 
 /// `[[listener.route]]`: first match wins, in file order.
@@ -255,6 +259,10 @@ pub struct RouteConfig {
     /// long poll).
     #[serde(default, with = "catalog::model::opt_duration_str")]
     pub response_timeout: Option<Duration>,
+    /// Client networks whose requests this route serves; others get 403. Empty: every
+    /// client.
+    #[serde(default)]
+    pub allow_sources: Vec<Spanned<String>>,
     /// `[listener.route.request_headers]`: rules for the lines sent to the instance.
     #[serde(default)]
     pub request_headers: HeaderRulesConfig,

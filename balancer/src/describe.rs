@@ -50,6 +50,10 @@ fn options(r: &Route) -> String {
     if r.strip_prefix {
         o.push("prefix stripped".to_owned());
     }
+    if let Some(a) = &r.allow {
+        let nets: Vec<String> = a.iter().map(|c| c.to_string()).collect();
+        o.push(format!("clients from {} only", nets.join(", ")));
+    }
     if let Some(s) = &r.sticky {
         o.push(format!("sticky by cookie {}", s.name()));
     }

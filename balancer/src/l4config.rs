@@ -188,6 +188,21 @@ fn d_ready() -> std::time::Duration {
     std::time::Duration::from_secs(30)
 }
 
+/// An `allow_sources` list as networks (entries that do not parse were refused by the
+/// config check); `None` when empty: every client.
+pub fn cidrs(list: &[Spanned<String>]) -> Option<Box<[Cidr]>> {
+    (!list.is_empty()).then(|| {
+        list.iter()
+            .filter_map(|c| c.get_ref().parse().ok())
+            .collect()
+    })
+}
+
+/// Whether `ip` is in one of `allow` (`None`: every address is).
+pub fn allowed(allow: Option<&[Cidr]>, ip: IpAddr) -> bool {
+    allow.is_none_or(|nets| nets.iter().any(|c| c.contains(ip)))
+}
+
 /// An IPv4/IPv6 network, `10.0.0.0/8` or a bare address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -210,6 +225,12 @@ impl std::str::FromStr for Cidr {
                 .ok_or_else(|| format!("{s:?}: prefix length must be 0..={max}"))?
         };
         Ok(Self { net, bits })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.net, self.bits)
     }
 }
 
@@ -381,6 +402,23 @@ pub(crate) fn validate(
                         &format!("listener[{i}].tls.alpn"),
                         format!("{p:?} is not a valid ALPN protocol id"),
                     ));
+                }
+            }
+        }
+        for (j, t) in l.allow_sources.iter().enumerate() {
+            if let Err(e) = t.get_ref().parse::<Cidr>() {
+                return Err(err(
+                    t.span(),
+                    &format!("listener[{i}].allow_sources[{j}]"),
+                    e,
+                ));
+            }
+        }
+        for (k, r) in l.routes.iter().enumerate() {
+            for (j, t) in r.allow_sources.iter().enumerate() {
+                if let Err(e) = t.get_ref().parse::<Cidr>() {
+                    let key = format!("listener[{i}].route[{k}].allow_sources[{j}]");
+                    return Err(err(t.span(), &key, e));
                 }
             }
         }

@@ -23,6 +23,9 @@ pub struct L4Metrics {
     /// `nextUpdate` of the client-certificate CRLs read (absent without a CRL).
     pub tls_crl_next_update: GaugeVec,
     pub proxy_rejected: IntCounterVec,
+    /// `balancer_listener_refused_total{listener}`: connections from a source outside the
+    /// listener's `allow_sources`, closed at once.
+    pub source_refused: IntCounterVec,
     /// `balancer_upstream_tls_certificate_reloads_total{service,result}`: client
     /// certificates presented to instances, reloaded from disk (ok, error).
     pub upstream_tls_reloads: IntCounterVec,
@@ -158,6 +161,11 @@ impl L4Metrics {
                 "balancer_proxy_protocol_rejected_total",
                 "Connections rejected for their PROXY protocol header (untrusted, missing, malformed).",
                 &["listener", "reason"],
+            ),
+            source_refused: counter(
+                "balancer_listener_refused_total",
+                "Connections closed at once because their client is outside the listener's allow_sources.",
+                &["listener"],
             ),
             upstream_tls_reloads: counter(
                 "balancer_upstream_tls_certificate_reloads_total",

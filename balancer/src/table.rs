@@ -135,6 +135,8 @@ pub struct Route {
     pub retry_on: Box<[u16]>,
     /// Overrides the listener's response timeout (`response_timeout` on the route).
     pub response_timeout: Option<Duration>,
+    /// The client networks it serves (`allow_sources`); `None`: every client.
+    pub allow: Option<Box<[crate::l4config::Cidr]>>,
     /// `request_headers` / `response_headers` rules (`header_rules`).
     pub request_rules: Option<crate::header_rules::HeaderRules>,
     pub response_rules: Option<crate::header_rules::HeaderRules>,

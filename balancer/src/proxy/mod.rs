@@ -284,6 +284,11 @@ where
         served: std::sync::OnceLock::new(),
         request_id: std::sync::OnceLock::new(),
     };
+    if let Some(allow) = &route.allow
+        && !crate::l4config::allowed(Some(allow), conn.peer.ip())
+    {
+        return ctx.finish(None, plain(StatusCode::FORBIDDEN, "forbidden\n", false));
+    }
     let (method, path) = if ctx.settings.access_log {
         (
             Some(req.method().clone()),
