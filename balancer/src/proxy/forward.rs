@@ -383,7 +383,6 @@ pub(super) fn unanswered(last: Option<StatusCode>) -> Response<RespBody> {
 
 /// Accounts for an instance's answer (status page, outlier streak, the access log's
 /// instance); returns how long the request took to be answered.
-#[inline(always)]
 pub(super) fn answered(
     ctx: &Ctx<'_>,
     ep: &Arc<Endpoint>,
