@@ -81,6 +81,8 @@ pub struct TableBuilder {
     backend_states: HashSet<(Arc<str>, &'static str)>,
     /// Per-service upstream options (PROXY header, TLS), copied into every route.
     upstreams: Arc<HashMap<String, Arc<UpstreamOpts>>>,
+    /// Routes' rate limiters, kept across builds (`rate_limit`).
+    limiters: crate::rate_limit::Limiters,
 }
 
 impl TableBuilder {
@@ -98,6 +100,7 @@ impl TableBuilder {
             up_labels: HashSet::new(),
             backend_states: HashSet::new(),
             upstreams: Arc::default(),
+            limiters: Default::default(),
         };
         b.rebuild_static(true);
         b
@@ -517,10 +520,11 @@ impl TableBuilder {
                 retry_on: Vec::new(),
                 response_timeout: None,
                 allow_sources: Vec::new(),
+                rate_limit: None,
                 request_headers: Default::default(),
                 response_headers: Default::default(),
             });
-            for r in l.routes.iter().chain(tcp_route.iter()) {
+            for (index, r) in l.routes.iter().chain(tcp_route.iter()).enumerate() {
                 let sname: Arc<str> = r.service.get_ref().as_str().into();
                 let service = self
                     .static_services
@@ -546,6 +550,12 @@ impl TableBuilder {
                     response_timeout: r.response_timeout,
                     retry_on: r.retry_on.clone().into(),
                     allow: crate::l4config::cidrs(&r.allow_sources),
+                    rate_limit: r.rate_limit.map(|c| {
+                        let m = &self.metrics;
+                        self.limiters.get(&lname, index, c, || {
+                            m.rate_limited.with_label_values(&[&lname, &sname])
+                        })
+                    }),
                     response_rules: r.response_headers.rules(),
                     unpicked: self.class_counters(&lname, &sname, &none),
                     upstream: self.upstreams.get(&*sname).cloned(),
@@ -563,6 +573,7 @@ impl TableBuilder {
                 unrouted,
             });
         }
+        self.limiters.prune();
         self.metrics.table_builds.inc();
         RoutingTable {
             listeners,

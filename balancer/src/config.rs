@@ -263,6 +263,9 @@ pub struct RouteConfig {
     /// client.
     #[serde(default)]
     pub allow_sources: Vec<Spanned<String>>,
+    /// Requests per second per client (`rate_limit`); over it: 429.
+    #[serde(default)]
+    pub rate_limit: Option<crate::rate_limit::RateLimitConfig>,
     /// `[listener.route.request_headers]`: rules for the lines sent to the instance.
     #[serde(default)]
     pub request_headers: HeaderRulesConfig,

@@ -144,6 +144,13 @@ impl LbConfig {
                         })?;
                     }
                 }
+                if let Some(Err((k, m))) = r.rate_limit.as_ref().map(|l| l.check()) {
+                    return Err(err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].rate_limit.{k}"),
+                        m,
+                    ));
+                }
                 if let Some(code) = r.retry_on.iter().find(|c| !(400..=599).contains(*c)) {
                     return Err(err(
                         r.service.span(),

@@ -50,6 +50,14 @@ fn options(r: &Route) -> String {
     if r.strip_prefix {
         o.push("prefix stripped".to_owned());
     }
+    if let Some(l) = &r.rate_limit {
+        let c = l.config();
+        o.push(format!(
+            "{}/s per client, burst {}",
+            c.per_second,
+            c.burst()
+        ));
+    }
     if let Some(a) = &r.allow {
         let nets: Vec<String> = a.iter().map(|c| c.to_string()).collect();
         o.push(format!("clients from {} only", nets.join(", ")));

@@ -42,6 +42,7 @@ pub mod outlier;
 mod plain_or_tls;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod rate_limit;
 pub mod request_id;
 pub mod select;
 pub mod server;

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub active_connections: IntGaugeVec,
     /// `balancer_listener_full_total{listener}`: accepting paused at `max_connections`.
     pub listener_full: IntCounterVec,
+    /// `balancer_rate_limited_total{listener,service}`: requests answered 429 by a route's
+    /// `rate_limit`.
+    pub rate_limited: IntCounterVec,
     pub backends: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub discovery_events: IntCounter,
@@ -120,6 +123,17 @@ impl Metrics {
                     "Times a listener stopped accepting at its max_connections (new connections wait in the listen backlog).",
                 ),
                 &["listener"],
+            )
+            .unwrap(),
+        );
+        let rate_limited = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_rate_limited_total",
+                    "Requests answered 429 by a route's rate_limit (per client), by listener and service.",
+                ),
+                &["listener", "service"],
             )
             .unwrap(),
         );
@@ -225,6 +239,7 @@ impl Metrics {
             ejections,
             active_connections,
             listener_full,
+            rate_limited,
             backends,
             backend_up,
             discovery_events,

@@ -137,6 +137,8 @@ pub struct Route {
     pub response_timeout: Option<Duration>,
     /// The client networks it serves (`allow_sources`); `None`: every client.
     pub allow: Option<Box<[crate::l4config::Cidr]>>,
+    /// Requests per second per client (`rate_limit`).
+    pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
     /// `request_headers` / `response_headers` rules (`header_rules`).
     pub request_rules: Option<crate::header_rules::HeaderRules>,
     pub response_rules: Option<crate::header_rules::HeaderRules>,

@@ -101,6 +101,16 @@ pub fn plain(status: StatusCode, msg: &'static str, close: bool) -> Response<Res
     r
 }
 
+/// A `rate_limit`ed request's answer: 429 with the whole seconds until it may try again.
+#[cold]
+fn too_many(wait: Duration) -> Response<RespBody> {
+    let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "too many requests\n", false);
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    r
+}
+
 /// Everything needed to answer and account for one request.
 struct Ctx<'a> {
     route: &'a Route,
@@ -288,6 +298,11 @@ where
         && !crate::l4config::allowed(Some(allow), conn.peer.ip())
     {
         return ctx.finish(None, plain(StatusCode::FORBIDDEN, "forbidden\n", false));
+    }
+    if let Some(limit) = &route.rate_limit
+        && let Err(wait) = limit.check(conn.peer.ip(), start)
+    {
+        return ctx.finish(None, too_many(wait));
     }
     let (method, path) = if ctx.settings.access_log {
         (
