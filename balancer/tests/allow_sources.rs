@@ -10,9 +10,8 @@ mod l4kit;
 use std::net::SocketAddr;
 
 use anyhow::Result;
-use balancer::proxy_protocol::encode_v1;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 fn http_config(backend: &Backend) -> String {
@@ -69,15 +68,8 @@ async fn a_route_answers_403_to_clients_outside_its_networks() -> Result<()> {
 async fn the_client_a_trusted_proxy_header_announces_is_checked() -> Result<()> {
     let a = Backend::start("a").await?;
     let lb = Lb::start(&http_config(&a).replace("10.9.9.9", "127.0.0.1")).await?;
-    let dst: SocketAddr = format!("127.0.0.1:{}", lb.port).parse()?;
     for (client, want) in [("192.0.2.7:4000", "200"), ("198.51.100.1:4000", "403")] {
-        let mut s = TcpStream::connect(dst).await?;
-        let mut out = encode_v1(client.parse()?, dst);
-        out.extend_from_slice(b"GET /internal/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(&out).await?;
-        let mut back = Vec::new();
-        tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await??;
-        let back = String::from_utf8_lossy(&back);
+        let back = get_via_proxy_header(lb.port, client, "/internal/x").await?;
         assert!(
             back.starts_with(&format!("HTTP/1.1 {want}")),
             "{client}: {back}"

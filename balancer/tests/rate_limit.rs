@@ -6,13 +6,8 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use anyhow::Result;
-use balancer::proxy_protocol::encode_v1;
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// One token every 5 s, `burst` at once: a test never waits long enough for a refill.
 fn config(backend: &Backend, burst: u32, front: u16) -> String {
@@ -46,19 +41,6 @@ name = "web"
     )
 }
 
-/// The status and headers of a GET sent through the `front` listener on behalf of
-/// `client` (a PROXY v1 header announces it).
-async fn via_front(front: u16, client: &str) -> Result<String> {
-    let dst: SocketAddr = format!("127.0.0.1:{front}").parse()?;
-    let mut s = TcpStream::connect(dst).await?;
-    let mut out = encode_v1(client.parse()?, dst);
-    out.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(&out).await?;
-    let mut back = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut back)).await??;
-    Ok(String::from_utf8_lossy(&back).into_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gets_its_burst_then_429() -> Result<()> {
     let a = Backend::start("a").await?;
@@ -78,11 +60,11 @@ async fn a_client_gets_its_burst_then_429() -> Result<()> {
         assert_eq!(code.as_u16(), 200);
     }
     // Behind a trusted front balancer, each announced client has its own bucket.
-    let first = via_front(front, "192.0.2.1:1000").await?;
+    let first = get_via_proxy_header(front, "192.0.2.1:1000", "/").await?;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
-    let again = via_front(front, "192.0.2.1:1001").await?;
+    let again = get_via_proxy_header(front, "192.0.2.1:1001", "/").await?;
     assert!(again.starts_with("HTTP/1.1 429"), "{again}");
-    let other = via_front(front, "192.0.2.2:1000").await?;
+    let other = get_via_proxy_header(front, "192.0.2.2:1000", "/").await?;
     assert!(other.starts_with("HTTP/1.1 200"), "{other}");
 
     let m = lb.metrics().await?;

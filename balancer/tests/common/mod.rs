@@ -451,6 +451,25 @@ pub fn upgrade_echo(port: u16, path: &str, payload: &[u8]) -> Result<(String, Ve
     Ok((head, back))
 }
 
+/// A `GET path` with `Connection: close` sent to the listener on `port` after a PROXY v1
+/// header announcing `client` (`ip:port`), as a front balancer would: everything the
+/// balancer answered before closing.
+pub async fn get_via_proxy_header(port: u16, client: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dst: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut s = tokio::net::TcpStream::connect(dst).await?;
+    let mut out = balancer::proxy_protocol::encode_v1(client.parse()?, dst);
+    out.extend_from_slice(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    s.write_all(&out).await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut back))
+        .await
+        .context("no answer in time")??;
+    Ok(String::from_utf8_lossy(&back).into_owned())
+}
+
 /// An HTTP/2 client with prior knowledge (h2c), for the balancer's h2c listeners.
 pub fn h2c_client() -> HttpClient {
     Client::builder(TokioExecutor::new())
