@@ -318,6 +318,9 @@ pub struct StaticService {
     /// `[service.tls]`; one multiplexed connection per instance.
     #[serde(default)]
     pub http2: bool,
+    /// Active health checks of the endpoints (`[service.check]`, see `static_check`).
+    #[serde(default)]
+    pub check: Option<crate::static_check::StaticCheck>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

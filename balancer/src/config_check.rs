@@ -43,6 +43,9 @@ impl LbConfig {
                     "every version has share 0; nothing could be routed".into(),
                 ));
             }
+            if let Some(Err((k, m))) = s.check.as_ref().map(|c| c.check()) {
+                return Err(err(s.name.span(), &format!("service[{i}].check.{k}"), m));
+            }
             let mut addrs = HashSet::new();
             for (j, e) in s.endpoints.iter().enumerate() {
                 if !addrs.insert(*e.addr.get_ref()) {

@@ -46,6 +46,7 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod select;
 pub mod server;
+pub mod static_check;
 pub mod status;
 pub mod sticky;
 pub mod strip_prefix;
@@ -207,6 +208,9 @@ pub async fn run<S: Store>(
     };
     let mut builder = TableBuilder::new(opts.config.clone(), metrics.clone());
     builder.set_upstreams(upstreams);
+    // Static endpoints' checks report each change of verdict here (a table rebuild).
+    let (checks_tx, mut checks_rx) = mpsc::unbounded_channel();
+    static_check::spawn_new(&mut builder, &checks_tx);
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(builder.table()),
         metrics: metrics.clone(),
@@ -297,10 +301,17 @@ pub async fn run<S: Store>(
                         shared.table.store(Arc::new(builder.table()));
                         status.catalog_changed(&builder);
                     }
+                    Some(()) = checks_rx.recv() => {
+                        while checks_rx.try_recv().is_ok() {}
+                        builder.static_checks_changed();
+                        shared.table.store(Arc::new(builder.table()));
+                        status.catalog_changed(&builder);
+                    }
                     c = control.recv() => match c {
                         Some(Control::Reload) => {
         let failures = reload_failures(&shared);
                             reload(&mut config_path, &mut builder, &mut handles, &shared, &tracker, &shutdown_rx, &l4);
+                            static_check::spawn_new(&mut builder, &checks_tx);
                             status.reloaded(&builder, reload_failures(&shared) > failures);
                         }
                         Some(Control::HandOver) => {

@@ -13,16 +13,13 @@ use catalog::{
     CatalogView, Diff, HealthStatus, InstanceState, Protocol, ServiceName, ServiceView, Update,
 };
 
-use crate::config::{self, LbConfig};
+use crate::config::LbConfig;
 use crate::endpoint::Endpoint;
 use crate::metrics::{ClassCounters, Metrics};
-use crate::sticky::Sticky;
-use crate::table::{
-    Group, HostMatch, ListenerSettings, ListenerTable, Member, Route, RoutingTable, ServiceShared,
-    ServiceTable, TcpSettings,
-};
+use crate::table::{Group, Member, ServiceShared, ServiceTable};
 use crate::tcp::UpstreamOpts;
-use crate::version_pin::VersionPin;
+
+mod listeners;
 
 /// Why an instance is (not) routable; also the `state` label of `balancer_backends`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +80,8 @@ pub struct TableBuilder {
     upstreams: Arc<HashMap<String, Arc<UpstreamOpts>>>,
     /// Routes' rate limiters, kept across builds (`rate_limit`).
     limiters: crate::rate_limit::Limiters,
+    /// Static endpoints' active checks (`[service.check]`).
+    checks: crate::static_check::Checks,
 }
 
 impl TableBuilder {
@@ -101,6 +100,7 @@ impl TableBuilder {
             backend_states: HashSet::new(),
             upstreams: Arc::default(),
             limiters: Default::default(),
+            checks: Default::default(),
         };
         b.rebuild_static(true);
         b
@@ -114,10 +114,26 @@ impl TableBuilder {
         &self.catalog
     }
 
+    /// A static endpoint's check changed its verdict: its service is rebuilt.
+    pub fn static_checks_changed(&mut self) {
+        self.rebuild_static(false);
+    }
+
+    /// Checks created since the last call, whose tasks the caller starts
+    /// (`static_check::spawn`).
+    pub fn take_new_checks(&mut self) -> Vec<Arc<crate::static_check::CheckState>> {
+        self.checks.take_new()
+    }
+
     /// The upstream options the next tables carry (built with the configuration by
     /// `tcp::upstream_map`, which loads CA files).
     pub fn set_upstreams(&mut self, upstreams: Arc<HashMap<String, Arc<UpstreamOpts>>>) {
         self.upstreams = upstreams;
+        // Checked static endpoints are probed the way their requests connect: their
+        // checks follow the new options (the endpoints themselves are kept).
+        if self.config.services.iter().any(|s| s.check.is_some()) {
+            self.rebuild_static(true);
+        }
     }
 
     /// A new configuration (SIGHUP): static services and listeners are rebuilt, endpoints
@@ -309,17 +325,44 @@ impl TableBuilder {
     fn rebuild_static(&mut self, first: bool) {
         let config = self.config.clone();
         let mut names = HashSet::new();
+        let mut checked = HashSet::new();
         for s in &config.services {
             let sname: Arc<str> = s.name.get_ref().as_str().into();
             names.insert(sname.clone());
+            // Endpoints failing their `[service.check]` are left out, unless all are
+            // (panic mode, as for etcd services).
+            let opts = self.upstreams.get(&*sname).cloned();
+            let passing: Vec<bool> = (s.endpoints.iter())
+                .map(|e| match &s.check {
+                    Some(spec) => {
+                        checked.insert((sname.clone(), *e.addr.get_ref()));
+                        let c = self
+                            .checks
+                            .state(&sname, *e.addr.get_ref(), spec, opts.as_ref());
+                        c.is_up()
+                    }
+                    None => true,
+                })
+                .collect();
+            let panic = !passing.contains(&true) && !passing.is_empty();
             let mut keep = HashSet::new();
             let mut members = Vec::new();
-            for e in &s.endpoints {
+            let mut classes = Vec::new();
+            for (e, passes) in s.endpoints.iter().zip(passing) {
+                if !passes {
+                    classes.push(InstanceClass::Critical);
+                    if !panic {
+                        continue;
+                    }
+                }
                 let addr = *e.addr.get_ref();
                 let key: EpKey = (sname.clone(), addr.to_string().into());
                 keep.insert(key.1.clone());
                 let ep = self.endpoint(key, e.version.as_str(), addr, s.slow_start, !first);
                 if e.weight > 0 {
+                    if passes {
+                        classes.push(InstanceClass::Routable);
+                    }
                     members.push((ep, e.weight, e.version.as_str().to_owned()));
                 }
             }
@@ -329,11 +372,11 @@ impl TableBuilder {
                 .iter()
                 .map(|(v, w)| (v.as_str().to_owned(), *w))
                 .collect();
-            let classes = vec![InstanceClass::Routable; members.len()];
-            let table = self.assemble(sname.clone(), s.algorithm, &split, members, false);
+            let table = self.assemble(sname.clone(), s.algorithm, &split, members, panic);
             self.set_state_gauges(&sname, &classes);
             self.static_services.insert(sname, Arc::new(table));
         }
+        self.checks.retain(&checked);
         let gone: Vec<Arc<str>> = self
             .static_services
             .keys()
@@ -462,122 +505,6 @@ impl TableBuilder {
                 .backends
                 .with_label_values(&[service, class.label()])
                 .set(n);
-        }
-    }
-
-    fn class_counters(
-        &mut self,
-        listener: &Arc<str>,
-        service: &Arc<str>,
-        version: &Arc<str>,
-    ) -> ClassCounters {
-        let m = &self.metrics;
-        self.counters
-            .entry((listener.clone(), service.clone(), version.clone()))
-            .or_insert_with(|| m.classes(listener, service, version))
-            .clone()
-    }
-
-    /// Assembles the table every request reads.
-    pub fn table(&mut self) -> RoutingTable {
-        let config = self.config.clone();
-        let none: Arc<str> = "none".into();
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            let lname: Arc<str> = l.name.get_ref().as_str().into();
-            let up = &config.upstream;
-            let settings = ListenerSettings {
-                response_timeout: l.response_timeout.unwrap_or(up.response_timeout),
-                connect_timeout: up.connect_timeout,
-                max_body_bytes: l.max_body_bytes,
-                forwarded_headers: l.forwarded_headers,
-                request_id: (l.request_id_header.as_deref())
-                    .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
-                redirect_https: l.redirect_https.then_some(l.redirect_https_port),
-                retries: up.retries,
-                retry_budget_percent: up.retry_budget_percent,
-                access_log: config.access_log,
-                outlier_failures: up.outlier.consecutive_failures,
-                base_ejection: up.outlier.base_ejection,
-                max_ejection_percent: up.outlier.max_ejection_percent,
-                tcp: TcpSettings {
-                    idle_timeout: l.idle_timeout,
-                    drain_timeout: l.drain_timeout,
-                    bulk_batching: l.bulk_batching,
-                },
-            };
-            let mut routes = Vec::new();
-            // A tcp listener is one catch-all route to its service.
-            let tcp_route = l.service.as_ref().map(|s| config::RouteConfig {
-                host: None,
-                path_prefix: "/".into(),
-                service: s.clone(),
-                version_header: None,
-                version_cookie: None,
-                strip_prefix: false,
-                sticky_cookie: None,
-                sticky_max_age: None,
-                retry_on: Vec::new(),
-                response_timeout: None,
-                allow_sources: Vec::new(),
-                rate_limit: None,
-                request_headers: Default::default(),
-                response_headers: Default::default(),
-            });
-            for (index, r) in l.routes.iter().chain(tcp_route.iter()).enumerate() {
-                let sname: Arc<str> = r.service.get_ref().as_str().into();
-                let service = self
-                    .static_services
-                    .get(&sname)
-                    .or_else(|| self.etcd_services.get(&sname))
-                    .cloned();
-                let by_version = service
-                    .as_ref()
-                    .map(|s| {
-                        s.versions
-                            .iter()
-                            .map(|v| self.class_counters(&lname, &sname, v))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                routes.push(Route {
-                    host: HostMatch::parse(r.host.as_deref()),
-                    path_prefix: r.path_prefix.as_str().into(),
-                    pin: VersionPin::new(r.version_header.as_deref(), r.version_cookie.as_deref()),
-                    strip_prefix: r.strip_prefix,
-                    sticky: (r.sticky_cookie.as_deref()).map(|c| Sticky::new(c, r.sticky_max_age)),
-                    request_rules: r.request_headers.rules(),
-                    response_timeout: r.response_timeout,
-                    retry_on: r.retry_on.clone().into(),
-                    allow: crate::l4config::cidrs(&r.allow_sources),
-                    rate_limit: r.rate_limit.map(|c| {
-                        let m = &self.metrics;
-                        self.limiters.get(&lname, index, c, || {
-                            m.rate_limited.with_label_values(&[&lname, &sname])
-                        })
-                    }),
-                    response_rules: r.response_headers.rules(),
-                    unpicked: self.class_counters(&lname, &sname, &none),
-                    upstream: self.upstreams.get(&*sname).cloned(),
-                    service_name: sname,
-                    service,
-                    by_version,
-                });
-            }
-            let unrouted = self.class_counters(&lname, &none, &none);
-            listeners.push(ListenerTable {
-                name: lname,
-                protocol: l.protocol,
-                settings,
-                routes,
-                unrouted,
-            });
-        }
-        self.limiters.prune();
-        self.metrics.table_builds.inc();
-        RoutingTable {
-            listeners,
-            revision: self.catalog.revision,
         }
     }
 }
