@@ -139,6 +139,8 @@ pub struct Route {
     pub allow: Option<Box<[crate::l4config::Cidr]>>,
     /// Requests per second per client (`rate_limit`).
     pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
+    /// `allow` or `rate_limit` is set: the client is checked before anything else.
+    pub checks_clients: bool,
     /// `request_headers` / `response_headers` rules (`header_rules`).
     pub request_rules: Option<crate::header_rules::HeaderRules>,
     pub response_rules: Option<crate::header_rules::HeaderRules>,

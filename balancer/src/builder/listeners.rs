@@ -88,6 +88,7 @@ impl TableBuilder {
                     })
                     .unwrap_or_default();
                 routes.push(Route {
+                    checks_clients: !r.allow_sources.is_empty() || r.rate_limit.is_some(),
                     host: HostMatch::parse(r.host.as_deref()),
                     path_prefix: r.path_prefix.as_str().into(),
                     pin: VersionPin::new(r.version_header.as_deref(), r.version_cookie.as_deref()),
