@@ -266,6 +266,9 @@ pub struct RouteConfig {
     /// Requests per second per client (`rate_limit`); over it: 429.
     #[serde(default)]
     pub rate_limit: Option<crate::rate_limit::RateLimitConfig>,
+    /// A share of the route's GET/HEAD requests copied to one version (`mirror`).
+    #[serde(default)]
+    pub mirror: Option<crate::mirror::MirrorConfig>,
     /// `[listener.route.request_headers]`: rules for the lines sent to the instance.
     #[serde(default)]
     pub request_headers: HeaderRulesConfig,

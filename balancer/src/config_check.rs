@@ -147,6 +147,13 @@ impl LbConfig {
                         })?;
                     }
                 }
+                if let Some(Err((k, m))) = r.mirror.as_ref().map(|l| l.check()) {
+                    return Err(err(
+                        r.service.span(),
+                        &format!("listener[{i}].route[{j}].mirror.{k}"),
+                        m,
+                    ));
+                }
                 if let Some(Err((k, m))) = r.rate_limit.as_ref().map(|l| l.check()) {
                     return Err(err(
                         r.service.span(),

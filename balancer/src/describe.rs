@@ -50,6 +50,12 @@ fn options(r: &Route) -> String {
     if r.strip_prefix {
         o.push("prefix stripped".to_owned());
     }
+    if let Some(m) = &r.mirror {
+        o.push(format!(
+            "{}% of GET/HEAD mirrored to {}",
+            m.percent, m.version
+        ));
+    }
     if let Some(l) = &r.rate_limit {
         let c = l.config();
         o.push(format!(

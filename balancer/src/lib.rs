@@ -38,6 +38,7 @@ pub mod header_rules;
 pub mod l4config;
 pub mod l4metrics;
 pub mod metrics;
+pub mod mirror;
 pub mod outlier;
 mod plain_or_tls;
 pub mod proxy;

@@ -23,6 +23,9 @@ pub struct Metrics {
     /// `balancer_rate_limited_total{listener,service}`: requests answered 429 by a route's
     /// `rate_limit`.
     pub rate_limited: IntCounterVec,
+    /// `balancer_mirrored_requests_total{service,version,result}`: copies sent by routes'
+    /// `mirror` (result: 2xx-5xx, error, timeout, no_instance).
+    pub mirrored: IntCounterVec,
     pub backends: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub discovery_events: IntCounter,
@@ -137,6 +140,17 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let mirrored = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_mirrored_requests_total",
+                    "Copies of requests sent by routes' mirror to one version, by the copy's result (answers are thrown away).",
+                ),
+                &["service", "version", "result"],
+            )
+            .unwrap(),
+        );
         let backends = reg(
             &r,
             IntGaugeVec::new(
@@ -240,6 +254,7 @@ impl Metrics {
             active_connections,
             listener_full,
             rate_limited,
+            mirrored,
             backends,
             backend_up,
             discovery_events,

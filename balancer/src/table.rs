@@ -141,6 +141,8 @@ pub struct Route {
     pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
     /// `allow` or `rate_limit` is set: the client is checked before anything else.
     pub checks_clients: bool,
+    /// A share of its GET/HEAD requests copied to one version (`mirror`).
+    pub mirror: Option<Box<crate::mirror::Mirror>>,
     /// `request_headers` / `response_headers` rules (`header_rules`).
     pub request_rules: Option<crate::header_rules::HeaderRules>,
     pub response_rules: Option<crate::header_rules::HeaderRules>,

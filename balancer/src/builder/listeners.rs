@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::config;
 use crate::metrics::ClassCounters;
+use crate::mirror::Mirror;
 use crate::sticky::Sticky;
 use crate::table::{HostMatch, ListenerSettings, ListenerTable, Route, RoutingTable, TcpSettings};
 use crate::version_pin::VersionPin;
@@ -68,6 +69,7 @@ impl TableBuilder {
                 response_timeout: None,
                 allow_sources: Vec::new(),
                 rate_limit: None,
+                mirror: None,
                 request_headers: Default::default(),
                 response_headers: Default::default(),
             });
@@ -89,6 +91,8 @@ impl TableBuilder {
                     .unwrap_or_default();
                 routes.push(Route {
                     checks_clients: !r.allow_sources.is_empty() || r.rate_limit.is_some(),
+                    mirror: (r.mirror.as_ref())
+                        .map(|c| Box::new(Mirror::new(c, self.metrics.mirrored.clone()))),
                     host: HostMatch::parse(r.host.as_deref()),
                     path_prefix: r.path_prefix.as_str().into(),
                     pin: VersionPin::new(r.version_header.as_deref(), r.version_cookie.as_deref()),

@@ -135,6 +135,11 @@ where
     } else {
         wanted(route, headers, svc)
     };
+    if let Some(m) = &route.mirror {
+        m.maybe_copy(req.method(), has_body || upgrade, &head, || {
+            mirror_target(ctx)
+        });
+    }
     if let Some(opts) = route.upstream.as_ref().filter(|o| o.http2) {
         // Boxed: rare, and its future would otherwise sit in every request's.
         let te_trailers = headers.iter().any(|(n, v)| {
@@ -401,6 +406,22 @@ pub(super) fn answered(
         ep.record_success();
     }
     elapsed
+}
+
+/// Where a route's `mirror` copies go: its service over HTTP/1.1 (plain or TLS); none for
+/// services whose connections speak HTTP/2 or carry a PROXY header (which would have to
+/// name a client the copy does not have).
+fn mirror_target(ctx: &Ctx<'_>) -> Option<crate::mirror::Target> {
+    let opts = ctx.route.upstream.clone();
+    if opts.as_ref().is_some_and(|o| o.http2 || o.proxy.is_some()) {
+        return None;
+    }
+    Some(crate::mirror::Target {
+        service: ctx.route.service.clone()?,
+        opts,
+        connect_timeout: ctx.settings.connect_timeout,
+        response_timeout: (ctx.route.response_timeout).unwrap_or(ctx.settings.response_timeout),
+    })
 }
 
 /// `forward` to a service whose instances speak HTTP/2 (see `forward_h2`).
