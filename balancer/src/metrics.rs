@@ -24,7 +24,7 @@ pub struct Metrics {
     /// `rate_limit`.
     pub rate_limited: IntCounterVec,
     /// `balancer_mirrored_requests_total{service,version,result}`: copies sent by routes'
-    /// `mirror` (result: 2xx-5xx, error, timeout, no_instance).
+    /// `mirror` (result: 2xx-5xx, error, timeout, no_instance, skipped).
     pub mirrored: IntCounterVec,
     pub backends: IntGaugeVec,
     pub backend_up: IntGaugeVec,

@@ -9,7 +9,9 @@
 //! real request gets (same forwarded headers, rules, request id), plus `X-Mirrored-By:
 //! wharf`. It never delays or changes the real request: it starts in its own task, and
 //! its failures are counted (`balancer_mirrored_requests_total{service,version,result}`)
-//! but do not eject instances or count in the route's answers.
+//! but do not eject instances or count in the route's answers. At most `max_in_flight`
+//! copies of a route are under way at once: a slow or hanging shadow makes the next copies
+//! skipped (result `skipped`), not pile up as tasks and sockets.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,10 +37,17 @@ pub struct MirrorConfig {
     /// allowed); default 100.
     #[serde(default = "d_percent")]
     pub percent: f64,
+    /// Copies of this route under way at once at most; more are skipped.
+    #[serde(default = "d_max_in_flight")]
+    pub max_in_flight: u32,
 }
 
 fn d_percent() -> f64 {
     100.0
+}
+
+fn d_max_in_flight() -> u32 {
+    256
 }
 
 impl MirrorConfig {
@@ -50,6 +59,9 @@ impl MirrorConfig {
         if self.version.is_empty() {
             return Err(("version", "names no version".into()));
         }
+        if self.max_in_flight == 0 {
+            return Err(("max_in_flight", "must be at least 1".into()));
+        }
         Ok(())
     }
 }
@@ -60,6 +72,8 @@ pub struct Mirror {
     pub percent: f64,
     /// A request is copied when a random `u64` falls below this.
     below: u64,
+    /// One permit per copy under way (`max_in_flight`).
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// `balancer_mirrored_requests_total`.
     counter: IntCounterVec,
 }
@@ -78,6 +92,7 @@ impl Mirror {
             version: c.version.as_str().into(),
             percent: c.percent,
             below: (c.percent / 100.0 * u64::MAX as f64) as u64,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight as usize)),
             counter,
         }
     }
@@ -110,6 +125,10 @@ impl Mirror {
             self.count(&target.service.name, "no_instance");
             return;
         };
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.count(&target.service.name, "skipped");
+            return;
+        };
         // The head with one more line, before its blank line.
         let mut copy = Vec::with_capacity(head.len() + 24);
         copy.extend_from_slice(&head[..head.len().saturating_sub(2)]);
@@ -117,6 +136,7 @@ impl Mirror {
         let counter = self.counter.clone();
         let (method, version) = (method.clone(), self.version.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let result = send(&target, v, &copy, &method).await;
             counter
                 .with_label_values(&[&target.service.name, &version, result])
@@ -207,11 +227,17 @@ mod tests {
         let c = |percent| MirrorConfig {
             version: "v2".into(),
             percent,
+            max_in_flight: 1,
         };
         assert!(c(100.0).check().is_ok());
         assert!(c(0.5).check().is_ok());
         assert_eq!(c(0.0).check().unwrap_err().0, "percent");
         assert_eq!(c(150.0).check().unwrap_err().0, "percent");
         assert_eq!(c(f64::NAN).check().unwrap_err().0, "percent");
+        let none = MirrorConfig {
+            max_in_flight: 0,
+            ..c(1.0)
+        };
+        assert_eq!(none.check().unwrap_err().0, "max_in_flight");
     }
 }

@@ -129,6 +129,41 @@ async fn a_share_is_copied_and_a_dead_shadow_costs_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A shadow that takes connections and never answers: at most `max_in_flight` copies wait
+/// on it, the others are skipped and counted, and the clients see nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_to_a_hanging_shadow_are_bounded() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let a = Backend::start("a").await?;
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hang_addr = hang.local_addr()?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hang.accept().await {
+            count.fetch_add(1, Ordering::Relaxed);
+            held.push(s);
+        }
+    });
+    let lb = Lb::start(&config(a.addr, hang_addr, ", max_in_flight = 2")).await?;
+    let client = client();
+    for _ in 0..10 {
+        let (code, body) = get_with(&client, &lb.url("/")).await?;
+        assert_eq!((code.as_u16(), body.as_str()), (200, "a"));
+    }
+    eventually("8 copies skipped", WAIT, || async {
+        (mirrored(&lb, "skipped").await == 8.0).then_some(())
+    })
+    .await?;
+    eventually("2 copies waiting on the shadow", WAIT, || async {
+        (accepted.load(Ordering::Relaxed) == 2).then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
 #[test]
 fn check_refuses_a_share_over_100() -> Result<()> {
     route_option_refused(
