@@ -4,8 +4,8 @@
 //! reads; this module gives static endpoints the same kind of verdict.
 //!
 //! One task per checked endpoint probes it every `interval`: a TCP connect, or with `path`
-//! an HTTP/1.1 `GET` answered 2xx, over the service's own way in (PROXY header, TLS: the
-//! `upstream_io::open` every request uses). `fall` failures in a row take the endpoint out
+//! a `GET` answered 2xx (HTTP/1.1, or HTTP/2 for an `http2` service), over the service's
+//! own way in (PROXY header, TLS: the `upstream_io::open` every request uses). `fall` failures in a row take the endpoint out
 //! of the table, `rise` successes bring it back; each flip asks the run loop for a table
 //! rebuild, which treats a failing endpoint like a critical etcd instance (retired: idle
 //! connections closed, in-flight requests finish; all of a service failing → panic mode,
@@ -213,6 +213,9 @@ async fn run(weak: Weak<CheckState>, spec: StaticCheck, flipped: mpsc::Unbounded
 /// One probe: connect (PROXY header and TLS as the service's requests), then for an HTTP
 /// check a `GET` whose status line must say 2xx.
 async fn probe(s: &CheckState) -> Result<(), String> {
+    if let (Some(o), Some(path)) = (s.opts.as_ref().filter(|o| o.http2), &s.spec.path) {
+        return probe_h2(s.addr, o, path).await;
+    }
     let mut io = match &s.opts {
         Some(o) => upstream_io::open(s.addr, o, s.addr, s.addr).await,
         None => upstream_io::connect_tcp(s.addr)
@@ -246,6 +249,29 @@ async fn probe(s: &CheckState) -> Result<(), String> {
             "answered {:?}",
             String::from_utf8_lossy(&other[..n.min(12)])
         )),
+    }
+}
+
+/// An HTTP check of an `http2` service: a `GET` on a connection of its own (not the
+/// endpoint's shared one, which the check must not keep alive), 2xx passes.
+async fn probe_h2(addr: SocketAddr, opts: &Arc<UpstreamOpts>, path: &str) -> Result<(), String> {
+    let mut c = crate::upstream_h2::open(addr, opts)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    let req = http::Request::get(format!("{scheme}://{addr}{path}"))
+        .header(http::header::USER_AGENT, "wharf-balancer-check")
+        .body(crate::upstream_h2::empty())
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = c
+        .send
+        .send_request(req)
+        .await
+        .map_err(|e| format!("HTTP/2: {e}"))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("answered {}", resp.status()))
     }
 }
 

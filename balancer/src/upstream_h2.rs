@@ -95,6 +95,13 @@ pub fn parts_of(head: &[u8]) -> Result<(String, HeaderMap, Option<String>), BoxE
     Ok((target, map, authority))
 }
 
+/// A request without a body.
+pub fn empty() -> H2Body {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 /// A client body handed over whole (hyper's, from an HTTP/2 client), cut off past
 /// `limit` bytes (the listener's `max_body_bytes`): the stream is then reset both ways,
 /// since the answer may have begun.

@@ -122,6 +122,9 @@ async fn answer(req: Request<Incoming>, name: String) -> Result<Response<EchoBod
             }
             let _ = tx.send_trailers(trailers(&name)).await;
         });
+    } else if req.uri().path() == "/status/503" {
+        resp = resp.status(503);
+        drop(tx);
     } else {
         resp = resp.header("x-method", req.method().as_str());
         tokio::spawn(async move {
@@ -529,6 +532,42 @@ async fn a_reload_turns_http2_on() -> Result<()> {
     lb.reloads("ok", 1.0).await?;
     let (code, body) = get_with(&client, &lb.url("/")).await?;
     assert_eq!((code.as_u16(), body.as_str()), (200, "a"));
+    Ok(())
+}
+
+/// `[service.check]` with a path on an `http2` service asks over HTTP/2: an instance that
+/// answers 200 stays in (a probe over HTTP/1.1 would fail it), one that answers 503 goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_checks_of_http2_instances_speak_http2() -> Result<()> {
+    let a = H2Backend::start("a").await?;
+    let check = |path: &str| {
+        format!("  [service.check]\n  path = \"{path}\"\n  interval = \"50ms\"\n  fall = 1\n")
+    };
+    let lb = Lb::start(&config(&[a.addr], &check("/ok"))).await?;
+    // Each probe opens a connection of its own: five of them have run.
+    wharf_tests::eventually("five probes", WAIT, || async {
+        (a.accepted.load(Ordering::Relaxed) >= 6).then_some(())
+    })
+    .await?;
+    let m = lb.metrics().await?;
+    let state = |s: &str| {
+        sample(
+            &m,
+            &format!(r#"balancer_backends{{service="grpc",state="{s}"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!((state("routable"), state("critical")), (1.0, 0.0));
+
+    lb.write_config(&config(&[a.addr], &check("/status/503")))?;
+    lb.signal(nix::sys::signal::Signal::SIGHUP);
+    lb.reloads("ok", 1.0).await?;
+    wharf_tests::eventually("a critical", WAIT, || async {
+        let m = lb.metrics().await.ok()?;
+        let s = r#"balancer_backends{service="grpc",state="critical"}"#;
+        (sample(&m, s)? == 1.0).then_some(())
+    })
+    .await?;
     Ok(())
 }
 

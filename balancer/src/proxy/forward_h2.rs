@@ -23,7 +23,7 @@ use crate::header_rules::Answer;
 use crate::select;
 use crate::table::ServiceTable;
 use crate::tcp::UpstreamOpts;
-use crate::upstream_h2::{self, H2Body};
+use crate::upstream_h2::{self, H2Body, empty};
 
 use super::forward::{Tries, answered, body_refused, no_answer, unanswered};
 use super::headers::{idempotent, strip_hop_by_hop};
@@ -187,12 +187,6 @@ where
     }
     abort(pump.take());
     ctx.finish(None, unanswered(last))
-}
-
-fn empty() -> H2Body {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed()
 }
 
 /// The upstream request: the target and header lines of the HTTP/1 head, the authority
