@@ -324,6 +324,13 @@ pub struct StaticService {
     /// Active health checks of the endpoints (`[service.check]`, see `static_check`).
     #[serde(default)]
     pub check: Option<crate::static_check::StaticCheck>,
+    /// Requests in flight per instance at most; more wait (`queue`).
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    /// How long a request waits for an instance below `max_requests`; default: the
+    /// upstream connect timeout.
+    #[serde(default, with = "catalog::model::opt_duration_str")]
+    pub queue_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -43,6 +43,10 @@ impl LbConfig {
                     "every version has share 0; nothing could be routed".into(),
                 ));
             }
+            if s.max_requests == Some(0) {
+                let key = format!("service[{i}].max_requests");
+                return Err(err(s.name.span(), &key, "must be at least 1".into()));
+            }
             if let Some(Err((k, m))) = s.check.as_ref().map(|c| c.check()) {
                 return Err(err(s.name.span(), &format!("service[{i}].check.{k}"), m));
             }

@@ -45,6 +45,9 @@ pub struct Endpoint {
     idle_timeout: Duration,
     /// Answers, errors and latencies for the status page (relaxed atomics only).
     pub stats: crate::status::RequestStats,
+    /// The service's queue of requests waiting for a slot (`max_requests`), told of every
+    /// request that finishes here.
+    queue: Option<Arc<crate::queue::SlotQueue>>,
 }
 
 impl Endpoint {
@@ -80,7 +83,14 @@ impl Endpoint {
             max_idle,
             idle_timeout,
             stats: Default::default(),
+            queue: None,
         }
+    }
+
+    /// The endpoint reports its freed slots to `queue` (its service's).
+    pub fn with_queue(mut self, queue: Arc<crate::queue::SlotQueue>) -> Self {
+        self.queue = Some(queue);
+        self
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -235,7 +245,12 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Sequentially consistent against the queue's waiter count (see `queue`); the
+        // same instruction as a relaxed one on x86.
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(q) = &self.0.queue {
+            q.released();
+        }
     }
 }
 

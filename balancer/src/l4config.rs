@@ -146,6 +146,11 @@ pub struct ServiceL4 {
     /// The instances speak HTTP/2 (see `[[service]]`'s `http2`).
     #[serde(default)]
     pub http2: bool,
+    /// See `[[service]]`'s `max_requests` and `queue_timeout`.
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    #[serde(default, with = "catalog::model::opt_duration_str")]
+    pub queue_timeout: Option<std::time::Duration>,
 }
 
 /// How the balancer talks to a service's instances: `[[service]]` or
@@ -282,6 +287,23 @@ impl LbConfig {
             },
             None => ServiceUpstream::default(),
         }
+    }
+
+    /// `max_requests` of `service` (its `[[service]]`, else its `[[upstream.service]]`),
+    /// with its queue timeout.
+    pub fn service_limit(&self, service: &str) -> Option<crate::table::SlotLimit> {
+        let named = |n: &Spanned<ServiceName>| n.get_ref().as_str() == service;
+        let (max, timeout) = match self.services.iter().find(|s| named(&s.name)) {
+            Some(s) => (s.max_requests, s.queue_timeout),
+            None => {
+                let s = self.upstream.services.iter().find(|s| named(&s.name))?;
+                (s.max_requests, s.queue_timeout)
+            }
+        };
+        Some(crate::table::SlotLimit {
+            max: max?,
+            queue_timeout: timeout.unwrap_or(self.upstream.connect_timeout),
+        })
     }
 
     /// Services reached by `tcp` listeners (their etcd instances must be `protocol = tcp`).
@@ -503,6 +525,10 @@ pub(crate) fn validate(
         }
         if let Some(t) = &s.tls {
             tls_ok(t, format!("upstream.service[{i}].tls"), s.name.span())?;
+        }
+        if s.max_requests == Some(0) {
+            let key = format!("upstream.service[{i}].max_requests");
+            return Err(err(s.name.span(), &key, "must be at least 1".into()));
         }
         if s.http2 {
             let table = format!("upstream.service[{i}]");

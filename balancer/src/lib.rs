@@ -43,6 +43,7 @@ pub mod outlier;
 mod plain_or_tls;
 pub mod proxy;
 pub mod proxy_protocol;
+pub mod queue;
 pub mod rate_limit;
 pub mod request_id;
 pub mod select;

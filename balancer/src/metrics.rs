@@ -26,6 +26,12 @@ pub struct Metrics {
     /// `balancer_mirrored_requests_total{service,version,result}`: copies sent by routes'
     /// `mirror` (result: 2xx-5xx, error, timeout, no_instance, skipped).
     pub mirrored: IntCounterVec,
+    /// `balancer_queued_requests_total{service}`: requests that waited for an instance
+    /// below its `max_requests`.
+    pub queued: IntCounterVec,
+    /// `balancer_queue_timeouts_total{service}`: of those, the ones answered 503 after
+    /// `queue_timeout`.
+    pub queue_timeouts: IntCounterVec,
     pub backends: IntGaugeVec,
     pub backend_up: IntGaugeVec,
     pub discovery_events: IntCounter,
@@ -137,6 +143,28 @@ impl Metrics {
                     "Requests answered 429 by a route's rate_limit (per client), by listener and service.",
                 ),
                 &["listener", "service"],
+            )
+            .unwrap(),
+        );
+        let queued = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_queued_requests_total",
+                    "Requests that waited because every instance of their service was at its max_requests.",
+                ),
+                &["service"],
+            )
+            .unwrap(),
+        );
+        let queue_timeouts = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "balancer_queue_timeouts_total",
+                    "Queued requests answered 503 because no instance had a free slot within queue_timeout.",
+                ),
+                &["service"],
             )
             .unwrap(),
         );
@@ -255,6 +283,8 @@ impl Metrics {
             listener_full,
             rate_limited,
             mirrored,
+            queued,
+            queue_timeouts,
             backends,
             backend_up,
             discovery_events,

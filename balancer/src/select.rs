@@ -69,6 +69,12 @@ pub fn pick<'a>(
         if tried.contains(&(std::sync::Arc::as_ptr(&m.ep) as usize)) {
             return false;
         }
+        // An instance at its `max_requests` takes no more (see `queue`).
+        if let Some(l) = &svc.limit
+            && m.ep.in_flight() >= l.max
+        {
+            return false;
+        }
         if ejection && m.ep.ejected_until() != 0 {
             let t = *ms.get_or_insert_with(now_ms);
             return !m.ep.is_ejected(t);
@@ -244,7 +250,15 @@ mod tests {
             groups: vec![Group::new(members)],
             shares: vec![],
             panic: false,
-            shared: Arc::new(ServiceShared::new(c(), c(), c(), c(), c())),
+            limit: None,
+            shared: Arc::new(ServiceShared::new(
+                c(),
+                c(),
+                c(),
+                c(),
+                c(),
+                crate::queue::SlotQueue::new(c(), c()),
+            )),
         }
     }
 

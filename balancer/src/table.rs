@@ -159,6 +159,8 @@ pub struct ServiceShared {
     /// Retries of a route's `retry_on` answers.
     pub retries_status: IntCounter,
     pub ejections: IntCounter,
+    /// Requests waiting for an instance below its `max_requests`.
+    pub queue: Arc<crate::queue::SlotQueue>,
 }
 
 const TOKEN_CAP: i64 = 1000;
@@ -170,6 +172,7 @@ impl ServiceShared {
         retries_reset: IntCounter,
         retries_status: IntCounter,
         ejections: IntCounter,
+        queue: crate::queue::SlotQueue,
     ) -> Self {
         Self {
             // A floor of 10 retries so a quiet service can still retry.
@@ -179,6 +182,7 @@ impl ServiceShared {
             retries_reset,
             retries_status,
             ejections,
+            queue: Arc::new(queue),
         }
     }
 
@@ -235,7 +239,16 @@ pub struct ServiceTable {
     pub by_sticky_id: HashMap<u64, Member>,
     /// Routing to all serving instances because none passed (or no checker is alive).
     pub panic: bool,
+    /// `max_requests` per instance and how long a request waits for one (`queue`).
+    pub limit: Option<SlotLimit>,
     pub shared: Arc<ServiceShared>,
+}
+
+/// A service's `max_requests` and `queue_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlotLimit {
+    pub max: u32,
+    pub queue_timeout: Duration,
 }
 
 impl ServiceTable {
@@ -339,7 +352,14 @@ mod tests {
     #[test]
     fn retry_budget_is_bounded() {
         let c = || IntCounter::new("x", "x").unwrap();
-        let s = ServiceShared::new(c(), c(), c(), c(), c());
+        let s = ServiceShared::new(
+            c(),
+            c(),
+            c(),
+            c(),
+            c(),
+            crate::queue::SlotQueue::new(c(), c()),
+        );
         let mut granted = 0;
         while s.withdraw() {
             granted += 1;

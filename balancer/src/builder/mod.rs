@@ -198,6 +198,10 @@ impl TableBuilder {
                     m.retries.with_label_values(&[name, "reset"]),
                     m.retries.with_label_values(&[name, "status"]),
                     m.ejections.with_label_values(&[name]),
+                    crate::queue::SlotQueue::new(
+                        m.queued.with_label_values(&[name]),
+                        m.queue_timeouts.with_label_values(&[name]),
+                    ),
                 ))
             })
             .clone()
@@ -219,16 +223,20 @@ impl TableBuilder {
             }
             ep.retire();
         }
+        let queue = self.shared_for(&key.0).queue.clone();
         let up = &self.config.upstream;
-        let ep = Arc::new(Endpoint::new(
-            key.0.clone(),
-            key.1.clone(),
-            version.into(),
-            addr,
-            ramp.then_some(slow_start),
-            up.max_idle_per_endpoint,
-            up.pool_idle_timeout,
-        ));
+        let ep = Arc::new(
+            Endpoint::new(
+                key.0.clone(),
+                key.1.clone(),
+                version.into(),
+                addr,
+                ramp.then_some(slow_start),
+                up.max_idle_per_endpoint,
+                up.pool_idle_timeout,
+            )
+            .with_queue(queue),
+        );
         self.endpoints.insert(key, ep.clone());
         ep
     }
@@ -475,6 +483,7 @@ impl TableBuilder {
                 shares.clear();
             }
         }
+        let limit = self.config.service_limit(&name);
         ServiceTable {
             name,
             algorithm,
@@ -485,6 +494,7 @@ impl TableBuilder {
             by_sticky_id,
             panic,
             shared,
+            limit,
         }
     }
 

@@ -166,7 +166,18 @@ where
     let mut tries = Tries::default();
     // The answer if no attempt succeeds: none made (no instance) is a 503.
     let mut last: Option<StatusCode> = None;
-    while let Some(member) = select::pick(svc, want, &tries.tried, ctx.start) {
+    loop {
+        let member = match select::pick(svc, want, &tries.tried, ctx.start) {
+            Some(m) => m,
+            // Every instance at its `max_requests`: wait for a slot (rare, so boxed).
+            None if svc.limit.is_some() => {
+                match crate::queue::wait_boxed(svc, want, &tries.tried, ctx.start).await {
+                    Some(m) => m,
+                    None => break,
+                }
+            }
+            None => break,
+        };
         let ep = member.ep.clone();
         let version = member.version;
         let in_flight = ep.start_request();

@@ -78,7 +78,18 @@ where
     let response_timeout = ctx.route.response_timeout.unwrap_or(s.response_timeout);
     let mut tries = Tries::default();
     let mut last: Option<StatusCode> = None;
-    while let Some(member) = select::pick(svc, p.want, &tries.tried, ctx.start) {
+    loop {
+        let member = match select::pick(svc, p.want, &tries.tried, ctx.start) {
+            Some(m) => m,
+            // Every instance at its `max_requests`: wait for a slot (rare, so boxed).
+            None if svc.limit.is_some() => {
+                match crate::queue::wait_boxed(svc, p.want, &tries.tried, ctx.start).await {
+                    Some(m) => m,
+                    None => break,
+                }
+            }
+            None => break,
+        };
         let ep = member.ep.clone();
         let version = member.version;
         let in_flight = ep.start_request();

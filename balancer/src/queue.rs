@@ -1,0 +1,100 @@
+//! A service's `max_requests`: requests in flight per instance at most (HAProxy's `maxconn`
+//! on a `server` line, Envoy's circuit-breaker `max_requests` per host). The pick skips
+//! instances at their limit; when every instance of the service is, the request waits in
+//! the service's queue for a slot, up to `queue_timeout` (HAProxy's `timeout queue`), then
+//! gets 503. An instance is never sent more than it is known to take, and a burst above
+//! the fleet's capacity waits briefly instead of failing at once.
+//!
+//! The wake-up: a request that finishes on an instance of the service (`InFlight` drops)
+//! notifies one waiter, if any waits. A waiter registers before it looks again, and both
+//! sides use sequentially consistent operations on the two counters (the instance's
+//! in-flight count and the queue's waiters), so a slot freed while a request decides to
+//! wait is never missed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use prometheus::IntCounter;
+use tokio::sync::Notify;
+
+use crate::select::{self, Wanted};
+use crate::table::{Member, ServiceTable};
+
+/// The waiters of one service; kept across routing-table swaps (in `ServiceShared`), and
+/// shared by its endpoints, which report freed slots to it.
+pub struct SlotQueue {
+    waiting: AtomicUsize,
+    freed: Notify,
+    /// `balancer_queued_requests_total{service}`.
+    pub queued: IntCounter,
+    /// `balancer_queue_timeouts_total{service}`.
+    pub timeouts: IntCounter,
+}
+
+impl SlotQueue {
+    pub fn new(queued: IntCounter, timeouts: IntCounter) -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
+            queued,
+            timeouts,
+        }
+    }
+
+    /// A request on an instance of the service finished (called after its in-flight
+    /// count went down).
+    #[inline]
+    pub fn released(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_one();
+        }
+    }
+}
+
+/// [`wait_for_slot`], boxed and built out of line: the request path only pays for it when
+/// it waits.
+#[cold]
+#[inline(never)]
+pub fn wait_boxed<'a>(
+    svc: &'a ServiceTable,
+    want: Wanted,
+    tried: &'a [usize],
+    start: Instant,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<&'a Member>> + Send + 'a>> {
+    Box::pin(wait_for_slot(svc, want, tried, start))
+}
+
+/// After a pick found nothing on a service with `max_requests`: waits for an instance
+/// below its limit, until `start + queue_timeout`. `None` when no instance is left to try
+/// at all, or when the wait timed out (counted).
+pub async fn wait_for_slot<'a>(
+    svc: &'a ServiceTable,
+    want: Wanted,
+    tried: &[usize],
+    start: Instant,
+) -> Option<&'a Member> {
+    let limit = svc.limit.as_ref()?;
+    let untried = |m: &Member| !tried.contains(&(std::sync::Arc::as_ptr(&m.ep) as usize));
+    if !(svc.groups.iter().flat_map(|g| g.members.iter())).any(untried) {
+        return None;
+    }
+    let q = &svc.shared.queue;
+    let deadline = tokio::time::Instant::from_std(start + limit.queue_timeout);
+    q.queued.inc();
+    q.waiting.fetch_add(1, Ordering::SeqCst);
+    let picked = loop {
+        let notified = q.freed.notified();
+        tokio::pin!(notified);
+        // Registered before looking again: a slot freed from here on wakes this waiter.
+        notified.as_mut().enable();
+        if let Some(m) = select::pick(svc, want, tried, start) {
+            break Some(m);
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            q.timeouts.inc();
+            break None;
+        }
+    };
+    q.waiting.fetch_sub(1, Ordering::SeqCst);
+    picked
+}
