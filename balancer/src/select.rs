@@ -211,7 +211,6 @@ mod tests {
     use super::*;
     use crate::endpoint::Endpoint;
     use crate::table::{Group, ServiceShared};
-    use prometheus::IntCounter;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -237,7 +236,6 @@ mod tests {
                 version: 0,
             })
             .collect();
-        let c = || IntCounter::new("x", "x").unwrap();
         ServiceTable {
             name: "s".into(),
             algorithm,
@@ -251,14 +249,7 @@ mod tests {
             shares: vec![],
             panic: false,
             limit: None,
-            shared: Arc::new(ServiceShared::new(
-                c(),
-                c(),
-                c(),
-                c(),
-                c(),
-                crate::queue::SlotQueue::new(c(), c()),
-            )),
+            shared: Arc::new(ServiceShared::unregistered()),
         }
     }
 

@@ -166,6 +166,20 @@ pub struct ServiceShared {
 const TOKEN_CAP: i64 = 1000;
 
 impl ServiceShared {
+    /// With counters registered nowhere (unit tests).
+    #[cfg(test)]
+    pub fn unregistered() -> Self {
+        let c = || IntCounter::new("x", "x").unwrap();
+        Self::new(
+            c(),
+            c(),
+            c(),
+            c(),
+            c(),
+            crate::queue::SlotQueue::new(c(), c()),
+        )
+    }
+
     pub fn new(
         connect_errors: IntCounter,
         retries_connect: IntCounter,
@@ -351,15 +365,7 @@ mod tests {
 
     #[test]
     fn retry_budget_is_bounded() {
-        let c = || IntCounter::new("x", "x").unwrap();
-        let s = ServiceShared::new(
-            c(),
-            c(),
-            c(),
-            c(),
-            c(),
-            crate::queue::SlotQueue::new(c(), c()),
-        );
+        let s = ServiceShared::unregistered();
         let mut granted = 0;
         while s.withdraw() {
             granted += 1;

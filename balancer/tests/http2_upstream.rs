@@ -573,9 +573,7 @@ async fn static_checks_of_http2_instances_speak_http2() -> Result<()> {
 
 #[test]
 fn check_refuses_http2_with_a_proxy_header() -> Result<()> {
-    let text = config(&["127.0.0.1:1".parse()?], "proxy_protocol = \"v2\"\n")
-        .replace("@ADMIN@", "1")
-        .replace("@PORT@", "2");
+    let text = config(&["127.0.0.1:1".parse()?], "proxy_protocol = \"v2\"\n");
     let err = check_refuses(&text)?;
     assert!(err.contains("service[0].http2"), "{err}");
     Ok(())

@@ -149,9 +149,7 @@ async fn no_slot_within_the_queue_timeout_is_a_503() -> Result<()> {
 
 #[test]
 fn check_refuses_a_limit_of_zero() -> Result<()> {
-    let text = config(&["127.0.0.1:1".parse()?], "max_requests = 0")
-        .replace("@ADMIN@", "2")
-        .replace("@PORT@", "3");
+    let text = config(&["127.0.0.1:1".parse()?], "max_requests = 0");
     let err = check_refuses(&text)?;
     assert!(err.contains("service[0].max_requests"), "{err}");
     Ok(())

@@ -143,9 +143,7 @@ async fn all_failing_are_all_routed() -> Result<()> {
 
 #[test]
 fn check_refuses_settings_that_cannot_work() -> Result<()> {
-    let text = config(&["127.0.0.1:1".parse()?], "  [service.check]\n  fall = 0\n")
-        .replace("@ADMIN@", "2")
-        .replace("@PORT@", "3");
+    let text = config(&["127.0.0.1:1".parse()?], "  [service.check]\n  fall = 0\n");
     let err = check_refuses(&text)?;
     assert!(err.contains("service[0].check.fall"), "{err}");
     Ok(())

@@ -350,12 +350,13 @@ impl Drop for Lb {
 
 pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Runs `balancer --check` on `text` written to a file `lb.toml`, expects it to refuse the
-/// file, and returns what it printed on stderr.
+/// Runs `balancer --check` on `text` written to a file `lb.toml` (its `@ADMIN@` / `@PORT@`
+/// placeholders filled with ports nobody binds: `--check` binds nothing), expects it to
+/// refuse the file, and returns what it printed on stderr.
 pub fn check_refuses(text: &str) -> Result<String> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("lb.toml");
-    std::fs::write(&path, text)?;
+    std::fs::write(&path, text.replace("@ADMIN@", "2").replace("@PORT@", "3"))?;
     let out = check(&path)?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     anyhow::ensure!(!out.status.success(), "--check accepted the file: {err}");
