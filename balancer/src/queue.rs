@@ -51,6 +51,15 @@ impl SlotQueue {
     }
 }
 
+/// Why [`wait_for_slot`] found no instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// Every instance has been tried already: nothing to wait for.
+    Exhausted,
+    /// No instance got below its limit within `queue_timeout` (counted).
+    TimedOut,
+}
+
 /// [`wait_for_slot`], boxed and built out of line: the request path only pays for it when
 /// it waits.
 #[cold]
@@ -60,23 +69,24 @@ pub fn wait_boxed<'a>(
     want: Wanted,
     tried: &'a [usize],
     start: Instant,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<&'a Member>> + Send + 'a>> {
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<&'a Member, NoSlot>> + Send + 'a>> {
     Box::pin(wait_for_slot(svc, want, tried, start))
 }
 
 /// After a pick found nothing on a service with `max_requests`: waits for an instance
-/// below its limit, until `start + queue_timeout`. `None` when no instance is left to try
-/// at all, or when the wait timed out (counted).
+/// below its limit, until `start + queue_timeout`.
 pub async fn wait_for_slot<'a>(
     svc: &'a ServiceTable,
     want: Wanted,
     tried: &[usize],
     start: Instant,
-) -> Option<&'a Member> {
-    let limit = svc.limit.as_ref()?;
+) -> Result<&'a Member, NoSlot> {
+    let Some(limit) = svc.limit.as_ref() else {
+        return Err(NoSlot::Exhausted);
+    };
     let untried = |m: &Member| !tried.contains(&(std::sync::Arc::as_ptr(&m.ep) as usize));
     if !(svc.groups.iter().flat_map(|g| g.members.iter())).any(untried) {
-        return None;
+        return Err(NoSlot::Exhausted);
     }
     let q = &svc.shared.queue;
     let deadline = tokio::time::Instant::from_std(start + limit.queue_timeout);
@@ -88,11 +98,11 @@ pub async fn wait_for_slot<'a>(
         // Registered before looking again: a slot freed from here on wakes this waiter.
         notified.as_mut().enable();
         if let Some(m) = select::pick(svc, want, tried, start) {
-            break Some(m);
+            break Ok(m);
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             q.timeouts.inc();
-            break None;
+            break Err(NoSlot::TimedOut);
         }
     };
     q.waiting.fetch_sub(1, Ordering::SeqCst);

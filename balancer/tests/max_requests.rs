@@ -134,8 +134,11 @@ async fn no_slot_within_the_queue_timeout_is_a_503() -> Result<()> {
         (a.now.load(Ordering::SeqCst) == 1).then_some(())
     })
     .await?;
-    let (code, _) = get_with(&client, &lb.url("/sleep/0")).await?;
-    assert_eq!(code.as_u16(), 503);
+    let (code, body) = get_with(&client, &lb.url("/sleep/0")).await?;
+    assert_eq!(
+        (code.as_u16(), body.as_str()),
+        (503, "every instance is at its max_requests\n")
+    );
     let m = lb.metrics().await?;
     assert_eq!(
         sample(&m, r#"balancer_queue_timeouts_total{service="web"}"#),

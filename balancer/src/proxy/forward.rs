@@ -172,8 +172,12 @@ where
             // Every instance at its `max_requests`: wait for a slot (rare, so boxed).
             None if svc.limit.is_some() => {
                 match crate::queue::wait_boxed(svc, want, &tries.tried, ctx.start).await {
-                    Some(m) => m,
-                    None => break,
+                    Ok(m) => m,
+                    Err(crate::queue::NoSlot::TimedOut) => {
+                        last = Some(StatusCode::SERVICE_UNAVAILABLE);
+                        break;
+                    }
+                    Err(crate::queue::NoSlot::Exhausted) => break,
                 }
             }
             None => break,
@@ -380,12 +384,18 @@ pub(super) fn body_refused(too_large: bool) -> Response<RespBody> {
 }
 
 /// The answer when no attempt got one: the last attempt's failure (504 for a connect
-/// timeout, else 502), or 503 when there was no instance to try.
+/// timeout, 503 when every instance stayed at its `max_requests`, else 502), or 503 when
+/// there was no instance to try.
 pub(super) fn unanswered(last: Option<StatusCode>) -> Response<RespBody> {
     match last {
         Some(StatusCode::GATEWAY_TIMEOUT) => plain(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream connect timed out\n",
+            false,
+        ),
+        Some(StatusCode::SERVICE_UNAVAILABLE) => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "every instance is at its max_requests\n",
             false,
         ),
         Some(_) => plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n", false),

@@ -84,8 +84,12 @@ where
             // Every instance at its `max_requests`: wait for a slot (rare, so boxed).
             None if svc.limit.is_some() => {
                 match crate::queue::wait_boxed(svc, p.want, &tries.tried, ctx.start).await {
-                    Some(m) => m,
-                    None => break,
+                    Ok(m) => m,
+                    Err(crate::queue::NoSlot::TimedOut) => {
+                        last = Some(StatusCode::SERVICE_UNAVAILABLE);
+                        break;
+                    }
+                    Err(crate::queue::NoSlot::Exhausted) => break,
                 }
             }
             None => break,
