@@ -107,7 +107,9 @@ async fn instances_never_take_more_than_their_limit_and_a_burst_waits() -> Resul
         "max_requests = 2\nqueue_timeout = \"10s\"",
     ))
     .await?;
-    let codes = burst(&lb, "/sleep/100", 12).await?;
+    // Each request takes 1 s: all 12 arrive while the first 4 are in flight, even on a
+    // loaded machine.
+    let codes = burst(&lb, "/sleep/1000", 12).await?;
     assert_eq!(codes, vec![200; 12]);
     assert_eq!(a.max.load(Ordering::SeqCst), 2);
     assert_eq!(b.max.load(Ordering::SeqCst), 2);
