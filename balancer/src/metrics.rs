@@ -313,7 +313,7 @@ impl Metrics {
                 .with_label_values(&[listener, service, version, code])
         };
         ClassCounters {
-            classes: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            classes: CLASSES.map(c),
             duration: self
                 .duration
                 .with_label_values(&[listener, service, version]),
@@ -335,9 +335,18 @@ pub struct ClassCounters {
     duration: Histogram,
 }
 
+/// The status classes counted, as labels; [`class_of`] indexes them.
+pub const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The index in [`CLASSES`] of `status`.
+#[inline]
+pub fn class_of(status: u16) -> usize {
+    (status / 100).clamp(1, 5) as usize - 1
+}
+
 impl ClassCounters {
     pub fn inc(&self, status: u16) {
-        let i = (status / 100).clamp(1, 5) as usize - 1;
+        let i = class_of(status);
         self.classes[i].inc();
     }
 

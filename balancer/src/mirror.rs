@@ -207,12 +207,7 @@ async fn send(t: &Target, v: usize, head: &[u8], method: &Method) -> &'static st
         Some(status)
     };
     match tokio::time::timeout(t.response_timeout, exchange).await {
-        Ok(Some(s)) => match s.as_u16() {
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        },
+        Ok(Some(s)) => crate::metrics::CLASSES[crate::metrics::class_of(s.as_u16())],
         Ok(None) => "error",
         Err(_) => "timeout",
     }

@@ -60,6 +60,14 @@ pub enum NoSlot {
     TimedOut,
 }
 
+impl NoSlot {
+    /// What the client gets if no other attempt answers: 503 after a timed-out wait (see
+    /// `proxy::forward::unanswered`); nothing of its own when there was nothing to wait for.
+    pub fn answer(self) -> Option<http::StatusCode> {
+        (self == NoSlot::TimedOut).then_some(http::StatusCode::SERVICE_UNAVAILABLE)
+    }
+}
+
 /// [`wait_for_slot`], boxed and built out of line: the request path only pays for it when
 /// it waits.
 #[cold]

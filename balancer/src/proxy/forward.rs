@@ -173,11 +173,10 @@ where
             None if svc.limit.is_some() => {
                 match crate::queue::wait_boxed(svc, want, &tries.tried, ctx.start).await {
                     Ok(m) => m,
-                    Err(crate::queue::NoSlot::TimedOut) => {
-                        last = Some(StatusCode::SERVICE_UNAVAILABLE);
+                    Err(no_slot) => {
+                        last = no_slot.answer().or(last);
                         break;
                     }
-                    Err(crate::queue::NoSlot::Exhausted) => break,
                 }
             }
             None => break,
