@@ -143,25 +143,7 @@ fn trailers(name: &str) -> http::HeaderMap {
 }
 
 fn config(addrs: &[SocketAddr], extra: &str) -> String {
-    let mut c = String::from(
-        r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "web"
-bind = "127.0.0.1:@PORT@"
-  [[listener.route]]
-  service = "grpc"
-[[service]]
-name = "grpc"
-http2 = true
-"#,
-    );
-    c.push_str(extra);
-    for a in addrs {
-        c.push_str(&format!("  [[service.endpoint]]\n  addr = \"{a}\"\n"));
-    }
-    c
+    service_config("grpc", &format!("http2 = true\n{extra}"), addrs)
 }
 
 /// An HTTP/2 (h2c) connection to the balancer.

@@ -63,24 +63,7 @@ impl Counting {
 }
 
 fn config(addrs: &[SocketAddr], limits: &str) -> String {
-    let mut c = format!(
-        r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "web"
-bind = "127.0.0.1:@PORT@"
-  [[listener.route]]
-  service = "web"
-[[service]]
-name = "web"
-{limits}
-"#
-    );
-    for a in addrs {
-        c.push_str(&format!("  [[service.endpoint]]\n  addr = \"{a}\"\n"));
-    }
-    c
+    service_config("web", &format!("{limits}\n"), addrs)
 }
 
 /// `n` GETs of `path` at once; their statuses.

@@ -14,25 +14,11 @@ use common::*;
 use wharf_tests::eventually;
 
 fn config(endpoints: &[SocketAddr], check: &str) -> String {
-    let mut c = String::from(
-        r#"
-[admin]
-bind = "127.0.0.1:@ADMIN@"
-[[listener]]
-name = "web"
-bind = "127.0.0.1:@PORT@"
-  [[listener.route]]
-  service = "web"
-[[service]]
-name = "web"
-algorithm = "round_robin"
-"#,
-    );
-    c.push_str(check);
-    for a in endpoints {
-        c.push_str(&format!("  [[service.endpoint]]\n  addr = \"{a}\"\n"));
-    }
-    c
+    service_config(
+        "web",
+        &format!("algorithm = \"round_robin\"\n{check}"),
+        endpoints,
+    )
 }
 
 /// `balancer_backends{service="web",state}`, 0 when absent.

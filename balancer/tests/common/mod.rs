@@ -63,6 +63,29 @@ name = "web"
     )
 }
 
+/// An lb.toml with one HTTP listener (`@PORT@`) routing everything to the static service
+/// `name`: its table gets `service_lines` (each ending in a newline) and one endpoint per
+/// address of `endpoints`.
+pub fn service_config(name: &str, service_lines: &str, endpoints: &[SocketAddr]) -> String {
+    let mut c = format!(
+        r#"
+[admin]
+bind = "127.0.0.1:@ADMIN@"
+[[listener]]
+name = "web"
+bind = "127.0.0.1:@PORT@"
+  [[listener.route]]
+  service = "{name}"
+[[service]]
+name = "{name}"
+{service_lines}"#
+    );
+    for a in endpoints {
+        c.push_str(&format!("  [[service.endpoint]]\n  addr = \"{a}\"\n"));
+    }
+    c
+}
+
 /// A real HTTP/1.1 backend. Paths: `/slow/<ms>` answers after a delay, `/headers` echoes
 /// the request head, `/mirror` answers `METHOD target\n` and the body it read, `/upgrade` switches to a byte echo, `/status/<code>` answers that code,
 /// anything else answers the backend's name; a backend named `fail*` answers 500 to all. Every answer carries `x-backend`.
