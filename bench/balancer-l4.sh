@@ -47,7 +47,10 @@
 #           CARGO_TARGET_DIR [/work/target-l4] (release build of the balancer),
 #           BALANCER_BIN (measure that binary, no build), KEEP_TMP=1 (keep the work dir),
 #           BUSY_POLLING=1 (both proxies poll without sleeping: HAProxy `busy-polling`, the
-#           balancer `busy_polling = true`; the CPU columns then count the spinning too).
+#           balancer `busy_polling = true`; the CPU columns then count the spinning too),
+#           CPU_BUDGET=PERCENT (each proxy gets only that share of its core, a cgroup CPU
+#           quota: the proxy, not the load generator's core, is then what runs out, so the
+#           throughput ratio is the proxies' own; bench/lib.sh cpu_budget_init, needs root).
 # Needs: haproxy nginx wrk openssl taskset curl python3 (Debian packages), a Rust toolchain.
 # Cleanup: every process started is killed by PID on exit (bench/lib.sh).
 set -euo pipefail
@@ -67,6 +70,7 @@ BIN=$(PROFILE=release build_bin BALANCER_BIN wharf-balancer balancer)
 
 bench_init
 chmod 755 "$WORK"  # nginx workers run as nobody
+if [[ -n ${CPU_BUDGET:-} ]]; then cpu_budget_init "$CPU_BUDGET"; fi
 BACK=$(free_port); BACKH2=$(free_port); H2UP=$(free_port); TCP=$(free_port); TCPB=$(free_port); TLS=$(free_port); TLSF=$(free_port); ADMIN=$(free_port)
 
 # Backend.
@@ -284,8 +288,8 @@ measure() { # proxy
 
 start_proxy() { # name
     case $1 in
-        haproxy) taskset -c "$PROXY_CPUS" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 & ;;
-        balancer) RUST_LOG=warn taskset -c "$PROXY_CPUS" "$BIN" --config "$WORK/lb.toml" --threads 1 >"$WORK/balancer.log" 2>&1 & ;;
+        haproxy) taskset -c "$PROXY_CPUS" "${IN_BUDGET[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 & ;;
+        balancer) RUST_LOG=warn taskset -c "$PROXY_CPUS" "${IN_BUDGET[@]}" "$BIN" --config "$WORK/lb.toml" --threads 1 >"$WORK/balancer.log" 2>&1 & ;;
     esac
     PROXY_PID=$!
     track "$PROXY_PID"
@@ -293,7 +297,7 @@ start_proxy() { # name
 }
 stop_proxy() { kill "$PROXY_PID" 2>/dev/null || true; wait "$PROXY_PID" 2>/dev/null || true; sleep 0.3; }
 
-echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS BUSY_POLLING=${BUSY_POLLING:-0}"
+echo "# $(haproxy -v | head -n1), wrk $(wrk -v 2>&1 | head -n1 | awk '{print $2}'), DURATION=${DURATION}s CONNS=$CONNS proxy on CPU $PROXY_CPUS BUSY_POLLING=${BUSY_POLLING:-0} CPU_BUDGET=${CPU_BUDGET:-none}"
 declare -A SUM CSUM GSUM PS
 PAIRS=$WORK/pairs  # one line per round and test: round test haproxy balancer, steal% of each
 for round in $(seq "$ROUNDS"); do

@@ -20,6 +20,12 @@
 # more lines per request on the load generator's core: ~4 % fewer req/s, session 6).
 # BUSY_POLLING=1 runs the balancer with `busy_polling = true` (the harness's HAProxy has no
 # `busy-polling`; at ~98 % busy it hardly sleeps anyway); its CPU column then counts the spin.
+#
+# CPU_BUDGET=PERCENT gives each proxy only that share of its core (a cgroup CPU quota,
+# bench/lib.sh cpu_budget_init; HAProxy through a `haproxy` on the harness's PATH that
+# joins the group first). On 2 cores the load generator's core otherwise sets req/s for
+# every proxy (the cap printed at the end); under a budget the proxy is what runs out, so
+# the req/s ratio is the proxies' own. Needs root.
 set -euo pipefail
 
 . "$(dirname "$0")/lib.sh"
@@ -51,6 +57,7 @@ if [[ ${1:-} == --serve ]]; then
             echo "  addr = \"$ep\""
         done
     } >"$LB_WORKDIR/lb.toml"
+    if [[ -n ${CPU_BUDGET_CG:-} ]]; then echo $$ >"$CPU_BUDGET_CG/cgroup.procs"; fi
     RUST_LOG=warn exec "$2" --config "$LB_WORKDIR/lb.toml" --threads 1
 fi
 
@@ -60,6 +67,17 @@ BIN=$(build_bin BALANCER_BIN wharf-balancer balancer)
 
 bench_init
 OUT=$WORK/out
+if [[ -n ${CPU_BUDGET:-} ]]; then
+    cpu_budget_init "$CPU_BUDGET"
+    export CPU_BUDGET_CG
+    # The harness starts `haproxy` from PATH: this one joins the budget, then is HAProxy.
+    real_haproxy=$(command -v haproxy)
+    mkdir -p "$WORK/bin"
+    printf '#!/bin/sh\necho $$ >"%s/cgroup.procs" && exec "%s" "$@"\n' "$CPU_BUDGET_CG" "$real_haproxy" >"$WORK/bin/haproxy"
+    chmod +x "$WORK/bin/haproxy"
+    export PATH=$WORK/bin:$PATH
+    echo "# CPU budget: each proxy gets $CPU_BUDGET % of its core ($CPU_BUDGET_CG)"
+fi
 export FORWARDED_HEADERS=${FORWARDED_HEADERS:-false}
 echo "# balancer: forwarded_headers = $FORWARDED_HEADERS (HAProxy's config here adds none)"
 EXTRA_NAME=balancer EXTRA_PORT=${EXTRA_PORT:-18003} \
@@ -87,7 +105,7 @@ awk '
 # speed moves between rounds), over all rounds and over the rounds without hypervisor
 # steal (steal% <= STEAL_MAX on both sides).
 python3 - "$OUT" "${STEAL_MAX:-1}" <<'PY'
-import statistics, sys
+import os, statistics, sys
 rows, steal_max = {}, float(sys.argv[2])
 for line in open(sys.argv[1]):
     f = line.split()
@@ -117,7 +135,11 @@ def med(name, fn):
     return statistics.median(v) if v else 0.0
 hap_us = med("haproxy", lambda f: float(f[8]))
 gen_us = med("balancer", lambda f: (float(f[9]) + float(f[10])) * 1e4 / float(f[2]))
-if hap_us > 0 and gen_us > 0:
+if os.environ.get("CPU_BUDGET"):
+    print()
+    print(f"## CPU budget {os.environ['CPU_BUDGET']} % of a core per proxy: req/s is the proxies' own "
+          "(no load generator cap; P% shows each proxy's core use)")
+elif hap_us > 0 and gen_us > 0:
     print()
     print(f"## load generator cap: wrk + backends {gen_us:.1f} us/request behind the balancer, "
           f"HAProxy {hap_us:.1f} us/request -> req/s ratio cap {hap_us / gen_us:.3f}")

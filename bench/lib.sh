@@ -14,6 +14,8 @@
 #   wait_port HOST PORT SECS    until HOST:PORT accepts a TCP connection, or fail
 #   wait_http URL SECS          until URL answers 2xx (TLS certificate not checked), or fail
 #   build_bin VAR PACKAGE BIN   path of binary BIN: $VAR when set, else built with cargo
+#   cpu_budget_init PERCENT     a cgroup that lets its processes use PERCENT of one core
+#   "${IN_BUDGET[@]}" CMD...    (set by cpu_budget_init) runs CMD inside that cgroup
 #
 # Settings honoured: KEEP_TMP=1 (keep WORK after the run), KILL_GRACE [2] seconds between
 # TERM and KILL at cleanup, PROFILE [release] and CARGO_TARGET_DIR for build_bin.
@@ -95,6 +97,7 @@ bench_cleanup() {
     done
     for p in "${BENCH_LIVE[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     for p in "${live[@]}"; do wait "$p" 2>/dev/null || true; done
+    cpu_budget_remove
     if [[ ${KEEP_TMP:-0} == 1 ]]; then
         echo "# $BENCH_NAME: kept $WORK" >&2
     else
@@ -192,4 +195,48 @@ build_bin() {
     echo "# building $bin ($profile) in $target" >&2
     (cd "$BENCH_ROOT" && cargo build --profile "$profile" -q -p "$pkg" --bin "$bin") || return 1
     echo "$target/$dir/$bin"
+}
+
+# cpu_budget_init PERCENT - a CPU cgroup of this run whose processes together get at most
+# PERCENT of one core (CFS bandwidth: PERCENT * 100 µs of every 10 ms), for measuring a
+# proxy where the proxy, not the load generator, is what runs out of CPU: on 2 cores the
+# load generator's core caps every proxy (see balancer/PERF-LOG.md, round 15). cgroup v2
+# (cpu.max) or v1 (the cpu controller's cfs_* files); needs root. Sets CPU_BUDGET_CG; the
+# cleanup trap removes the group. Give every compared proxy the same budget.
+# IN_BUDGET: a command prefix that moves the process into the group and execs the rest, so
+# `"${IN_BUDGET[@]}" haproxy …` keeps the PID it was started with (empty: no budget).
+IN_BUDGET=()
+cpu_budget_init() {
+    local pct=$1 root
+    [[ $pct =~ ^[0-9]+$ ]] && ((pct >= 1 && pct <= 100)) ||
+        { echo "$BENCH_NAME: CPU budget must be 1-100 (percent of a core), got '$pct'" >&2; return 1; }
+    if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
+        root=/sys/fs/cgroup
+        grep -qw cpu "$root/cgroup.subtree_control" || echo +cpu >"$root/cgroup.subtree_control"
+        CPU_BUDGET_CG=$root/wharf-bench-$$
+        mkdir "$CPU_BUDGET_CG"
+        echo "$((pct * 100)) 10000" >"$CPU_BUDGET_CG/cpu.max"
+    elif [[ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]]; then
+        CPU_BUDGET_CG=/sys/fs/cgroup/cpu/wharf-bench-$$
+        mkdir "$CPU_BUDGET_CG"
+        echo 10000 >"$CPU_BUDGET_CG/cpu.cfs_period_us"
+        echo "$((pct * 100))" >"$CPU_BUDGET_CG/cpu.cfs_quota_us"
+    else
+        echo "$BENCH_NAME: no cgroup cpu controller found for a CPU budget" >&2
+        return 1
+    fi
+    # shellcheck disable=SC2016 # $$ and $0 are the child shell's
+    IN_BUDGET=(sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$CPU_BUDGET_CG")
+}
+
+# cpu_budget_remove - remove the budget's cgroup once its processes are gone (the cleanup
+# trap calls it after stopping them; a cgroup with a process left in it stays, with a note).
+cpu_budget_remove() {
+    [[ -n ${CPU_BUDGET_CG:-} && -d $CPU_BUDGET_CG ]] || return 0
+    local t
+    for ((t = 0; t < 50; t++)); do
+        rmdir "$CPU_BUDGET_CG" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "# $BENCH_NAME: could not remove $CPU_BUDGET_CG (a process is still in it)" >&2
 }
