@@ -41,6 +41,9 @@ pub struct Endpoint {
     idle: Mutex<VecDeque<(UpConn, Instant)>>,
     /// The shared HTTP/2 connection of an `http2` service's instance (`upstream_h2`).
     h2: Mutex<Option<H2Conn>>,
+    /// Held while that connection is being opened, so that a burst of first requests
+    /// waits for one connection instead of opening one each (`h2_open`).
+    h2_opening: tokio::sync::Mutex<()>,
     max_idle: usize,
     idle_timeout: Duration,
     /// Answers, errors and latencies for the status page (relaxed atomics only).
@@ -80,6 +83,7 @@ impl Endpoint {
             retired: AtomicBool::new(false),
             idle: Mutex::new(VecDeque::new()),
             h2: Mutex::new(None),
+            h2_opening: tokio::sync::Mutex::new(()),
             max_idle,
             idle_timeout,
             stats: Default::default(),
@@ -210,6 +214,22 @@ impl Endpoint {
         drop(h2);
     }
 
+    /// Opens the instance's HTTP/2 connection under `opts` (after `h2_checkout` found
+    /// none) and returns a sender on it. One request at a time opens it: the others wait,
+    /// then share it (or, if the opening failed, try in turn). The caller bounds the wait
+    /// with its connect timeout.
+    pub async fn h2_open(
+        &self,
+        opts: &Arc<crate::tcp::UpstreamOpts>,
+    ) -> std::io::Result<hyper::client::conn::http2::SendRequest<H2Body>> {
+        let _opening = self.h2_opening.lock().await;
+        if let Some(send) = self.h2_checkout(opts) {
+            return Ok(send);
+        }
+        let conn = crate::upstream_h2::open(self.addr, opts).await?;
+        Ok(self.h2_keep(conn))
+    }
+
     /// A sender on the instance's HTTP/2 connection, if one is open under `opts`.
     pub fn h2_checkout(
         &self,
@@ -221,7 +241,7 @@ impl Endpoint {
 
     /// Keeps a newly opened HTTP/2 connection for the next requests (not once retired);
     /// returns a sender on it.
-    pub fn h2_keep(&self, conn: H2Conn) -> hyper::client::conn::http2::SendRequest<H2Body> {
+    fn h2_keep(&self, conn: H2Conn) -> hyper::client::conn::http2::SendRequest<H2Body> {
         let send = conn.send.clone();
         if !self.is_retired() {
             *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);

@@ -175,17 +175,9 @@ async fn send(t: &Target, v: usize, head: &[u8], method: &Method) -> &'static st
     let pooled = ep.checkout(now, |c| c.fits(opts, None));
     let conn = match pooled {
         Some(c) => Ok(c),
-        None => {
-            let open = async {
-                match opts {
-                    None => UpConn::connect(ep.addr).await,
-                    Some(o) => UpConn::connect_with(ep.addr, o, ep.addr, ep.addr, None).await,
-                }
-            };
-            tokio::time::timeout(t.connect_timeout, open)
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-        }
+        None => tokio::time::timeout(t.connect_timeout, UpConn::open(ep.addr, opts))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
     };
     let Ok(mut up) = conn else {
         return "error";

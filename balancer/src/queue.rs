@@ -69,7 +69,7 @@ impl NoSlot {
 }
 
 /// [`wait_for_slot`], boxed and built out of line: the request path only pays for it when
-/// it waits.
+/// a pick found nothing (then `Exhausted` at once for a service without `max_requests`).
 #[cold]
 #[inline(never)]
 pub fn wait_boxed<'a>(

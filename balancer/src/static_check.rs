@@ -20,11 +20,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 
 use crate::tcp::UpstreamOpts;
-use crate::upstream_io;
+use crate::upstream::UpConn;
 
 /// `[service.check]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -211,18 +210,14 @@ async fn run(weak: Weak<CheckState>, spec: StaticCheck, flipped: mpsc::Unbounded
 }
 
 /// One probe: connect (PROXY header and TLS as the service's requests), then for an HTTP
-/// check a `GET` whose status line must say 2xx.
+/// check a `GET` whose answer must be 2xx (its head read by the request path's parser).
 async fn probe(s: &CheckState) -> Result<(), String> {
     if let (Some(o), Some(path)) = (s.opts.as_ref().filter(|o| o.http2), &s.spec.path) {
         return probe_h2(s.addr, o, path).await;
     }
-    let mut io = match &s.opts {
-        Some(o) => upstream_io::open(s.addr, o, s.addr, s.addr).await,
-        None => upstream_io::connect_tcp(s.addr)
-            .await
-            .map(upstream_io::UpIo::Plain),
-    }
-    .map_err(|e| format!("connect: {e}"))?;
+    let mut up = UpConn::open(s.addr, s.opts.as_ref())
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let Some(path) = &s.spec.path else {
         return Ok(());
     };
@@ -230,25 +225,17 @@ async fn probe(s: &CheckState) -> Result<(), String> {
         "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: wharf-balancer-check\r\nConnection: close\r\n\r\n",
         s.addr
     );
-    io.write_all(req.as_bytes())
+    up.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
-    // The status line is all that is read: "HTTP/1.1 200 ...".
-    let mut head = [0u8; 16];
-    let mut n = 0;
-    while n < 12 {
-        match io.read(&mut head[n..]).await {
-            Ok(0) => return Err("closed before a status line".into()),
-            Ok(k) => n += k,
-            Err(e) => return Err(format!("read: {e}")),
-        }
-    }
-    match &head[..12] {
-        [b'H', b'T', b'T', b'P', b'/', _, _, _, b' ', b'2', _, _] => Ok(()),
-        other => Err(format!(
-            "answered {:?}",
-            String::from_utf8_lossy(&other[..n.min(12)])
-        )),
+    let head = up
+        .read_head(&http::Method::GET, None)
+        .await
+        .map_err(|e| format!("answer: {e}"))?;
+    if head.status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("answered {}", head.status))
     }
 }
 

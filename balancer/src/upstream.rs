@@ -52,6 +52,16 @@ impl UpConn {
         })
     }
 
+    /// A connection the balancer makes on its own behalf (a mirrored copy, a health
+    /// probe): plain, or as the service's options say; a PROXY header, if any, announces
+    /// the instance's own address (there is no client).
+    pub async fn open(addr: SocketAddr, opts: Option<&Arc<UpstreamOpts>>) -> io::Result<Self> {
+        match opts {
+            None => Self::connect(addr).await,
+            Some(o) => Self::connect_with(addr, o, addr, addr, None).await,
+        }
+    }
+
     /// A connection for a service with upstream options (PROXY header, TLS); `client` and
     /// `local` are the addresses the PROXY header announces, `owner` the token of the
     /// client connection it then belongs to (with a PROXY header only).

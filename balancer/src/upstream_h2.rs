@@ -49,6 +49,11 @@ pub async fn open(addr: SocketAddr, opts: &Arc<UpstreamOpts>) -> io::Result<H2Co
     let io = upstream_io::open(addr, opts, addr, addr).await?;
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        // One stream until the instance's SETTINGS arrive (its limit then, or none if it
+        // names none): hyper's default of 100 let a burst on a new connection exceed a
+        // smaller limit, and the streams past it were refused (502). Costs the first
+        // calls one round trip at most.
+        .initial_max_send_streams(1)
         .handshake(TokioIo::new(io))
         .await
         .map_err(io::Error::other)?;
@@ -93,6 +98,20 @@ pub fn parts_of(head: &[u8]) -> Result<(String, HeaderMap, Option<String>), BoxE
         }
     }
     Ok((target, map, authority))
+}
+
+/// Whether the instance refused the stream (`RST_STREAM` or `GOAWAY` with
+/// `REFUSED_STREAM`, e.g. past a limit it lowered): it did not process the request (RFC
+/// 9113 §8.7), so the request may go again whatever its method.
+pub fn refused(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(err) = cause {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// A request without a body.

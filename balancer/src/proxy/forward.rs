@@ -169,17 +169,14 @@ where
     loop {
         let member = match select::pick(svc, want, &tries.tried, ctx.start) {
             Some(m) => m,
-            // Every instance at its `max_requests`: wait for a slot (rare, so boxed).
-            None if svc.limit.is_some() => {
-                match crate::queue::wait_boxed(svc, want, &tries.tried, ctx.start).await {
-                    Ok(m) => m,
-                    Err(no_slot) => {
-                        last = no_slot.answer().or(last);
-                        break;
-                    }
+            // None to pick: a service with `max_requests` waits for a slot (rare: boxed).
+            None => match crate::queue::wait_boxed(svc, want, &tries.tried, ctx.start).await {
+                Ok(m) => m,
+                Err(no_slot) => {
+                    last = no_slot.answer().or(last);
+                    break;
                 }
-            }
-            None => break,
+            },
         };
         let ep = member.ep.clone();
         let version = member.version;
@@ -566,6 +563,13 @@ impl Tries {
     /// tried; not charged to the instance or the budget.
     pub(super) fn stale_connection(&mut self, ep: &Endpoint, s: &ListenerSettings) -> bool {
         ep.clear_idle();
+        self.resend_unprocessed(s)
+    }
+
+    /// The request reached no instance's application (a stale connection, or a stream an
+    /// HTTP/2 instance refused, `upstream_h2::refused`): whether to send it again. Bounded,
+    /// and not charged to the instance or the budget (neither failed).
+    pub(super) fn resend_unprocessed(&mut self, s: &ListenerSettings) -> bool {
         self.stale += 1;
         self.stale <= s.retries + 2
     }

@@ -81,36 +81,32 @@ where
     loop {
         let member = match select::pick(svc, p.want, &tries.tried, ctx.start) {
             Some(m) => m,
-            // Every instance at its `max_requests`: wait for a slot (rare, so boxed).
-            None if svc.limit.is_some() => {
-                match crate::queue::wait_boxed(svc, p.want, &tries.tried, ctx.start).await {
-                    Ok(m) => m,
-                    Err(no_slot) => {
-                        last = no_slot.answer().or(last);
-                        break;
-                    }
+            // As in `forward`: a service with `max_requests` waits for a slot.
+            None => match crate::queue::wait_boxed(svc, p.want, &tries.tried, ctx.start).await {
+                Ok(m) => m,
+                Err(no_slot) => {
+                    last = no_slot.answer().or(last);
+                    break;
                 }
-            }
-            None => break,
+            },
         };
         let ep = member.ep.clone();
         let version = member.version;
         let in_flight = ep.start_request();
-        let mut send = match ep.h2_checkout(opts) {
-            Some(send) => send,
-            None => {
-                let open = upstream_h2::open(ep.addr, opts);
-                match tokio::time::timeout(s.connect_timeout, open).await {
-                    Ok(Ok(c)) => ep.h2_keep(c),
-                    failed => {
-                        let timed_out = failed.is_err();
-                        tracing::debug!(instance = %ep.id, addr = %ep.addr, timed_out, "HTTP/2 connect failed");
-                        if tries.connect_failed(&ep, svc, s, timed_out, &mut last) {
-                            continue;
-                        }
-                        break;
-                    }
+        // The connection, or (rarely) its opening under the connect timeout.
+        let open = match ep.h2_checkout(opts) {
+            Some(send) => Ok(Ok(send)),
+            None => tokio::time::timeout(s.connect_timeout, ep.h2_open(opts)).await,
+        };
+        let mut send = match open {
+            Ok(Ok(send)) => send,
+            failed => {
+                let timed_out = failed.is_err();
+                tracing::debug!(instance = %ep.id, addr = %ep.addr, timed_out, "HTTP/2 connect failed");
+                if tries.connect_failed(&ep, svc, s, timed_out, &mut last) {
+                    continue;
                 }
+                break;
             }
         };
         let Some(b) = body.take() else {
@@ -161,6 +157,17 @@ where
                 tracing::debug!(error = %e, "client body broke");
                 abort(pump.take());
                 return ctx.finish(Some(version), body_refused(false));
+            }
+            Ok(Err(Fail::Upstream(e))) if upstream_h2::refused(&e) && !p.has_body => {
+                // Not processed, and nothing of it is gone: sent again (another pick; the
+                // instance is not at fault, and no budget is spent).
+                tracing::debug!(instance = %ep.id, "HTTP/2 stream refused by the instance");
+                last = Some(StatusCode::BAD_GATEWAY);
+                if tries.resend_unprocessed(s) {
+                    body = Some(empty());
+                    continue;
+                }
+                break;
             }
             Ok(Err(Fail::Upstream(e))) => {
                 tracing::debug!(instance = %ep.id, error = %e, "HTTP/2 upstream failed before answering");
