@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use crate::cidr::Cidr;
 use crate::config::ListenerConfig;
-use crate::l4config::{AcceptProxy, Cidr, ListenerTls};
+use crate::l4config::{AcceptProxy, ListenerTls};
 use crate::l4metrics::L4Metrics;
 use crate::proxy_protocol::{self, ProxyError};
 use crate::tls::TlsListener;
@@ -88,7 +89,7 @@ impl SetupConfig {
                 ca.and_then(|a| std::fs::read(a.crl.as_ref()?).ok()),
             ],
             proxy: l.proxy_protocol.clone(),
-            allow: crate::l4config::cidrs(&l.allow_sources),
+            allow: crate::cidr::cidrs(&l.allow_sources),
             handshake_timeout: l.header_read_timeout,
         }
     }
@@ -135,7 +136,7 @@ impl ClientSetup {
             listener: l.name.get_ref().as_str().into(),
             tls,
             proxy: l.proxy_protocol.as_ref().map(|p| p.cidrs()),
-            allow: crate::l4config::cidrs(&l.allow_sources),
+            allow: crate::cidr::cidrs(&l.allow_sources),
             handshake_timeout: l.header_read_timeout,
             metrics,
             config: SetupConfig::of(l),
@@ -200,7 +201,7 @@ impl ClientSetup {
         }
         // The real client (a trusted front balancer's announced one) is checked, and before
         // any TLS handshake is paid for.
-        if !crate::l4config::allowed(self.allow.as_deref(), client.ip()) {
+        if !crate::cidr::allowed(self.allow.as_deref(), client.ip()) {
             tracing::debug!(listener = %self.listener, %client, "client outside allow_sources");
             self.metrics
                 .source_refused

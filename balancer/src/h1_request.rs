@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Uri, Version};
 
-use crate::h1_head::eq_lowercase;
+use crate::hop_by_hop::eq_lowercase;
 use crate::upstream::{has_token, last_token_is, parse_length};
 
 /// Header lines parsed on the stack; a larger `max_headers` uses a heap array.
@@ -219,7 +219,7 @@ pub fn parse(
                 close = false;
             }
             connection_upgrade |= has_token(raw, "upgrade");
-            connection_names_more |= !crate::h1_head::names_no_extra_header(raw);
+            connection_names_more |= !crate::hop_by_hop::names_no_extra_header(raw);
         } else if eq_lowercase(name, b"host") {
             host.get_or_insert((raw.as_ptr() as usize - buf.as_ptr() as usize, raw.len()));
         } else if eq_lowercase(name, b"upgrade") {

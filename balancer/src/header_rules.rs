@@ -15,6 +15,7 @@
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::h1_head::{self, Lines};
+use crate::hop_by_hop;
 
 /// One direction's rules, checked and lower-cased.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,7 +35,7 @@ pub fn check(name: &str, value: Option<&str>, request: bool) -> Result<(), Strin
         "upgrade",
         "trailer",
     ];
-    if owned.contains(&n.as_str()) || h1_head::is_hop_by_hop(n.as_str().as_bytes()) {
+    if owned.contains(&n.as_str()) || hop_by_hop::is_hop_by_hop(n.as_str().as_bytes()) {
         return Err(format!(
             "{name} is the balancer's to write (framing, hop-by-hop)"
         ));
@@ -75,7 +76,7 @@ impl HeaderRules {
 
     /// A line of this name goes (removed, or replaced by a `set`); `name` in any case.
     pub fn drops(&self, name: &[u8]) -> bool {
-        let named = |n: &HeaderName| h1_head::eq_lowercase(name, n.as_str().as_bytes());
+        let named = |n: &HeaderName| hop_by_hop::eq_lowercase(name, n.as_str().as_bytes());
         self.remove.iter().any(named) || self.set.iter().any(|(n, _)| named(n))
     }
 
@@ -123,7 +124,7 @@ impl Answer<'_> {
         match self {
             Answer::Lines(lines) => {
                 let n = name.as_str().as_bytes();
-                retain_lines(lines, |line| !h1_head::eq_lowercase(line, n));
+                retain_lines(lines, |line| !hop_by_hop::eq_lowercase(line, n));
                 h1_head::put(&mut lines.bytes, n, value.as_bytes());
             }
             Answer::Map(map) => {

@@ -136,7 +136,7 @@ pub struct Route {
     /// Overrides the listener's response timeout (`response_timeout` on the route).
     pub response_timeout: Option<Duration>,
     /// The client networks it serves (`allow_sources`); `None`: every client.
-    pub allow: Option<Box<[crate::l4config::Cidr]>>,
+    pub allow: Option<Box<[crate::cidr::Cidr]>>,
     /// Requests per second per client (`rate_limit`).
     pub rate_limit: Option<Arc<crate::rate_limit::RateLimiter>>,
     /// `allow` or `rate_limit` is set: the client is checked before anything else.

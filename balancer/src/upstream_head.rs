@@ -9,7 +9,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
 use crate::chunked::Decoder;
-use crate::h1_head::{self, eq_lowercase};
+use crate::h1_head;
+use crate::hop_by_hop::{self, eq_lowercase};
 use crate::upstream::{READ_CHUNK, UpError};
 
 /// Response heads larger than this are refused (502): the upstream is broken.
@@ -105,7 +106,7 @@ pub fn parse_head(
             } else if version == Version::HTTP_10 && has_token(h.value, "keep-alive") {
                 close = false;
             }
-            connection_names_more |= !h1_head::names_no_extra_header(h.value);
+            connection_names_more |= !hop_by_hop::names_no_extra_header(h.value);
         }
     }
     let mut headers = HeaderMap::new();
@@ -126,9 +127,9 @@ pub fn parse_head(
             // One length line at most: identical duplicates were accepted as one. (Names
             // are compared only when a length must go: most heads have one or none.)
             let is_length = (te || repeated_length) && eq_lowercase(name, b"content-length");
-            let keep = !(h1_head::is_hop_by_hop(name)
+            let keep = !(hop_by_hop::is_hop_by_hop(name)
                 || (is_length && (te || length_kept))
-                || (connection_names_more && h1_head::named_by_connection(resp.headers, name)));
+                || (connection_names_more && hop_by_hop::named_by_connection(resp.headers, name)));
             length_kept |= keep && is_length;
             let start = h.name.as_ptr() as usize - base;
             let end = h.value.as_ptr() as usize - base + h.value.len();

@@ -101,7 +101,7 @@ impl TableBuilder {
                     request_rules: r.request_headers.rules(),
                     response_timeout: r.response_timeout,
                     retry_on: r.retry_on.clone().into(),
-                    allow: crate::l4config::cidrs(&r.allow_sources),
+                    allow: crate::cidr::cidrs(&r.allow_sources),
                     rate_limit: r.rate_limit.map(|c| {
                         let m = &self.metrics;
                         self.limiters.get(&lname, index, c, || {

@@ -25,8 +25,9 @@ use crate::table::ServiceTable;
 use crate::tcp::UpstreamOpts;
 use crate::upstream_h2::{self, H2Body, empty};
 
-use super::forward::{Tries, answered, body_refused, no_answer, unanswered};
+use super::forward::{answered, body_refused, unanswered};
 use super::headers::{idempotent, strip_hop_by_hop};
+use super::tries::{Tries, no_answer};
 use super::{BoxError, ClientBody, Ctx, plain};
 
 /// What `forward` hands over: the request as it would go to an HTTP/1 instance.

@@ -5,9 +5,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
 
 use crate::h1_head;
+use crate::hop_by_hop;
 use crate::upstream;
 
-/// Removes hop-by-hop headers (the names of [`h1_head::is_hop_by_hop`], the one list for
+/// Removes hop-by-hop headers (the names of [`hop_by_hop::is_hop_by_hop`], the one list for
 /// both paths), including those the `Connection` header names (responses to HTTP/2 clients
 /// and 101s; HTTP/1 heads are filtered as bytes, see [`h1_head`]).
 ///
@@ -18,7 +19,7 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let mut present: [Option<HeaderName>; 9] = Default::default();
     for (slot, n) in present.iter_mut().zip(
         h.keys()
-            .filter(|n| h1_head::is_hop_by_hop(n.as_str().as_bytes())),
+            .filter(|n| hop_by_hop::is_hop_by_hop(n.as_str().as_bytes())),
     ) {
         *slot = Some(n.clone());
     }
@@ -26,7 +27,7 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         let conn = h.get_all(header::CONNECTION);
         if !conn
             .iter()
-            .all(|v| h1_head::names_no_extra_header(v.as_bytes()))
+            .all(|v| hop_by_hop::names_no_extra_header(v.as_bytes()))
         {
             // Rare: the header names extra hop-by-hop headers.
             let named: Vec<HeaderName> = conn

@@ -36,6 +36,7 @@ mod forward;
 mod forward_h2;
 mod headers;
 mod redirect;
+mod tries;
 
 use headers::host_of;
 pub use headers::is_upgrade;
@@ -106,7 +107,7 @@ pub fn plain(status: StatusCode, msg: &'static str, close: bool) -> Response<Res
 #[cold]
 #[inline(never)]
 fn refuse_client(route: &Route, ip: std::net::IpAddr, now: Instant) -> Option<Response<RespBody>> {
-    if !crate::l4config::allowed(route.allow.as_deref(), ip) {
+    if !crate::cidr::allowed(route.allow.as_deref(), ip) {
         return Some(plain(StatusCode::FORBIDDEN, "forbidden\n", false));
     }
     let wait = route.rate_limit.as_ref()?.check(ip, now).err()?;

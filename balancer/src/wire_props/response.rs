@@ -5,7 +5,7 @@ use http::{Method, StatusCode, Version};
 use proptest::prelude::*;
 
 use super::*;
-use crate::h1_head;
+use crate::hop_by_hop;
 use crate::upstream::{self, Framing};
 
 /// An upstream's response head (and maybe body bytes).
@@ -108,7 +108,7 @@ fn end_to_end_lines(head: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let kept = all.iter().filter(|(n, _)| {
         let is_length = n == b"content-length";
         lengths += usize::from(is_length);
-        !(h1_head::is_hop_by_hop(n) || (is_length && (te || lengths > 1)) || named(n))
+        !(hop_by_hop::is_hop_by_hop(n) || (is_length && (te || lengths > 1)) || named(n))
     });
     Some(kept.cloned().collect())
 }
