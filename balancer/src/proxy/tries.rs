@@ -12,14 +12,15 @@ use crate::outlier;
 use crate::table::{ListenerSettings, Route, ServiceTable};
 
 /// The attempts at one request so far: the instances that failed it (not picked again)
-/// and two retry counts, kept apart so that a stale connection met first does not use up
-/// the retries a crashed instance needs.
+/// and two counts, kept apart so that a stale connection or a refused stream met first
+/// does not use up the retries a crashed instance needs.
 #[derive(Default)]
 pub(super) struct Tries {
     pub(super) tried: Vec<usize>,
     /// Attempts that were an instance's fault: bounded by `retries` and the retry budget.
     failed: u32,
-    /// Pooled connections the upstream had closed: free, but bounded too.
+    /// Sends no instance processed (a pooled connection it had closed, an HTTP/2 stream
+    /// it refused): free, but bounded too.
     stale: u32,
 }
 
